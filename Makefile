@@ -1,0 +1,23 @@
+# Two commands do everything: `make run` and `make test`. Each sets up first (idempotent, seconds
+# when already done). `make bench` runs the CPU benchmarks.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup run test bench clean
+setup:
+	@bash scripts/setup.sh
+
+run: setup
+	$(VENV)/bin/lmsrun configs/quickstart.yaml
+
+test: setup
+	$(PY) -m pytest -ra $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) scripts/bench_swap.py
+	$(PY) scripts/bench_comm.py
+	$(PY) scripts/bench_launch.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info runs

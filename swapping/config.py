@@ -1,0 +1,34 @@
+"""Configuration of the swap engine. Field metadata drives the YAML loader and the README table:
+``unit="bytes"`` accepts sizes with units, ``choices`` lists allowed strings, ``help`` explains."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Union
+
+RECOMPUTE_KINDS = ("relu", "gelu", "silu", "activation", "batchnorm", "layernorm", "groupnorm",
+                   "norm", "pool", "dropout")
+
+
+@dataclass
+class SwapConfig:
+    """What the LMS swap engine moves to host memory, when it brings it back, and what it recomputes."""
+
+    enabled: bool = field(default=False, metadata={"help": "switch the swap engine on"})
+    threshold: int = field(default=1 << 20, metadata={
+        "unit": "bytes", "help": "smallest saved tensor that is swapped; smaller ones stay on the device"})
+    prefetch: int = field(default=2, metadata={
+        "help": "swap-ins started ahead of the tensor backward needs now"})
+    keep_last: int = field(default=1, metadata={
+        "help": "the last N tensors packed in forward are never swapped (backward needs them first)"})
+    budget: int = field(default=0, metadata={
+        "unit": "bytes", "help": "saved bytes allowed to stay resident on the device before swapping starts"})
+    host_limit: Optional[int] = field(default=None, metadata={
+        "unit": "bytes", "help": "cap on pinned host memory for swapped tensors; exceeding it is a HostMemoryLimitError"})
+    recompute: Union[str, List[str], None] = field(default=None, metadata={
+        "choices": ("auto",) + RECOMPUTE_KINDS,
+        "help": "layers recomputed in backward instead of swapped: 'auto' or a list of kinds"})
+    transport: str = field(default="auto", metadata={
+        "choices": ("auto", "cuda", "loopback"),
+        "help": "cuda (streams, pinned memory) or loopback (CPU worker thread; tests); auto picks by device"})
+    trace: Optional[str] = field(default=None, metadata={
+        "help": "write chrome-trace JSON of compute / swap-out / swap-in spans to this path"})
