@@ -1,0 +1,118 @@
+"""What a person sees and what a program reads: the rank-0 progress bar (rich on a terminal, plain
+lines otherwise), per-rank metrics JSONL, and the end-of-run summary table."""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any, Dict, List, Optional, TextIO
+
+from lmsdp.swapping.units import format_size
+
+
+def on_terminal(stream: TextIO = sys.stderr) -> bool:
+    """True on a real terminal, or when the launcher says the user's terminal is behind mpirun."""
+    return os.environ.get("LMSDP_TTY") == "1" or (hasattr(stream, "isatty") and stream.isatty())
+
+
+class MetricsWriter:
+    """One JSON object per step in ``metrics.rank<R>.jsonl``; appended to when a run resumes."""
+
+    def __init__(self, output_dir: str, rank: int, resume: bool) -> None:
+        os.makedirs(output_dir, exist_ok=True)
+        self.path = os.path.join(output_dir, f"metrics.rank{rank}.jsonl")
+        self._file = open(self.path, "a" if resume else "w", encoding="utf-8")
+
+    def write(self, record: Dict[str, Any]) -> None:
+        self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class Progress:
+    """Rank 0's progress: a live rich bar on a terminal, a log line every ``log_every`` steps otherwise."""
+
+    def __init__(self, total: int, start: int, log_every: int, enabled: bool, title: str) -> None:
+        self.total, self.log_every, self.enabled = total, log_every, enabled
+        self._bar = None
+        if enabled and on_terminal():
+            from rich.console import Console
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+            console = Console(stderr=True, force_terminal=True)
+            self._bar = RichProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                     console=console)
+            self._task = self._bar.add_task(title, total=total, completed=start, info="")
+            self._bar.start()
+
+    def update(self, record: Dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        info = f"loss {record['loss']:.4f}  {record['samples_per_s']:.1f} samples/s"
+        if record.get("swap_out_bytes"):
+            info += f"  swap {format_size(record['swap_out_bytes'])}/step"
+        step = record["step"]
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step, info=info)
+        elif step % self.log_every == 0 or step == self.total:
+            print(f"[lmsdp] step {step}/{self.total}  {info}  {record['step_time_s'] * 1000:.0f} ms/step",
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+class RunSummary:
+    """Collects step records on rank 0 and renders the end-of-run table (and summary.json)."""
+
+    def __init__(self) -> None:
+        self.records: List[Dict[str, Any]] = []
+        self.started = time.perf_counter()
+
+    def add(self, record: Dict[str, Any]) -> None:
+        self.records.append(record)
+
+    def totals(self, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        recs = self.records
+        steady = recs[1:] or recs  # the first step pays warm-up
+        out: Dict[str, Any] = {"steps_run": len(recs), "wall_s": time.perf_counter() - self.started}
+        if recs:
+            out.update(
+                last_step=recs[-1]["step"], final_loss=recs[-1]["loss"],
+                step_time_median_s=statistics.median(r["step_time_s"] for r in steady),
+                samples_per_s_median=statistics.median(r["samples_per_s"] for r in steady),
+            )
+            for key in ("swap_out_bytes", "swap_in_bytes", "stall_ms", "allreduce_ms"):
+                if any(key in r for r in recs):
+                    out[key + "_total"] = sum(r.get(key, 0) for r in recs)
+            for key in ("hidden_frac", "allreduce_hidden_frac"):
+                if any(key in r for r in recs):
+                    out[key + "_mean"] = statistics.fmean(r.get(key, 0.0) for r in steady)
+            if any("peak_saved_bytes" in r for r in recs):
+                out["peak_saved_bytes"] = max(r.get("peak_saved_bytes", 0) for r in recs)
+        out.update(extra or {})
+        return out
+
+    def render(self, totals: Dict[str, Any], stream: TextIO = sys.stderr) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title="lmsdp run summary", show_header=True, header_style="bold")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for key, value in totals.items():
+            if key.endswith("bytes") or key.endswith("bytes_total"):
+                text = format_size(value)
+            elif isinstance(value, float):
+                text = f"{value:.4g}"
+            else:
+                text = str(value)
+            table.add_row(key, text)
+        Console(file=stream, force_terminal=False, width=100).print(table)
