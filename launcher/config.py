@@ -18,7 +18,7 @@ import yaml
 
 from lmsdp.comm.config import CommConfig
 from lmsdp.swapping.config import SwapConfig
-from lmsdp.swapping.units import SIZE_HELP, parse_size
+from lmsdp.swapping.units import parse_size
 
 from .errors import ConfigError
 from .models import MODEL_NAMES
@@ -207,11 +207,13 @@ def apply_override(raw: Dict[str, Any], item: str) -> None:
     cls: Any = Config
     target = raw
     for depth, part in enumerate(parts):
-        fields = _fields(cls)
         path = ".".join(parts[: depth + 1])
-        if cls is not None and part not in fields:
-            raise _unknown_key(path, part, fields)
-        sub_cls = _dataclass_of(fields[part]) if cls is not None else None
+        sub_cls = None
+        if cls is not None:  # None: inside a free-form mapping such as model.kwargs
+            fields = _fields(cls)
+            if part not in fields:
+                raise _unknown_key(path, part, fields)
+            sub_cls = _dataclass_of(fields[part])
         if depth == len(parts) - 1:
             target[part] = value
             return
@@ -255,8 +257,8 @@ def convert(value: Any, fld: "dataclasses.Field[Any]", path: str) -> Any:
     if meta.get("unit") == "bytes":
         try:
             return parse_size(value)
-        except ValueError:
-            raise ConfigError(f"{path}: expected {SIZE_HELP}, got {value!r}") from None
+        except ValueError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
     return _convert_type(value, inner, meta, path)
 
 
