@@ -18,12 +18,15 @@ def on_terminal(stream: TextIO = sys.stderr) -> bool:
 
 
 class MetricsWriter:
-    """One JSON object per step in ``metrics.rank<R>.jsonl``; appended to when a run resumes."""
+    """One JSON object per step in ``metrics.rank<R>.jsonl``. A resumed run keeps the records up to
+    the step it resumed from and drops later ones (they belong to steps that are being redone)."""
 
-    def __init__(self, output_dir: str, rank: int, resume: bool) -> None:
+    def __init__(self, output_dir: str, rank: int, resumed_at: int = 0) -> None:
         os.makedirs(output_dir, exist_ok=True)
         self.path = os.path.join(output_dir, f"metrics.rank{rank}.jsonl")
-        self._file = open(self.path, "a" if resume else "w", encoding="utf-8")
+        kept = _records_up_to(self.path, resumed_at) if resumed_at else []
+        self._file = open(self.path, "w", encoding="utf-8")
+        self._file.writelines(kept)
 
     def write(self, record: Dict[str, Any]) -> None:
         self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
@@ -31,6 +34,20 @@ class MetricsWriter:
 
     def close(self) -> None:
         self._file.close()
+
+
+def _records_up_to(path: str, step: int) -> List[str]:
+    if not os.path.exists(path):
+        return []
+    kept = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a kill
+    return kept
 
 
 class Progress:

@@ -124,7 +124,7 @@ def run_worker(config: Config, topology: Optional[Topology] = None) -> int:
 
     stop = StopRequest()
     stop.install()
-    metrics = MetricsWriter(config.output_dir, rank, resume=start_step > 0)
+    metrics = MetricsWriter(config.output_dir, rank, resumed_at=start_step)
     progress = Progress(steps, start_step, train.log_every, is_main and train.progress, config.name)
     summary = RunSummary()
     exit_code, step = 0, start_step

@@ -150,3 +150,10 @@ def _run_main(argv):
         return main(argv)
     except SystemExit as exc:  # argparse-style exits
         return exc.code
+
+
+def test_readme_config_reference_is_current():
+    script = os.path.join(REPO, "scripts", "config_reference.py")
+    proc = subprocess.run([sys.executable, script, "--check", os.path.join(REPO, "README.md")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
