@@ -157,3 +157,9 @@ def test_readme_config_reference_is_current():
     proc = subprocess.run([sys.executable, script, "--check", os.path.join(REPO, "README.md")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(REPO, "configs"))))
+def test_shipped_configs_load(name):
+    config = load_config(os.path.join(REPO, "configs", name))
+    assert config.name == name.rsplit(".", 1)[0]
