@@ -1,0 +1,109 @@
+"""Host memory pool for swapped tensors: size-classed (pinned on CUDA) uint8 buffers reused across steps.
+
+Steady-state training swaps the same set of sizes every step, so buffers are cached per size class and
+never returned to the OS until ``close()``; a new (pinned) allocation only happens when a class runs dry.
+``host_limit`` caps the total, raising :class:`HostMemoryLimitError` before the OS has to kill anything.
+"""
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from .units import format_size
+
+MIN_CLASS = 4096
+
+
+class HostMemoryLimitError(MemoryError):
+    """The swap engine needed more host memory than ``SwapConfig.host_limit`` allows."""
+
+    def __init__(self, needed: int, limit: int, in_use: int, request: int) -> None:
+        self.needed, self.limit, self.in_use, self.request = needed, limit, in_use, request
+        super().__init__(
+            f"swap host pool needs {format_size(needed)} ({needed} bytes) more, limit {format_size(limit)} "
+            f"({limit} bytes) with {format_size(in_use)} in use for swapped tensors and a buffer of "
+            f"{format_size(request)} requested; raise swap.host_limit, raise swap.budget/threshold, "
+            f"or lower the batch size")
+
+
+def size_class(nbytes: int) -> int:
+    """Round ``nbytes`` up to a size class: 4 classes per power of two (at most 25 % waste), >= 4 KiB."""
+    if nbytes <= MIN_CLASS:
+        return MIN_CLASS
+    upper = 1 << (nbytes - 1).bit_length()
+    step = upper // 8
+    return -(-nbytes // step) * step
+
+
+class HostPool:
+    """Thread-safe cache of host buffers keyed by size class.
+
+    ``release(buf, done)`` takes an optional completion predicate: a buffer still read by an in-flight
+    copy is parked and only reused once ``done()`` is true.
+    """
+
+    def __init__(self, pin_memory: bool = False, limit: Optional[int] = None) -> None:
+        self.pin_memory = pin_memory
+        self.limit = limit
+        self._free: Dict[int, List[torch.Tensor]] = defaultdict(list)
+        self._parked: List[Tuple[torch.Tensor, Callable[[], bool]]] = []
+        self._lock = threading.Lock()
+        self.total_bytes = 0      # everything the pool holds (free + in use)
+        self.in_use_bytes = 0
+        self.allocations = 0      # buffers ever allocated: constant in steady state
+        self.peak_in_use_bytes = 0
+
+    def acquire(self, nbytes: int) -> torch.Tensor:
+        """A uint8 buffer of at least ``nbytes`` (its numel is the size class)."""
+        cls = size_class(nbytes)
+        with self._lock:
+            self._unpark()
+            free = self._free.get(cls)
+            if free:
+                buf = free.pop()
+            else:
+                if self.limit is not None and self.total_bytes + cls > self.limit:
+                    self._trim_locked()
+                    if self.total_bytes + cls > self.limit:
+                        raise HostMemoryLimitError(self.total_bytes + cls - self.limit, self.limit,
+                                                   self.in_use_bytes, cls)
+                buf = torch.empty(cls, dtype=torch.uint8, pin_memory=self.pin_memory)
+                self.total_bytes += cls
+                self.allocations += 1
+            self.in_use_bytes += cls
+            self.peak_in_use_bytes = max(self.peak_in_use_bytes, self.in_use_bytes)
+            return buf
+
+    def release(self, buf: torch.Tensor, done: Optional[Callable[[], bool]] = None) -> None:
+        """Give ``buf`` back; if ``done`` says a copy still reads it, reuse waits until it finishes."""
+        with self._lock:
+            self.in_use_bytes -= buf.numel()
+            if done is not None and not done():
+                self._parked.append((buf, done))
+            else:
+                self._free[buf.numel()].append(buf)
+
+    def _unpark(self) -> None:
+        if self._parked:
+            still = []
+            for buf, done in self._parked:
+                (self._free[buf.numel()].append(buf) if done() else still.append((buf, done)))
+            self._parked = still
+
+    def _trim_locked(self) -> None:
+        for cls, bufs in self._free.items():
+            self.total_bytes -= cls * len(bufs)
+            bufs.clear()
+
+    def trim(self) -> None:
+        """Return every cached free buffer to the OS."""
+        with self._lock:
+            self._unpark()
+            self._trim_locked()
+
+    def close(self) -> None:
+        """Drop the cache (buffers still in use are freed when their handles die)."""
+        self.trim()

@@ -1,0 +1,53 @@
+"""Chrome-trace (chrome://tracing, Perfetto) JSON of compute / swap-out / swap-in spans, one pid per rank."""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from typing import Dict, List, Optional
+
+_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "RANK", "PMI_RANK", "SLURM_PROCID")
+TRACKS = {"compute": 0, "swap-out": 1, "swap-in": 2}
+
+
+def rank_from_env() -> int:
+    """The MPI/torchrun/Slurm rank of this process, 0 when none is set."""
+    for var in _RANK_VARS:
+        value = os.environ.get(var)
+        if value is not None and value.strip().isdigit():
+            return int(value)
+    return 0
+
+
+class Tracer:
+    """Collects complete ('X') events in host ``perf_counter`` seconds and writes them as chrome trace."""
+
+    def __init__(self, path: str) -> None:
+        self.rank = rank_from_env()
+        self.path = path.replace("{rank}", str(self.rank))
+        self.t0 = time.perf_counter()
+        self.events: List[Dict[str, object]] = []
+        self._lock = threading.Lock()
+
+    def span(self, track: str, name: str, start: float, end: float, args: Optional[dict] = None) -> None:
+        ev: Dict[str, object] = {"name": name, "ph": "X", "pid": self.rank, "tid": TRACKS[track],
+                                 "ts": (start - self.t0) * 1e6, "dur": max(0.0, end - start) * 1e6}
+        if args:
+            ev["args"] = args
+        with self._lock:
+            self.events.append(ev)
+
+    def write(self) -> None:
+        meta = [{"name": "process_name", "ph": "M", "pid": self.rank, "args": {"name": f"rank {self.rank}"}}]
+        meta += [{"name": "thread_name", "ph": "M", "pid": self.rank, "tid": tid, "args": {"name": name}}
+                 for name, tid in TRACKS.items()]
+        with self._lock:
+            data = {"traceEvents": meta + list(self.events), "displayTimeUnit": "ms"}
+        directory = os.path.dirname(self.path)
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(data, fh)
+        os.replace(tmp, self.path)
