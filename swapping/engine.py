@@ -121,6 +121,7 @@ class SwapEngine:
         self.learned_order: Optional[List[int]] = None
         self.last_prefetch_order: List[int] = []
         self.last_unpack_order: List[int] = []
+        self.last_swapped: List[int] = []
         self.last_stats: Dict[str, float] = zero_stats()
         self._closed = False
         self._depth = 0
@@ -152,6 +153,7 @@ class SwapEngine:
         self._handles: List[weakref.ref] = []    # by seq
         self._order: List[int] = []              # first unpack of each handle, in order
         self._prefetch_log: List[int] = []
+        self._swapped_log: List[int] = []
         self._transfers: List[Tuple[str, Transfer, int]] = []
         self._stall_thunks: List[Callable[[], float]] = []
         self._resident = 0
@@ -284,6 +286,7 @@ class SwapEngine:
         self._outstanding += 1
         self._step.swap_out_bytes += h.span_bytes
         self._step.swapped_tensors += 1
+        self._swapped_log.append(h.seq)
         self._transfers.append(("swap-out", h.out_tr, h.seq))
 
     # --------------------------------------------------------------------------------------- unpack
@@ -406,6 +409,7 @@ class SwapEngine:
                 self._learned_len = len(self._handles)
             self.last_prefetch_order = self._prefetch_log
             self.last_unpack_order = self._order
+            self.last_swapped = self._swapped_log
             self.totals.add(st)
             self.last_stats = st.as_dict()
             self._reset_step()

@@ -13,7 +13,8 @@ Recomputation only pays where it removes saved tensors: a checkpointed run saves
 
 while a lone activation or norm would just trade its saved tensor for its input. ``auto`` therefore
 wraps runs and pool/dropout layers; an explicit list wraps every listed kind (runs merged).
-BatchNorm recomputation uses batch statistics without touching the running statistics again.
+BatchNorm recomputation uses batch statistics and updates copies of the running statistics, so they
+advance once per forward as without recomputation.
 """
 from __future__ import annotations
 
@@ -76,13 +77,15 @@ class Recompute(nn.Module):
 
     @contextmanager
     def _recompute_ctx(self) -> Iterator[None]:
+        """During recomputation BatchNorm updates throw-away copies of its running statistics."""
         self.recomputing = True
-        saved = [(m, m.track_running_stats) for m in self.body.modules()
-                 if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        stash = [(m, m.running_mean, m.running_var, m.num_batches_tracked) for m, _ in saved]
+        stash = [(m, m.running_mean, m.running_var, m.num_batches_tracked) for m in self.body.modules()
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
         try:
-            for m, _, _, _ in stash:  # batch statistics again, running statistics untouched
-                m.running_mean = m.running_var = m.num_batches_tracked = None
+            for m, mean, var, n in stash:
+                m.running_mean = None if mean is None else mean.clone()
+                m.running_var = None if var is None else var.clone()
+                m.num_batches_tracked = None if n is None else n.clone()
             yield
         finally:
             for m, mean, var, n in stash:
