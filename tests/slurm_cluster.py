@@ -1,0 +1,235 @@
+"""A real single-node Slurm cluster (slurmctld + slurmd, auth/none) in a temp dir, for tests.
+
+Follows the tested recipe in the shared DESIGN.md: config, state, spool, logs and PIDs under the temp
+dir; daemons started with setsid in the foreground mode (-D) so their PIDs are ours to wait on; ports
+picked free so two test runs never meet. ``SlurmCluster.start()`` raises ``ClusterUnavailable`` with the
+reason when the cluster cannot be had (not root, binaries missing, daemons do not come up).
+
+Use from pytest through the ``slurm_cluster`` fixture (tests/test_slurm_cluster.py and friends import it),
+or by hand: ``python tests/slurm_cluster.py`` starts one, prints SLURM_CONF and waits for Ctrl-C.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional
+
+DAEMONS = ("slurmctld", "slurmd")
+CLIENTS = ("sbatch", "scontrol", "sinfo", "scancel", "squeue", "srun")
+TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+                   "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+
+
+class ClusterUnavailable(RuntimeError):
+    """The local cluster cannot be started here (the message says why)."""
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (bound to 0, read back, released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def find_binary(name: str) -> Optional[str]:
+    """``name`` on PATH or in the sbin folders Debian installs daemons into."""
+    return shutil.which(name) or next(
+        (p for p in (f"/usr/sbin/{name}", f"/usr/local/sbin/{name}") if os.access(p, os.X_OK)), None)
+
+
+@dataclass
+class Job:
+    """What ``scontrol show job`` says about one job (the fields the tests use)."""
+
+    job_id: str
+    state: str
+    exit_code: str
+    restarts: int
+    fields: Dict[str, str]
+
+
+@dataclass
+class SlurmCluster:
+    """One slurmctld + one slurmd on this machine, configured under ``root``."""
+
+    root: str
+    node: str = field(default_factory=lambda: socket.gethostname().split(".")[0])
+    cpus: int = field(default_factory=lambda: os.cpu_count() or 1)
+    ctld_port: int = 0
+    slurmd_port: int = 0
+    procs: List[subprocess.Popen] = field(default_factory=list)
+
+    @property
+    def conf(self) -> str:
+        return os.path.join(self.root, "slurm.conf")
+
+    @property
+    def env(self) -> Dict[str, str]:
+        """Environment for client commands (and the jobs they submit): SLURM_CONF points here."""
+        env = dict(os.environ)
+        env["SLURM_CONF"] = self.conf
+        for key in [k for k in env if k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))]:
+            if key != "SLURM_CONF":
+                env.pop(key)  # never inherit an outer allocation
+        return env
+
+    # ----------------------------------------------------------------------------------------
+    def write_config(self) -> None:
+        for sub in ("state", "spool", "log"):
+            os.makedirs(os.path.join(self.root, sub), exist_ok=True)
+        self.ctld_port = self.ctld_port or free_port()
+        self.slurmd_port = self.slurmd_port or free_port()
+        while self.slurmd_port == self.ctld_port:
+            self.slurmd_port = free_port()
+        r = self.root
+        text = f"""\
+# lmsdp test cluster (tests/slurm_cluster.py): one node, auth/none, everything under {r}
+ClusterName=lmsdptest
+SlurmctldHost={self.node}(127.0.0.1)
+SlurmctldPort={self.ctld_port}
+SlurmdPort={self.slurmd_port}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/none
+CredType=cred/none
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+ReturnToService=2
+MpiDefault=pmix
+JobRequeue=1
+KillWait=30
+MinJobAge=600
+SchedulerParameters=sched_interval=2
+StateSaveLocation={r}/state
+SlurmdSpoolDir={r}/spool
+SlurmctldPidFile={r}/slurmctld.pid
+SlurmdPidFile={r}/slurmd.pid
+SlurmctldLogFile={r}/log/slurmctld.log
+SlurmdLogFile={r}/log/slurmd.log
+SlurmctldDebug=info
+SlurmdDebug=info
+NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory=1000 State=UNKNOWN
+PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
+"""
+        with open(self.conf, "w", encoding="utf-8") as handle:
+            handle.write(text)
+
+    def start(self, timeout: float = 60.0) -> "SlurmCluster":
+        """Write the config, start both daemons, wait until the node is idle."""
+        if os.geteuid() != 0:
+            raise ClusterUnavailable("the local Slurm cluster needs root (slurmd runs jobs as any user)")
+        missing = [b for b in DAEMONS + CLIENTS if not find_binary(b)]
+        if missing:
+            raise ClusterUnavailable(f"Slurm binaries missing: {', '.join(missing)} "
+                                     "(apt-get install slurmctld slurmd slurm-client; scripts/setup.sh does it)")
+        self.write_config()
+        for name, args in (("slurmctld", ["-D", "-i", "-f", self.conf]), ("slurmd", ["-D", "-f", self.conf])):
+            log = open(os.path.join(self.root, "log", f"{name}.stdout"), "ab")
+            self.procs.append(subprocess.Popen([find_binary(name) or name, *args], stdout=log,
+                                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                               start_new_session=True, env=self.env))
+            log.close()
+        deadline = time.monotonic() + timeout
+        state = ""
+        while time.monotonic() < deadline:
+            dead = [p for p in self.procs if p.poll() is not None]
+            if dead:
+                self.stop()
+                raise ClusterUnavailable(f"a Slurm daemon exited at start (rc {dead[0].returncode}); "
+                                         f"see {self.root}/log: {self.log_tail()}")
+            state = self.run("sinfo", "-h", "-o", "%T", check=False).stdout.strip()
+            if state == "idle":
+                return self
+            time.sleep(0.3)
+        self.stop()
+        raise ClusterUnavailable(f"node not idle after {timeout:.0f}s (state {state!r}): {self.log_tail()}")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """``scontrol shutdown``, then wait on the daemons we started (kill what is left)."""
+        if not self.procs:
+            return
+        self.run("scontrol", "shutdown", check=False)
+        deadline = time.monotonic() + timeout
+        for proc in self.procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.procs.clear()
+
+    def log_tail(self, lines: int = 5) -> str:
+        out = []
+        for name in ("slurmctld.log", "slurmd.log", "slurmctld.stdout", "slurmd.stdout"):
+            path = os.path.join(self.root, "log", name)
+            if os.path.exists(path):
+                with open(path, encoding="utf-8", errors="replace") as handle:
+                    out += [f"{name}: {line.rstrip()}" for line in handle.readlines()[-lines:]]
+        return " | ".join(out)
+
+    # ----------------------------------------------------------------------------------------
+    def run(self, *args: str, check: bool = True, timeout: float = 60.0) -> subprocess.CompletedProcess:
+        """Run a Slurm client command against this cluster."""
+        proc = subprocess.run(list(args), env=self.env, capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(args)} failed (rc {proc.returncode}): {proc.stderr.strip()}")
+        return proc
+
+    def sbatch(self, script: str, *options: str, cwd: Optional[str] = None) -> str:
+        """Submit ``script``; returns the job id."""
+        proc = subprocess.run(["sbatch", "--parsable", *options, script], env=self.env, capture_output=True,
+                              text=True, cwd=cwd, timeout=60)
+        if proc.returncode != 0:
+            raise RuntimeError(f"sbatch {script} failed (rc {proc.returncode}): {proc.stderr.strip()}")
+        return proc.stdout.strip().split(";")[0]
+
+    def job(self, job_id: str) -> Job:
+        text = self.run("scontrol", "show", "job", "-o", job_id).stdout
+        fields = dict(re.findall(r"(\w+)=(\S*)", text))
+        return Job(job_id, fields.get("JobState", "UNKNOWN"), fields.get("ExitCode", ""),
+                   int(fields.get("Restarts", "0") or 0), fields)
+
+    def wait(self, job_id: str, timeout: float = 180.0, states: Optional[set] = None) -> Job:
+        """Poll ``scontrol show job`` until the job is in one of ``states`` (default: finished)."""
+        states = states or TERMINAL_STATES
+        deadline = time.monotonic() + timeout
+        job = self.job(job_id)
+        while job.state not in states:
+            if time.monotonic() > deadline:
+                self.run("scancel", job_id, check=False)
+                raise TimeoutError(f"job {job_id} still {job.state} after {timeout:.0f}s")
+            time.sleep(0.5)
+            job = self.job(job_id)
+        return job
+
+
+def running_cluster(root: Optional[str] = None) -> Iterator[SlurmCluster]:
+    """Generator for a fixture: yield a started cluster, stop it afterwards."""
+    root = root or tempfile.mkdtemp(prefix="lmsdp-slurm-")
+    cluster = SlurmCluster(root).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+if __name__ == "__main__":
+    cluster = SlurmCluster(tempfile.mkdtemp(prefix="lmsdp-slurm-")).start()
+    print(f"export SLURM_CONF={cluster.conf}", flush=True)
+    try:
+        signal.pause()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        cluster.stop()
