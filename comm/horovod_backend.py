@@ -157,13 +157,15 @@ class HorovodOptimizer:
         self._synchronized = False
         orig = self.optimizer._allreduce_grad_async
         timer = backend.timer
+        fp16 = cfg.compression == "fp16"
 
         def timed(p: torch.nn.Parameter) -> Tuple[Any, Any]:
             t = now_us()
             handle, ctx = orig(p)
             key = ("hvd", self._seq)
             self._seq += 1
-            timer.started(key, p.numel() * p.element_size(), "allreduce " + str(
+            wire = 2 if (fp16 and p.is_floating_point()) else p.element_size()
+            timer.started(key, p.numel() * wire, "allreduce " + str(
                 self.optimizer._parameter_names.get(p, "?")), t)
             self._pending.append((key, handle))
             return handle, ctx

@@ -1,5 +1,5 @@
 """Data-parallel checks of one comm backend, run as every rank of a real job (mpirun, horovodrun
---gloo, or a single process). Rank 0 writes everything as JSON to argv's --out; the pytest side
+--gloo, or a single process). Rank 0 writes everything as JSON to argv's --result; the pytest side
 (tests/test_comm_*.py) compares. Sections:
 
 broadcast   ranks start from different weights/optimizer state; after broadcast_state all equal rank 0's
@@ -180,17 +180,17 @@ def dead_section(backend: Any, args: argparse.Namespace) -> Optional[Dict[str, A
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--backend", default="torch")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--result", required=True)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--batch", type=int, default=4, help="per-rank batch")
     ap.add_argument("--sections", default="broadcast,train,fp16,bpps")
     ap.add_argument("--timeout", type=float, default=10.0)
-    ap.add_argument("--fusion", type=int, default=600, help="fusion threshold / bucket bytes")
-    ap.add_argument("--timeline", default=None)
+    ap.add_argument("--bucket-bytes", type=int, default=600, help="fusion threshold / bucket bytes")
+    ap.add_argument("--chrome-trace", default=None)
     ap.add_argument("--dead", choices=("exit", "hang"), default="exit", help="how rank 1 fails")
     args = ap.parse_args()
-    cfg = CommConfig(backend=args.backend, timeout_s=args.timeout, fusion_threshold=args.fusion,
-                     timeline=args.timeline)
+    cfg = CommConfig(backend=args.backend, timeout_s=args.timeout, fusion_threshold=args.bucket_bytes,
+                     timeline=args.chrome_trace)
     backend = get_backend(cfg)
     out: Dict[str, Any] = {"backend": backend.name, "rank": backend.rank, "size": backend.size,
                            "local_size": backend.local_size,
@@ -214,7 +214,7 @@ def main() -> None:
             elif section == "dead":
                 res = dead_section(backend, args)
                 out["dead"] = res
-                with open(args.out, "w") as f:
+                with open(args.result, "w") as f:
                     json.dump(out, f)
                 sys.stdout.flush()
                 sys.stderr.flush()
@@ -225,13 +225,13 @@ def main() -> None:
     except Exception:
         out["exception"] = traceback.format_exc()
         if backend.rank == 0:
-            with open(args.out, "w") as f:
+            with open(args.result, "w") as f:
                 json.dump(out, f)
         raise
     finally:
         backend.shutdown()
     if backend.rank == 0:
-        with open(args.out, "w") as f:
+        with open(args.result, "w") as f:
             json.dump(out, f)
 
 
