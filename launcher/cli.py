@@ -1,34 +1,404 @@
-"""``lmsrun``: parse flags, load the config, run. (The multi-rank launch is built on top of this.)"""
+"""``lmsrun``: one command for one rank, N local ranks, or ranks on several hosts.
+
+    lmsrun CONFIG [-np N] [-H h1:4,h2:4 | --hostfile F] [--mpi-args "..."] [--set k=v ..] [--resume]
+                  [--output-dir D] [--dry-run]
+    lmsrun [CONFIG] -np N [--swap-threshold 1MiB ...] -- python train.py ARGS     (script mode)
+
+Three ways a call ends up (like torchrun: flags -> a plan -> workers):
+- started as a rank by mpirun/mpiexec, srun or torchrun (their variables are set): run in place,
+  i.e. the worker (config mode) or exec the user's command (script mode);
+- a config with one rank on this machine: run the worker in this process (no mpirun start-up cost);
+- otherwise build ``mpirun ... python -m lmsdp.launcher.cli CONFIG ...`` (or ``mpirun ... python
+  train.py``) and run it through ``launcher.spawn``, which forwards signals, prefixes output with the
+  rank and reports the first rank that failed.
+Flags override ``launch:`` in the config; horovodrun's -np/-H/--hostfile/--mpi-args mean the same.
+"""
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shlex
+import signal
 import sys
-from typing import List, Optional
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
 
-from .config import load_config
-from .errors import UserError
+from .errors import TopologyError, UserError
+
+SCRIPT_MODE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "script_mode")
+SWAP_FLAGS = {  # flag dest -> (swap config key, environment variable, how to write it in --set)
+    "swap_threshold": ("threshold", "LMSDP_SWAP_THRESHOLD", "str"),
+    "swap_prefetch": ("prefetch", "LMSDP_SWAP_PREFETCH", "int"),
+    "swap_keep_last": ("keep_last", "LMSDP_SWAP_KEEP_LAST", "int"),
+    "swap_budget": ("budget", "LMSDP_SWAP_BUDGET", "str"),
+    "swap_host_limit": ("host_limit", "LMSDP_SWAP_HOST_LIMIT", "str"),
+    "swap_recompute": ("recompute", "LMSDP_SWAP_RECOMPUTE", "list"),
+    "swap_transport": ("transport", "LMSDP_SWAP_TRANSPORT", "str"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmsrun", description="Data-parallel training with large model support.")
-    parser.add_argument("config", help="YAML config file")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set swap.threshold=1MiB (repeatable)")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
+    parser = argparse.ArgumentParser(
+        prog="lmsrun", allow_abbrev=False,
+        usage="lmsrun [CONFIG] [-np N] [-H HOSTS | --hostfile F] [options] [-- COMMAND ...]",
+        description="Data-parallel training with large model support: one MPI rank per GPU. "
+                    "With '-- COMMAND', runs your own script (e.g. a Horovod one) under the same launch.")
+    parser.add_argument("config", nargs="?", help="YAML config file (optional in script mode)")
+    launch = parser.add_argument_group("launch (override the config's launch: section; as in horovodrun)")
+    launch.add_argument("-np", "--num-proc", dest="np", type=_positive, metavar="N",
+                        help="number of ranks, one per GPU (default: launch.np, or 1)")
+    launch.add_argument("-H", "--hosts", metavar="HOST:SLOTS,..", help="hosts and their slots, e.g. n1:4,n2:4")
+    launch.add_argument("--hostfile", metavar="FILE", help="Open MPI / horovodrun hostfile ('host slots=N')")
+    launch.add_argument("--mpi-args", metavar="ARGS", help="extra mpirun arguments, passed verbatim")
+    launch.add_argument("--oversubscribe", action="store_true", default=None,
+                        help="allow more ranks than cores (added anyway when ranks exceed local cores)")
+    launch.add_argument("--threads", type=_nonneg, metavar="N", help="intra-op threads per rank (0: cores / ranks)")
+    launch.add_argument("--dry-run", action="store_true", help="print the command and the resolved config, run nothing")
+    launch.add_argument("--stop-timeout", type=float, default=120.0, metavar="S",
+                        help="after SIGINT/SIGTERM, seconds the ranks get to checkpoint before being killed")
+    launch.add_argument("-v", "--verbose", action="store_true", help="show mpirun's own messages as they come")
+    run = parser.add_argument_group("run")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key, e.g. --set swap.threshold=1MiB (repeatable)")
+    run.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
+    run.add_argument("--output-dir", metavar="DIR", help="train.output_dir, and rank<R>.log files of each rank's output")
+    swap = parser.add_argument_group("swap engine (config mode: swap.*; script mode: LMSDP_SWAP_* for every rank)")
+    swap.add_argument("--swap-threshold", metavar="SIZE", help="smallest saved tensor swapped, e.g. 1MiB")
+    swap.add_argument("--swap-prefetch", type=_nonneg, metavar="N", help="swap-ins started ahead")
+    swap.add_argument("--swap-keep-last", type=_nonneg, metavar="K", help="last K saved tensors never swapped")
+    swap.add_argument("--swap-budget", metavar="SIZE", help="saved bytes kept on the device before swapping")
+    swap.add_argument("--swap-host-limit", metavar="SIZE", help="cap on pinned host memory")
+    swap.add_argument("--swap-recompute", metavar="KINDS", help="'auto' or a comma list, e.g. relu,batchnorm")
+    swap.add_argument("--swap-transport", choices=("auto", "cuda", "loopback"), help="swap transport")
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+def _positive(text: str) -> int:
+    value = _nonneg(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _nonneg(text: str) -> int:
     try:
-        overrides = list(args.overrides) + (["train.resume=true"] if args.resume else [])
-        config = load_config(args.config, overrides)
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {text!r}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# the plan
+
+
+@dataclass
+class Plan:
+    """What one lmsrun call does, resolved from flags and config."""
+
+    args: argparse.Namespace
+    script: Optional[List[str]]  # the user's command in script mode
+    config: Any  # Config or None
+    np: int = 1
+    hosts: Optional[str] = None
+    hostfile: Optional[str] = None
+    mpi_args: str = ""
+    oversubscribe: bool = False
+    threads: int = 0
+    rank_env: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def script_mode(self) -> bool:
+        return self.script is not None
+
+
+def config_overrides(args: argparse.Namespace) -> List[str]:
+    """The ``--set`` list that turns flags into config keys (the ranks apply the same list)."""
+    items = list(args.overrides)
+    if args.resume:
+        items.append("train.resume=true")
+    if args.output_dir:
+        items.append(f"train.output_dir={json.dumps(args.output_dir)}")
+    if args.threads is not None:
+        items.append(f"launch.threads={args.threads}")
+    swap_given = False
+    for dest, (key, _var, kind) in SWAP_FLAGS.items():
+        value = getattr(args, dest)
+        if value is None:
+            continue
+        swap_given = True
+        if kind == "list":
+            parts = [p.strip() for p in str(value).split(",") if p.strip()]
+            text = json.dumps("auto" if parts == ["auto"] else parts)
+        else:
+            text = str(value) if kind == "int" else json.dumps(str(value))
+        items.append(f"swap.{key}={text}")
+    if swap_given:
+        items.append("swap.enabled=true")
+    return items
+
+
+def make_plan(args: argparse.Namespace, script: Optional[List[str]]) -> Plan:
+    from .config import LaunchConfig, load_config
+
+    config = None
+    if args.config is not None:
+        config = load_config(args.config, config_overrides(args))
+    launch = config.launch if config is not None else LaunchConfig()
+    plan = Plan(args, script, config, np=args.np or launch.np,
+                hosts=args.hosts if args.hosts is not None else (None if args.hostfile else launch.hosts),
+                hostfile=args.hostfile if args.hostfile is not None else (None if args.hosts else launch.hostfile),
+                mpi_args=args.mpi_args if args.mpi_args is not None else launch.mpi_args,
+                oversubscribe=bool(args.oversubscribe) or launch.oversubscribe,
+                threads=args.threads if args.threads is not None else launch.threads)
+    if plan.hosts and plan.hostfile:
+        raise UserError("-H and --hostfile are both given: use one of them")
+    if plan.hostfile and not os.path.isfile(plan.hostfile):
+        raise UserError(f"--hostfile: file not found: {plan.hostfile}")
+    plan.rank_env = rank_environment(plan)
+    return plan
+
+
+def rank_environment(plan: Plan) -> Dict[str, str]:
+    """Variables lmsrun sets for every rank (exported by value, so a dry-run command is complete)."""
+    env = {"LMSDP_LAUNCHED": "1", "LMSDP_EXPECTED_NP": str(plan.np), "PYTHONUNBUFFERED": "1"}
+    if _stderr_is_terminal():
+        env["LMSDP_TTY"] = "1"  # the bar draws on rank 0 even though mpirun gives it a pipe
+    if plan.script_mode:
+        env.update(script_swap_env(plan))
+        here = os.environ.get("PYTHONPATH", "")
+        env["PYTHONPATH"] = SCRIPT_MODE_DIR + (os.pathsep + here if here else "")
+        if "OMP_NUM_THREADS" not in os.environ:
+            from .topology import cpu_share
+
+            local = plan.np if not (plan.hosts or plan.hostfile) else 1
+            env["OMP_NUM_THREADS"] = str(plan.threads or cpu_share(local))
+    return env
+
+
+def script_swap_env(plan: Plan) -> Dict[str, str]:
+    """LMSDP_SWAP_* for script mode: from flags, else from the config's swap: section when enabled."""
+    env: Dict[str, str] = {}
+    args = plan.args
+    for dest, (key, var, kind) in SWAP_FLAGS.items():
+        value = getattr(args, dest)
+        if value is not None:
+            env[var] = str(value)
+    if not env and plan.config is not None and plan.config.swap.enabled:
+        swap = plan.config.swap
+        for dest, (key, var, kind) in SWAP_FLAGS.items():
+            value = getattr(swap, key)
+            if value is not None:
+                env[var] = ",".join(value) if isinstance(value, list) else str(value)
+    if env:
+        env = {"LMSDP_SWAP": "1", **env}
+    return env
+
+
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def rank_program(plan: Plan) -> List[str]:
+    """What each rank runs: the worker re-invoked in place, or the user's command."""
+    if plan.script_mode:
+        assert plan.script is not None
+        program = list(plan.script)
+        if program[0] in ("python", "python3"):
+            program[0] = sys.executable  # the interpreter lmsrun runs in (its venv), not whatever is on PATH
+        return program
+    args = plan.args
+    program = [sys.executable, "-m", "lmsdp.launcher.cli", args.config]
+    for item in args.overrides:
+        program += ["--set", item]
+    if args.resume:
+        program.append("--resume")
+    if args.output_dir:
+        program += ["--output-dir", args.output_dir]
+    if plan.threads:
+        program += ["--threads", str(plan.threads)]
+    for dest in SWAP_FLAGS:
+        value = getattr(args, dest)
+        if value is not None:
+            program += ["--" + dest.replace("_", "-"), str(value)]
+    return program
+
+
+def mpi_command(plan: Plan) -> tuple:
+    """(argv, flavour, environment for mpirun)."""
+    from .mpi_command import MPIRequest, build_command, find_mpirun
+
+    mpirun, flavor = find_mpirun()
+    request = MPIRequest(np=plan.np, program=rank_program(plan), hosts=plan.hosts, hostfile=plan.hostfile,
+                         mpi_args=plan.mpi_args, oversubscribe=plan.oversubscribe, set_env=plan.rank_env,
+                         inherit_env=os.environ)
+    argv = build_command(request, mpirun=mpirun, flavor=flavor, is_root=os.geteuid() == 0)
+    return argv, flavor, {**os.environ, **plan.rank_env}
+
+
+# --------------------------------------------------------------------------------------------
+# running
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["slurm"]:
+        return _slurm(argv[1:])
+    script: Optional[List[str]] = None
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, script = argv[:cut], argv[cut + 1:]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if script is not None and not script:
+            raise UserError("nothing after '--'", hint="e.g. lmsrun -np 2 -- python train.py")
+        if args.config is None and script is None:
+            raise UserError("a CONFIG file is required (or a command after '--' for script mode)",
+                            hint="lmsrun configs/quickstart.yaml, or lmsrun -np 2 -- python train.py")
+        return run(args, script)
+    except UserError as exc:
+        print(f"lmsrun: error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+
+
+def run(args: argparse.Namespace, script: Optional[List[str]]) -> int:
+    from .topology import detect_launched
+
+    plan = make_plan(args, script)
+    topology = detect_launched()
+    if topology is not None:  # we are a rank already
+        if args.np and args.np != topology.size:
+            raise TopologyError(f"-np {args.np} was given but {topology.source} started {topology.size} ranks",
+                                hint="drop -np when lmsrun runs under mpirun/srun/torchrun")
+        if args.dry_run:
+            print(f"# in place: {topology.describe()}")
+            return _print_config(plan)
+        if plan.script_mode:
+            return exec_script(plan)
+        return run_rank(plan.config, topology)
+    if not plan.script_mode and plan.np == 1 and not (plan.hosts or plan.hostfile):
+        if args.dry_run:
+            print("# 1 rank on this machine: runs in this process, no mpirun")
+            return _print_config(plan)
+        from .topology import detect_topology
+
+        return run_rank(plan.config, detect_topology())
+    argv, flavor, env = mpi_command(plan)
+    if args.dry_run:
+        print(shlex.join(argv))
+        return _print_config(plan)
+    from .spawn import Job, run_job
+
+    return run_job(Job(command=argv, env=env, flavor=flavor, output_dir=args.output_dir,
+                       graceful_signal=None if plan.script_mode else signal.SIGUSR1,
+                       stop_timeout=args.stop_timeout, verbose=args.verbose))
+
+
+def _print_config(plan: Plan) -> int:
+    if plan.config is not None:
+        from .config import dump_config
+
+        print(f"# resolved config ({plan.config.source})")
+        sys.stdout.write(dump_config(plan.config))
+    else:
+        print("# script mode: no config")
+    return 0
+
+
+def exec_script(plan: Plan) -> int:
+    """Script mode inside an existing rank: replace this process with the user's command."""
+    env = {**os.environ, **{k: v for k, v in plan.rank_env.items()
+                            if k not in ("LMSDP_LAUNCHED", "LMSDP_EXPECTED_NP")}}
+    program = rank_program(plan)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execvpe(program[0], program, env)
+    except OSError as exc:
+        raise UserError(f"cannot run {program[0]}: {exc.strerror}") from None
+    return 0  # not reached
+
+
+class EarlyStop:
+    """A stop signal that arrives while the rank is still importing/building is not lost: it is
+    recorded and sent again once the worker has installed its own handlers."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.pending: List[int] = []
+        self.done = threading.Event()
+
+    def install(self) -> None:
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._record)
+        threading.Thread(target=self._watch, daemon=True, name="lmsdp-early-stop").start()
+
+    def _record(self, signum: int, _frame: Any) -> None:
+        self.pending.append(signum)
+
+    def _watch(self) -> None:
+        while not self.done.wait(0.05):
+            if signal.getsignal(signal.SIGUSR1) != self._record:  # the worker's handler is in place
+                for signum in self.pending:
+                    os.kill(os.getpid(), signum)
+                return
+
+
+def run_rank(config: Any, topology: Any) -> int:
+    """This process is one rank: run the worker; on an exception print it with the rank and exit
+    non-zero at once (no atexit hooks that could wait in a collective for ranks that are gone)."""
+    early = EarlyStop()
+    early.install()
+    try:
         from .worker import run_worker
 
-        return run_worker(config)
+        code = run_worker(config, topology)
     except UserError as exc:
-        print(f"lmsrun: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        _die(f"lmsrun: error: {exc}", exc.exit_code)
+    except BaseException as exc:  # noqa: BLE001 - any failure must end this rank, loudly
+        if isinstance(exc, SystemExit) and exc.code in (0, None):
+            raise
+        traceback.print_exc()
+        reason = f"{type(exc).__name__}: {exc}".strip().splitlines()[0] if str(exc) else type(exc).__name__
+        _die(f"[lmsdp] rank {topology.rank} failed: {reason}", 130 if isinstance(exc, KeyboardInterrupt) else 1)
+    finally:
+        early.done.set()
+    if code >= 128 and os.environ.get("LMSDP_LAUNCHED") == "1" and topology.size > 1:
+        # A requested stop, checkpoint written: exit 0 so mpirun does not kill ranks still saving;
+        # lmsrun itself returns 128+signal.
+        return 0
+    return code
+
+
+def _die(line: str, code: int) -> None:
+    try:
+        sys.stdout.flush()
+    except Exception:  # noqa: BLE001
+        pass
+    print(line, file=sys.stderr, flush=True)
+    time.sleep(0.05)  # let the line reach mpirun before the job is torn down
+    os._exit(code)
+
+
+def _slurm(argv: List[str]) -> int:
+    """``lmsrun slurm ...``: handled by launcher.slurm when present."""
+    try:
+        from . import slurm  # type: ignore[attr-defined]
+    except ImportError:
+        print("lmsrun: error: 'lmsrun slurm' is not available in this version", file=sys.stderr)
+        return 2
+    return int(slurm.main(argv))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,429 @@
+"""Run a built ``mpirun`` command: rank-prefixed output, per-rank logs, signal forwarding, cleanup,
+and a report naming the rank that failed.
+
+How it works
+- mpirun starts in its own session, so a terminal's Ctrl-C reaches only lmsrun, which decides what
+  the ranks get. lmsrun makes itself a child subreaper, so ranks orphaned by a dying mpirun are
+  still its descendants and are killed at the end: no process of the job outlives lmsrun.
+- Output: Open MPI tags every chunk ``[job,rank]<stream>:`` (``--tag-output``). The demultiplexer
+  passes rank 0's bytes through unchanged (its progress bar redraws with \\r), prefixes other ranks'
+  lines with ``[R] ``, copies everything to ``rank<R>.log`` when ``--output-dir`` is set, and keeps
+  each rank's last lines for the failure report. mpirun's own messages are held back and shown only
+  when no rank failure explains the exit.
+- Failure: Open MPI aborts the whole job as soon as one rank exits non-zero or dies by a signal;
+  each rank prints ``[lmsdp] rank R failed: <exception>`` before it exits; lmsrun combines that
+  with mpirun's "first process to do so" message into one report.
+- Signals: the first SIGINT/SIGTERM becomes SIGUSR1 to mpirun (config mode), which forwards it to
+  every rank; the worker treats it as "stop after this step, checkpoint, exit 0". In script mode the
+  signal itself is passed to mpirun (user scripts know SIGTERM/SIGINT, not SIGUSR1). A second
+  signal, or ``stop_timeout`` seconds without an exit, ends the job hard. Exit code: 128+signal.
+"""
+from __future__ import annotations
+
+import collections
+import ctypes
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import IO, Deque, Dict, List, Optional, Tuple
+
+FAIL_MARK = re.compile(r"^\[lmsdp\] rank (\d+) failed: (.*)$")
+USER_ERROR = re.compile(r"^lmsrun: error: ")
+OMPI_FIRST = re.compile(r"Process name: \[\[\d+,\d+\],(\d+)\]")
+OMPI_EXIT = re.compile(r"Exit code:\s+(\d+)")
+OMPI_SIGNAL = re.compile(r"process rank (\d+) with PID \d+ on node \S+ exited on signal (\d+)")
+OMPI_TAG = re.compile(rb"\[\d+,(\d+)\]<(stdout|stderr|stddiag)>:")
+HYDRA_TAG = re.compile(rb"\[(\d+)\] ")
+TAIL_LINES = 15
+
+
+@dataclass
+class Job:
+    """A command to run and how to treat it."""
+
+    command: List[str]
+    env: Dict[str, str]
+    flavor: str = "openmpi"
+    output_dir: Optional[str] = None
+    graceful_signal: Optional[int] = signal.SIGUSR1  # None: forward SIGINT/SIGTERM as they are
+    stop_timeout: float = 120.0
+    verbose: bool = False
+
+
+@dataclass
+class Failure:
+    rank: Optional[int] = None
+    reason: str = ""
+    exit_code: Optional[int] = None
+    signal: Optional[int] = None
+
+
+class Demux:
+    """Splits mpirun's tagged output by rank; thread-safe across the stdout and stderr readers."""
+
+    def __init__(self, flavor: str, output_dir: Optional[str], out: IO[bytes], err: IO[bytes]) -> None:
+        self.flavor = flavor
+        self.out, self.err = out, err
+        self.output_dir = output_dir
+        self.lock = threading.Lock()
+        self.logs: Dict[int, IO[bytes]] = {}
+        self.partial: Dict[Tuple[int, str], bytearray] = collections.defaultdict(bytearray)
+        self.tails: Dict[int, Deque[str]] = collections.defaultdict(lambda: collections.deque(maxlen=TAIL_LINES))
+        self.own: List[str] = []  # mpirun's own lines
+        self.user_errors: List[str] = []
+        self.user_errors_shown: set = set()  # rank 0's lines are already on the screen
+        self.marks: List[Tuple[int, str]] = []
+        if output_dir:
+            os.makedirs(output_dir, exist_ok=True)
+
+    # ---- per stream parsing
+
+    def reader(self, stream: IO[bytes], name: str) -> threading.Thread:
+        thread = threading.Thread(target=self._read, args=(stream, name), daemon=True, name=f"lmsrun-{name}")
+        thread.start()
+        return thread
+
+    def _read(self, stream: IO[bytes], name: str) -> None:
+        fd = stream.fileno()
+        buf = b""
+        current: Optional[Tuple[int, str]] = None  # inside a tagged chunk of this (rank, stream)
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:
+                data = b""
+            if data:
+                buf += data
+            buf, current = self._parse(buf, current, name, final=not data)
+            if not data:
+                break
+        self.flush_partials()
+
+    def _parse(self, buf: bytes, current: Optional[Tuple[int, str]], name: str,
+               final: bool) -> Tuple[bytes, Optional[Tuple[int, str]]]:
+        tag_re = OMPI_TAG if self.flavor == "openmpi" else HYDRA_TAG
+        while buf:
+            if current is None:
+                match = tag_re.match(buf)
+                if match:
+                    stream = match.group(2).decode() if self.flavor == "openmpi" else name
+                    current = (int(match.group(1)), "stdout" if stream == "stdout" else "stderr")
+                    buf = buf[match.end():]
+                    continue
+                if not final and _maybe_tag_prefix(buf):
+                    return buf, None  # wait for the rest of a tag split across reads
+                end = buf.find(b"\n")
+                if end < 0:
+                    if not final:
+                        return buf, None
+                    end = len(buf) - 1
+                self._own(buf[:end + 1])
+                buf = buf[end + 1:]
+                continue
+            # inside a rank's chunk: runs to its newline or to the next tag
+            newline = buf.find(b"\n")
+            match = tag_re.search(buf, 0, newline if newline >= 0 else len(buf)) if self.flavor == "openmpi" else None
+            if match:
+                self._rank(current, buf[:match.start()])
+                buf, current = buf[match.start():], None
+            elif newline >= 0:
+                self._rank(current, buf[:newline + 1])
+                buf, current = buf[newline + 1:], None
+            else:
+                keep = _tag_prefix_len(buf) if not final else 0
+                self._rank(current, buf[:len(buf) - keep])
+                return buf[len(buf) - keep:], current
+        return buf, current
+
+    # ---- sinks
+
+    def _own(self, data: bytes) -> None:
+        text = data.decode("utf-8", "replace").rstrip("\r\n")
+        with self.lock:
+            self.own.append(text)
+        if self.verbose_own:
+            self.err.write(data)
+            self.err.flush()
+
+    verbose_own = False
+
+    def _rank(self, source: Tuple[int, str], data: bytes) -> None:
+        if not data:
+            return
+        rank, stream = source
+        with self.lock:
+            log = self._log(rank)
+            if log is not None:
+                log.write(data)
+                log.flush()
+            pending = self.partial[source]
+            pending += data
+            lines = pending.split(b"\n")
+            self.partial[source] = bytearray(lines.pop())
+            for raw in lines:
+                self._line(rank, stream, raw)
+            if rank == 0:  # pass through as it comes: keeps the progress bar live
+                sink = self.out if stream == "stdout" else self.err
+                sink.write(data)
+                sink.flush()
+
+    def _line(self, rank: int, stream: str, raw: bytes) -> None:
+        text = raw.decode("utf-8", "replace").rstrip("\r")
+        visible = text.rsplit("\r", 1)[-1]
+        if USER_ERROR.match(visible):
+            if visible not in self.user_errors:
+                self.user_errors.append(visible)
+            if rank == 0:
+                self.user_errors_shown.add(visible)
+            return
+        mark = FAIL_MARK.match(visible)
+        if mark:
+            self.marks.append((int(mark.group(1)), mark.group(2)))
+        if visible.strip():
+            self.tails[rank].append(visible)
+        if rank != 0:
+            sink = self.out if stream == "stdout" else self.err
+            sink.write(f"[{rank}] {text}\n".encode("utf-8", "replace"))
+            sink.flush()
+
+    def _log(self, rank: int) -> Optional[IO[bytes]]:
+        if not self.output_dir:
+            return None
+        if rank not in self.logs:
+            self.logs[rank] = open(os.path.join(self.output_dir, f"rank{rank}.log"), "ab")
+        return self.logs[rank]
+
+    def flush_partials(self) -> None:
+        with self.lock:
+            for (rank, stream), pending in list(self.partial.items()):
+                if pending:
+                    self.partial[(rank, stream)] = bytearray()
+                    if rank != 0:
+                        self._line(rank, stream, bytes(pending))
+                    else:
+                        visible = pending.decode("utf-8", "replace").rsplit("\r", 1)[-1]
+                        if visible.strip():
+                            self.tails[0].append(visible)
+
+    def close(self) -> None:
+        with self.lock:
+            for log in self.logs.values():
+                log.close()
+            self.logs.clear()
+
+
+def _maybe_tag_prefix(buf: bytes) -> bool:
+    """True when ``buf`` could be the start of a tag that the next read completes."""
+    return len(buf) < 40 and b"\n" not in buf and buf.startswith(b"[") and re.fullmatch(
+        rb"\[[\d,]*(\][<a-z]*>?)?", buf) is not None
+
+
+def _tag_prefix_len(buf: bytes) -> int:
+    """Length of a trailing partial tag ('[1,0]<std') to hold back until the next read."""
+    start = buf.rfind(b"[", max(0, len(buf) - 40))
+    if start < 0:
+        return 0
+    return len(buf) - start if _maybe_tag_prefix(buf[start:]) else 0
+
+
+def become_subreaper() -> bool:
+    """PR_SET_CHILD_SUBREAPER: orphaned ranks re-parent to lmsrun, so cleanup can find them."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(36, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+class Runner:
+    """Runs one Job to its end and returns lmsrun's exit code."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.signals: List[int] = []
+        self.proc: Optional[subprocess.Popen] = None
+        self.hard_deadline: Optional[float] = None
+        self.kill_deadline: Optional[float] = None
+        self.seen: Dict[int, object] = {}
+
+    def run(self) -> int:
+        job = self.job
+        become_subreaper()
+        out = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else sys.stdout
+        err = sys.stderr.buffer if hasattr(sys.stderr, "buffer") else sys.stderr
+        sys.stdout.flush()
+        sys.stderr.flush()
+        demux = Demux(job.flavor, job.output_dir, out, err)
+        demux.verbose_own = job.verbose
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            try:
+                self.proc = subprocess.Popen(job.command, env=job.env, stdin=subprocess.DEVNULL,
+                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                             start_new_session=True)
+            except OSError as exc:
+                print(f"lmsrun: error: cannot start {job.command[0]}: {exc.strerror}", file=sys.stderr)
+                return 2
+            readers = [demux.reader(self.proc.stdout, "stdout"), demux.reader(self.proc.stderr, "stderr")]
+            self._wait()
+            self._cleanup()
+            for thread in readers:
+                thread.join(timeout=3)
+            demux.flush_partials()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            demux.close()
+        return self._report(demux, self.proc.returncode)
+
+    # ---- signals and waiting
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self.signals.append(signum)
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        if len(self.signals) == 1 and self.job.graceful_signal is not None:
+            print(f"lmsrun: {signal.Signals(signum).name}: asking every rank to stop after this step "
+                  "(again to stop now)", file=sys.stderr, flush=True)
+            self._send(self.job.graceful_signal)
+            self.hard_deadline = time.monotonic() + self.job.stop_timeout
+        elif len(self.signals) == 1:
+            self._send(signum)
+            self.kill_deadline = time.monotonic() + 10
+        else:
+            self._send(signal.SIGTERM)
+            self.kill_deadline = time.monotonic() + 3
+
+    def _send(self, signum: int) -> None:
+        try:
+            assert self.proc is not None
+            self.proc.send_signal(signum)
+        except (ProcessLookupError, OSError):
+            pass
+
+    def _wait(self) -> None:
+        assert self.proc is not None
+        while True:
+            try:
+                self.proc.wait(timeout=0.2)
+                return
+            except subprocess.TimeoutExpired:
+                pass
+            self._snapshot()
+            now = time.monotonic()
+            if self.hard_deadline is not None and now > self.hard_deadline:
+                print("lmsrun: ranks did not stop in time; terminating the job", file=sys.stderr, flush=True)
+                self.hard_deadline = None
+                self._send(signal.SIGTERM)
+                self.kill_deadline = now + 5
+            if self.kill_deadline is not None and now > self.kill_deadline:
+                self.kill_deadline = None
+                self._kill_all()
+
+    def _snapshot(self) -> None:
+        """Remember the job's processes, for cleanup even if the subreaper flag was refused."""
+        try:
+            import psutil
+
+            for child in psutil.Process(self.proc.pid).children(recursive=True):  # type: ignore[union-attr]
+                self.seen.setdefault(child.pid, child)
+        except Exception:  # noqa: BLE001 - best effort: the process may be gone already
+            pass
+
+    def _kill_all(self) -> None:
+        try:
+            import psutil
+
+            procs = list(psutil.Process().children(recursive=True))
+            procs += [p for p in self.seen.values() if p not in procs]  # type: ignore[operator]
+            for proc in procs:
+                try:
+                    if proc.is_running():  # type: ignore[attr-defined]
+                        proc.kill()  # type: ignore[attr-defined]
+                except psutil.Error:
+                    pass
+            psutil.wait_procs(procs, timeout=3)  # type: ignore[arg-type]
+        except ImportError:
+            if self.proc is not None:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+
+    def _cleanup(self) -> None:
+        """mpirun has exited: anything of the job still alive (orphans) is killed and reaped."""
+        self._kill_all()
+
+    # ---- the verdict
+
+    def _report(self, demux: Demux, returncode: Optional[int]) -> int:
+        own = "\n".join(demux.own)
+        failure = self._failure(demux, own)
+        if self.signals:
+            return 128 + self.signals[0]
+        if returncode == 0:
+            if demux.own and not self.job.verbose:
+                print(own, file=sys.stderr)
+            return 0
+        if demux.user_errors:
+            for line in demux.user_errors:
+                if line not in demux.user_errors_shown:
+                    print(line, file=sys.stderr)
+            return 2
+        code = returncode if returncode and returncode > 0 else 128 + (-(returncode or 0)) if returncode else 1
+        if failure.rank is None:
+            if demux.own and not self.job.verbose:
+                print(own, file=sys.stderr)
+            print(f"lmsrun: the job failed (exit code {code})", file=sys.stderr, flush=True)
+            return code
+        if failure.signal:
+            name = _signame(failure.signal)
+            what = f"was killed by signal {failure.signal} ({name})"
+        elif failure.reason:
+            what = f"failed: {failure.reason}"
+        else:
+            what = f"exited with code {failure.exit_code}"
+        lines = [f"lmsrun: rank {failure.rank} {what}"]
+        tail = list(demux.tails.get(failure.rank, []))
+        if tail:
+            lines.append(f"lmsrun: last lines of rank {failure.rank}:")
+            lines += [f"  | {line}" for line in tail[-10:]]
+        lines.append(f"lmsrun: stopped all {len(demux.tails) or '?'} ranks; exit code {code}")
+        print("\n".join(lines), file=sys.stderr, flush=True)
+        return code
+
+    @staticmethod
+    def _failure(demux: Demux, own: str) -> Failure:
+        failure = Failure()
+        first = OMPI_FIRST.search(own)
+        killed = OMPI_SIGNAL.search(own)
+        if first:
+            failure.rank = int(first.group(1))
+            code = OMPI_EXIT.search(own, first.end())
+            failure.exit_code = int(code.group(1)) if code else None
+        elif killed:
+            failure.rank, failure.signal = int(killed.group(1)), int(killed.group(2))
+        marks = dict(reversed(demux.marks))  # the first mark per rank wins
+        if failure.rank is None and demux.marks:
+            failure.rank = demux.marks[0][0]
+        if failure.rank is not None and failure.rank in marks:
+            failure.reason = marks[failure.rank]
+        return failure
+
+
+def _signame(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return str(signum)
+
+
+def run_job(job: Job) -> int:
+    """Run ``job``; returns lmsrun's exit code (the failed rank's code, or 128+signal)."""
+    return Runner(job).run()
