@@ -112,6 +112,7 @@ class SwapEngine:
             device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
         self.enabled = bool(config.enabled)
+        self._device_index = -1 if device.type == "cpu" else (device.index or 0)
         self.threshold = parse_size(config.threshold) or 0
         self.budget = parse_size(config.budget) or 0
         self.prefetch = max(0, int(config.prefetch))
@@ -231,30 +232,26 @@ class SwapEngine:
             if self._phase == "done" and self._auto_step:
                 self._auto_roll()
             self._begin_step()
-        if (type(t) is not torch.Tensor or t.device != self.device or t.layout != torch.strided
-                or (t.requires_grad and t.is_leaf)):
+        nbytes = t.nbytes
+        if nbytes < self.threshold or nbytes == 0 or not self._on_device(t) or type(t) is not torch.Tensor:
+            return (t, version)  # the fast path: one tuple, no bookkeeping
+        if t.layout != torch.strided or (t.requires_grad and t.is_leaf):
             return (t, version)
         base = t._base
         if base is not None and base.requires_grad and base.is_leaf:
             return (t, version)  # a view of a parameter
-        nbytes = t.numel() * t.element_size()
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype, version)
         with self._lock:
             hit = self._dedupe.get(key)
             if hit is not None and hit[0]() is not None:
-                h = hit[1]() if hit[1] is not None else None
+                h = hit[1]()
                 if h is not None:
                     return h
-                if hit[1] is None:
-                    return (t, version)
             st = self._step
             st.packed_tensors += 1
             self._resident += nbytes
             if self._resident > st.peak_saved_bytes:
                 st.peak_saved_bytes = self._resident
-            if nbytes < self.threshold or nbytes == 0:
-                self._dedupe[key] = (weakref.ref(t), None)
-                return (t, version)
             h = _Handle(self, len(self._handles), t, version, nbytes)
             self._handles.append(weakref.ref(h))
             self._dedupe[key] = (weakref.ref(t), weakref.ref(h))
@@ -266,6 +263,11 @@ class SwapEngine:
             if len(self._handles) == self._learned_len:  # forward end as learned: start the first swap-ins
                 self._prefetch_after(None)
             return h
+
+    def _on_device(self, t: torch.Tensor) -> bool:
+        if self._device_index < 0:
+            return t.is_cpu
+        return t.is_cuda and t.get_device() == self._device_index
 
     def _begin_step(self) -> None:
         self._phase = "forward"

@@ -19,9 +19,10 @@ class StepStats:
     swap_out_ms: float = 0.0
     swap_in_ms: float = 0.0
     hidden_frac: float = 0.0       # 1 - stall / (swap-out + swap-in time)
-    peak_saved_bytes: int = 0      # peak saved bytes resident on the device during the step
-    resident_saved_bytes: int = 0  # saved bytes that stayed on the device at the end of forward
-    packed_tensors: int = 0        # saved tensors seen by the pack hook (after dedupe)
+    # saved-tensor accounting covers candidates: device tensors >= threshold, not parameters, deduped
+    peak_saved_bytes: int = 0      # peak candidate bytes resident on the device during forward
+    resident_saved_bytes: int = 0  # candidate bytes that stayed on the device at the end of forward
+    packed_tensors: int = 0        # candidates seen by the pack hook (after dedupe)
     host_pool_bytes: int = 0
     recomputed_modules: int = 0
     max_memory_allocated: Optional[int] = None  # CUDA only
