@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional
 
+import pytest
+
 DAEMONS = ("slurmctld", "slurmd")
 CLIENTS = ("sbatch", "scontrol", "sinfo", "scancel", "squeue", "srun")
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
@@ -200,8 +202,12 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
         return Job(job_id, fields.get("JobState", "UNKNOWN"), fields.get("ExitCode", ""),
                    int(fields.get("Restarts", "0") or 0), fields)
 
-    def wait(self, job_id: str, timeout: float = 180.0, states: Optional[set] = None) -> Job:
-        """Poll ``scontrol show job`` until the job is in one of ``states`` (default: finished)."""
+    def wait(self, job_id: str, timeout: float = 180.0, states: Optional[set] = None,
+             release_requeued: bool = True) -> Job:
+        """Poll ``scontrol show job`` until the job is in one of ``states`` (default: finished).
+
+        A requeued job waits about two minutes (slurmctld sets its BeginTime); with
+        ``release_requeued`` it is made eligible at once (``scontrol update StartTime=now``)."""
         states = states or TERMINAL_STATES
         deadline = time.monotonic() + timeout
         job = self.job(job_id)
@@ -209,15 +215,21 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
             if time.monotonic() > deadline:
                 self.run("scancel", job_id, check=False)
                 raise TimeoutError(f"job {job_id} still {job.state} after {timeout:.0f}s")
+            if release_requeued and job.state == "PENDING" and job.restarts > 0 \
+                    and job.fields.get("Reason") == "BeginTime":
+                self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
             time.sleep(0.5)
             job = self.job(job_id)
         return job
 
 
-def running_cluster(root: Optional[str] = None) -> Iterator[SlurmCluster]:
-    """Generator for a fixture: yield a started cluster, stop it afterwards."""
-    root = root or tempfile.mkdtemp(prefix="lmsdp-slurm-")
-    cluster = SlurmCluster(root).start()
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    """A started single-node cluster for the whole session (skips with the reason when there is none)."""
+    try:
+        cluster = SlurmCluster(str(tmp_path_factory.mktemp("slurm"))).start()
+    except ClusterUnavailable as exc:
+        pytest.skip(f"no local Slurm cluster: {exc}")
     try:
         yield cluster
     finally:

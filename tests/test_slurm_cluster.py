@@ -1,0 +1,188 @@
+"""`lmsrun slurm` scripts against a real single-node Slurm cluster (tests/slurm_cluster.py).
+
+Every job trains the quickstart config (2 tasks, CPU), shortened with --set. One uninterrupted run is
+the reference; the preemption tests stop a run part-way (scancel --signal=TERM to the tasks, or USR1
+to the batch shell as --signal=B:USR1@N does), let it requeue or resubmit it, and require the final
+weights to equal the reference's bit for bit.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+import torch
+
+from .slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.slurm
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
+LMSRUN = os.path.join(os.path.dirname(sys.executable), "lmsrun")
+STEPS = 16
+# Shortened quickstart: every run of these tests uses the same settings, so their weights compare.
+TRAIN = [f"train.steps={STEPS}", "train.batch_size=8", "train.checkpoint_every=0", "train.log_every=4",
+         "launch.threads=1"]
+
+
+@dataclass
+class Run:
+    """One generated script and where its job writes."""
+
+    script: str
+    out: Path
+
+    def log(self, job_id: str) -> str:
+        path = self.out / f"slurm-{job_id}.out"
+        return path.read_text(errors="replace") if path.exists() else f"(no log at {path})"
+
+    def metrics(self, rank: int) -> List[Dict]:
+        path = self.out / f"metrics.rank{rank}.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def final_model(self) -> Dict[str, torch.Tensor]:
+        path = self.out / "checkpoints" / f"step-{STEPS:08d}.pt"
+        assert path.exists(), f"no final checkpoint {path}; have {sorted(os.listdir(path.parent))}"
+        return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+def lmsrun_slurm(cluster: SlurmCluster, tmp: Path, *flags: str, sets: List[str] = ()) -> "tuple[Run, str]":
+    """`lmsrun slurm QUICKSTART ... --output tmp/job.sbatch [flags]`; returns the run and its stdout."""
+    run = Run(str(tmp / "job.sbatch"), tmp / "run")
+    args = [LMSRUN, "slurm", QUICKSTART, "--nodes", "1", "--gpus-per-node", "0", "--time", "00:10:00",
+            "--output", run.script, *flags]
+    for item in [*TRAIN, f"train.output_dir={run.out}", *sets]:
+        args += ["--set", item]
+    proc = subprocess.run(args, env=cluster.env, capture_output=True, text=True, cwd=tmp, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return run, proc.stdout
+
+
+def generate(cluster: SlurmCluster, tmp: Path, *flags: str, sets: List[str] = ()) -> Run:
+    """Write the script (no submission); returns the script and its output folder."""
+    return lmsrun_slurm(cluster, tmp, *flags, sets=sets)[0]
+
+
+def wait_for_steps(cluster: SlurmCluster, run: Run, job_id: str, steps: int, timeout: float = 180) -> None:
+    """Until rank 0 has logged ``steps`` steps (the job is training, its signal handlers are in place)."""
+    path = run.out / "metrics.rank0.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and len(path.read_text().splitlines()) >= steps:
+            return
+        job = cluster.job(job_id)
+        assert job.state in ("PENDING", "RUNNING", "CONFIGURING"), f"job {job_id} {job.state}:\n{run.log(job_id)}"
+        time.sleep(0.2)
+    pytest.fail(f"job {job_id} did not reach step {steps} in {timeout}s:\n{run.log(job_id)}")
+
+
+def assert_same_weights(got: Dict[str, torch.Tensor], want: Dict[str, torch.Tensor]) -> None:
+    assert got.keys() == want.keys()
+    different = [k for k in want if not torch.equal(got[k], want[k])]
+    assert not different, f"{len(different)} of {len(want)} tensors differ, e.g. {different[:3]}"
+
+
+def stop_step(log: str) -> int:
+    """The step of the checkpoint written on the stop signal (from rank 0's log line)."""
+    match = re.search(r"stop requested: checkpoint \S+ at step (\d+)", log)
+    assert match, f"no 'stop requested' checkpoint in the log:\n{log}"
+    return int(match.group(1))
+
+
+@pytest.fixture(scope="module")
+def reference(slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """The uninterrupted run: srun template, 2 tasks, submitted through `lmsrun slurm --submit`."""
+    run, stdout = lmsrun_slurm(slurm_cluster, tmp_path_factory.mktemp("reference"), "--submit")
+    job_id = stdout.strip()
+    assert job_id.isdigit(), stdout
+    job = slurm_cluster.wait(job_id)
+    assert job.state == "COMPLETED", f"{job.state} {job.exit_code}:\n{run.log(job_id)}"
+    run.job_id = job_id  # type: ignore[attr-defined]
+    return run
+
+
+def test_srun_script_trains_two_ranks_to_the_end(reference: Run) -> None:
+    text = Path(reference.script).read_text()
+    assert "srun --mpi=pmix" in text and "--ntasks-per-node=2" in text
+    for rank in (0, 1):
+        steps = [r["step"] for r in reference.metrics(rank)]
+        assert steps == list(range(1, STEPS + 1)), f"rank {rank}: {steps}"
+    summary = json.loads((reference.out / "summary.json").read_text())
+    assert summary["ranks"] == 2
+    assert (reference.out / "checkpoints" / f"step-{STEPS:08d}.pt").exists()
+    assert not (reference.out / "metrics.rank2.jsonl").exists()
+
+
+def test_mpirun_script_trains_two_ranks(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    run = generate(slurm_cluster, tmp_path, "--launcher", "mpirun", sets=["train.steps=4"])
+    assert "mpirun -np" in Path(run.script).read_text()
+    job_id = slurm_cluster.sbatch(run.script)
+    job = slurm_cluster.wait(job_id)
+    assert job.state == "COMPLETED", f"{job.state} {job.exit_code}:\n{run.log(job_id)}"
+    for rank in (0, 1):
+        assert [r["step"] for r in run.metrics(rank)] == [1, 2, 3, 4]
+    assert json.loads((run.out / "summary.json").read_text())["ranks"] == 2
+
+
+def test_scancel_term_checkpoints_then_requeued_job_matches_uninterrupted(
+        slurm_cluster: SlurmCluster, reference: Run, tmp_path: Path) -> None:
+    run = generate(slurm_cluster, tmp_path, "--requeue")
+    job_id = slurm_cluster.sbatch(run.script)
+    wait_for_steps(slurm_cluster, run, job_id, 2)
+    slurm_cluster.run("scancel", "--signal=TERM", job_id)  # the job steps' tasks, not the batch shell
+    job = slurm_cluster.wait(job_id, timeout=300)
+    log = run.log(job_id)
+    assert job.state == "COMPLETED", f"{job.state} {job.exit_code}:\n{log}"
+    assert job.restarts == 1, log
+    stopped = stop_step(log)
+    assert 2 <= stopped < STEPS
+    assert "requeueing job" in log
+    assert f"at step {stopped}/{STEPS}" in log and "resumed from" in log
+    assert [r["step"] for r in run.metrics(0)] == list(range(1, STEPS + 1))
+    assert_same_weights(run.final_model(), reference.final_model())
+
+
+def test_usr1_to_batch_shell_checkpoints_and_resubmitted_mpirun_job_matches(
+        slurm_cluster: SlurmCluster, reference: Run, tmp_path: Path) -> None:
+    """What --signal=B:USR1@N does before the time limit, on the mpirun template, without requeue."""
+    run = generate(slurm_cluster, tmp_path, "--launcher", "mpirun", "--no-requeue")
+    first = slurm_cluster.sbatch(run.script)
+    wait_for_steps(slurm_cluster, run, first, 2)
+    slurm_cluster.run("scancel", "--batch", "--signal=USR1", first)
+    job = slurm_cluster.wait(first)
+    log = run.log(first)
+    assert job.state == "FAILED" and job.exit_code.startswith("138"), f"{job.state} {job.exit_code}:\n{log}"
+    assert "batch shell got SIGUSR1" in log
+    stopped = stop_step(log)
+    assert 2 <= stopped < STEPS
+    assert (run.out / "checkpoints" / f"step-{stopped:08d}.pt").exists()
+
+    second = slurm_cluster.sbatch(run.script)  # the same script again: train.resume=true continues
+    job = slurm_cluster.wait(second)
+    log = run.log(second)
+    assert job.state == "COMPLETED", f"{job.state} {job.exit_code}:\n{log}"
+    assert f"at step {stopped}/{STEPS}" in log
+    assert_same_weights(run.final_model(), reference.final_model())
+
+
+def test_task_count_mismatch_is_a_clear_error(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    run = generate(slurm_cluster, tmp_path)
+    assert "LMSDP_EXPECTED_NP=2" in Path(run.script).read_text()
+    # sbatch flags override the script's #SBATCH lines: only one task starts where two were meant.
+    job_id = slurm_cluster.sbatch(run.script, "--ntasks-per-node=1")
+    job = slurm_cluster.wait(job_id, timeout=120)
+    log = run.log(job_id)
+    assert job.state == "FAILED", f"{job.state}:\n{log}"
+    assert job.exit_code.startswith("2:"), job.exit_code
+    errors = [line for line in log.splitlines() if line.startswith("lmsrun: error:")]
+    assert errors, log
+    assert "LMSDP_EXPECTED_NP" in errors[0] and "2" in errors[0] and "1" in errors[0], errors[0]
+    assert not (run.out / "metrics.rank0.jsonl").exists()
