@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -86,6 +87,11 @@ def _rendezvous(timeout_s: float) -> Rendezvous:
             h, pid = store.get(f"lmsdp/peer/{r}").decode().split()
             peers.append((h, int(pid)))
         return Rendezvous(rank, size, local_rank, local_size, store, f"env ({addr}:{port})", peers)
+    for var, launcher in (("HOROVOD_SIZE", "horovodrun"), ("SLURM_STEP_NUM_TASKS", "srun without --mpi=pmix")):
+        if int(os.environ.get(var, "1") or 1) > 1:
+            raise CommError(f"torch backend: started by {launcher} ({var}={os.environ[var]}) but no "
+                            "MPI or torchrun environment to rendezvous through; launch with mpirun, "
+                            "srun --mpi=pmix or torchrun, or use the horovod backend", backend="torch")
     store = dist.TCPStore("127.0.0.1", 0, 1, True, timeout=store_timeout, wait_for_workers=False)
     return Rendezvous(0, 1, 0, 1, store, f"single process (127.0.0.1:{store.port})",
                       [(host, os.getpid())])
@@ -349,7 +355,13 @@ class TorchDistributedOptimizer:
             return
         t0 = now_us()
         self._launch_in_order(force=True)
+        deadline = time.monotonic() + self.backend.config.timeout_s
         for b in self.buckets:
+            if not self._exact_end:
+                # NCCL: wait() only orders streams; poll until the collective really finished so the
+                # end time and comm_wait_ms mean the same as for gloo and Horovod
+                while not b.work.is_completed() and time.monotonic() < deadline:
+                    time.sleep(50e-6)
             self.backend._wait(b.work, "allreduce")
             if b.done is not None:
                 b.done.wait()
