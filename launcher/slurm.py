@@ -3,7 +3,8 @@
 Templates live in the repository's ``slurm/`` folder (installed as ``lmsdp/launcher/templates``):
 ``srun_single_node.sbatch`` (one node, ``srun --mpi=pmix``), ``srun_multi_node.sbatch`` (several nodes,
 the same) and ``mpirun.sbatch`` (``mpirun`` inside the allocation). Placeholders are ``{{name}}``; an
-``#SBATCH`` line whose placeholder has no value (no partition, no GPUs, ...) is left out.
+``#SBATCH`` line whose placeholder has no value (no partition, no GPUs, ...) is left out, and so are
+``#@`` lines (notes for people who copy a template by hand).
 
 Every generated script passes ``--set train.resume=true``, so a requeued or resubmitted job continues
 from the newest checkpoint, and exports ``LMSDP_EXPECTED_NP`` so a rank started with the wrong task
@@ -113,9 +114,12 @@ def load_template(name: str) -> str:
 
 
 def render(text: str, values: Dict[str, Optional[str]]) -> str:
-    """Replace ``{{name}}``; drop ``#SBATCH`` lines whose placeholder is None; unknown names are errors."""
+    """Replace ``{{name}}``; drop ``#SBATCH`` lines whose placeholder is None and ``#@`` template notes;
+    unknown names are errors."""
     out = []
     for line in text.splitlines(keepends=True):
+        if line.startswith("#@"):
+            continue
         names = _PLACEHOLDER.findall(line)
         unknown = [n for n in names if n not in values]
         if unknown:
