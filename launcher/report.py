@@ -106,14 +106,11 @@ class RunSummary:
                 step_time_median_s=statistics.median(r["step_time_s"] for r in steady),
                 samples_per_s_median=statistics.median(r["samples_per_s"] for r in steady),
             )
-            for key in ("swap_out_bytes", "swap_in_bytes", "stall_ms", "allreduce_ms"):
-                if any(key in r for r in recs):
-                    out[key + "_total"] = sum(r.get(key, 0) for r in recs)
-            for key in ("hidden_frac", "allreduce_hidden_frac"):
-                if any(key in r for r in recs):
-                    out[key + "_mean"] = statistics.fmean(r.get(key, 0.0) for r in steady)
-            if any("peak_saved_bytes" in r for r in recs):
-                out["peak_saved_bytes"] = max(r.get("peak_saved_bytes", 0) for r in recs)
+            # Swap totals come from the engine itself (RunSummary.totals' extra); comm from the records.
+            if any("allreduce_ms" in r for r in recs):
+                out["allreduce_ms_total"] = sum(r.get("allreduce_ms", 0) for r in recs)
+                out["allreduce_hidden_frac_mean"] = statistics.fmean(r.get("allreduce_hidden_frac", 0.0)
+                                                                     for r in steady)
         out.update(extra or {})
         return out
 

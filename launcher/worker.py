@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -93,6 +94,7 @@ def run_worker(config: Config, topology: Optional[Topology] = None) -> int:
 
     backend = get_backend(config.comm, device)
     rank, size = backend.rank, backend.size
+    _quiet_warnings(rank)
     model = build_network(config).to(device)
     engine = SwapEngine(config.swap, device)
     model = engine.wrap_model(model)
@@ -185,6 +187,13 @@ def run_worker(config: Config, topology: Optional[Topology] = None) -> int:
     return exit_code
 
 
+def _quiet_warnings(rank: int) -> None:
+    """One line per warning, and run-wide lmsdp notices from rank 0 only (N ranks, one message)."""
+    warnings.formatwarning = lambda message, category, *_args, **_kw: f"[lmsdp] {category.__name__}: {message}\n"
+    if rank != 0:
+        warnings.filterwarnings("ignore", message="lmsdp ")
+
+
 def _autocast(device: torch.device, enabled: bool, dtype: torch.dtype) -> Any:
     if not enabled:
         return contextlib.nullcontext()
@@ -208,8 +217,10 @@ def _set_rng(states: Optional[List[Dict[str, Any]]], rank: int) -> None:
 
 
 def _engine_totals(engine: SwapEngine) -> Dict[str, Any]:
-    return {f"swap_total_{key}": value for key, value in engine.summary().items()
-            if isinstance(value, (int, float))}
+    if not engine.config.enabled:
+        return {}
+    return {key if key.startswith("swap") else f"swap_{key}": value for key, value in engine.summary().items()
+            if isinstance(value, (int, float)) and key != "steps"}
 
 
 def _write_json(path: str, data: Dict[str, Any]) -> None:
