@@ -3,7 +3,7 @@
 torch DistributedDataParallel (gloo), same model, data, bucket/fusion size and threads; median of
 the measured steps, with the allreduce wall time and the part of it hidden behind backward.
 
-    .venv/bin/python scripts/bench_comm.py [--steps 20] [--width 1024] [--layers 4] [--batch 64]
+    .venv/bin/python scripts/bench_comm.py [--rounds 2] [--steps 20] [--width 1024] [--layers 4] [--batch 64]
 
 The parent launches one 2-rank job per variant (``mpirun -np 2`` or ``horovodrun --gloo -np 2``),
 each rank runs this file with ``--worker``, rank 0 writes JSON, the parent prints one table with the
@@ -154,6 +154,7 @@ def main() -> None:
     ap.add_argument("--bucket-mb", type=int, default=4, help="Horovod fusion threshold = DDP/lmsdp bucket size")
     ap.add_argument("--cycle-ms", type=float, default=1.0, help="Horovod cycle time")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
+    ap.add_argument("--rounds", type=int, default=2, help="round-robin repetitions of all variants")
     ap.add_argument("--json", default=None, help="also write all results here")
     args = ap.parse_args()
     if args.worker:
@@ -167,17 +168,27 @@ def main() -> None:
     if shutil.which("mpirun") is None:
         sys.exit("bench_comm: mpirun not found")
     results: Dict[str, Dict[str, Any]] = {}
+    load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
-        for v in variants:
-            print(f"[bench_comm] {v} ...", file=sys.stderr, flush=True)
-            results[v] = launch(v, args, Path(tmp) / f"{v}.json")
+        # round-robin: on a shared machine, load drifts; every variant sees every phase of it
+        for rnd in range(args.rounds):
+            for v in variants:
+                print(f"[bench_comm] round {rnd + 1}/{args.rounds}: {v} ...", file=sys.stderr, flush=True)
+                r = launch(v, args, Path(tmp) / f"{v}-{rnd}.json")
+                if v in results:
+                    results[v]["step_ms"] += r["step_ms"]
+                    results[v]["stats"] += r["stats"]
+                else:
+                    results[v] = r
+    load1 = os.getloadavg()[0]
     base = results.get("torch-ddp")
     base_ms = med(base["step_ms"]) if base else None
     params = next(iter(results.values()))["params"]
     print(f"model: {args.layers}x Linear({args.width},{args.width}) + head, {params / 1e6:.2f} M params "
           f"({params * 4 / 2**20:.1f} MiB fp32 grads); batch {args.batch}/rank; bucket/fusion "
           f"{args.bucket_mb} MiB; cycle {args.cycle_ms} ms; {args.threads} thread/rank; "
-          f"median of {args.steps} steps after {args.warmup} warm-up")
+          f"median of {args.rounds} rounds x {args.steps} steps (each after {args.warmup} warm-up); "
+          f"{os.cpu_count()} cores, load average {load0:.1f} -> {load1:.1f}")
     head = ("| variant | ranks | step ms (median) | vs DDP | allreduce ms | hidden frac | comm wait ms |"
             " reductions/step |")
     print(head)
