@@ -301,7 +301,7 @@ def run(args: argparse.Namespace, script: Optional[List[str]]) -> int:
 
     return run_job(Job(command=argv, env=env, flavor=flavor, output_dir=args.output_dir,
                        graceful_signal=None if plan.script_mode else signal.SIGUSR1,
-                       stop_timeout=args.stop_timeout, verbose=args.verbose))
+                       stop_timeout=args.stop_timeout, verbose=args.verbose, np=plan.np))
 
 
 def _print_config(plan: Plan) -> int:

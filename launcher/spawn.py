@@ -53,6 +53,7 @@ class Job:
     graceful_signal: Optional[int] = signal.SIGUSR1  # None: forward SIGINT/SIGTERM as they are
     stop_timeout: float = 120.0
     verbose: bool = False
+    np: int = 0  # ranks, so each gets its rank<R>.log even when it prints nothing
 
 
 @dataclass
@@ -260,6 +261,8 @@ class Runner:
         sys.stderr.flush()
         demux = Demux(job.flavor, job.output_dir, out, err)
         demux.verbose_own = job.verbose
+        for rank in range(job.np if job.output_dir else 0):
+            demux._log(rank)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             try:

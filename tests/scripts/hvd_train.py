@@ -1,4 +1,4 @@
-"""A plain Horovod training script, as a user would write it: it does not import lmsdp.
+"""A plain Horovod training script, as a user would write it; it never touches the lmsdp package.
 
 hvd.init, pin threads, DistributedOptimizer, broadcast_parameters; a small CNN on random data.
 Prints ``FIRST_STEP <unix time>`` after the first optimizer step (the launch benchmark reads it)
