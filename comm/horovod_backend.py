@@ -200,7 +200,7 @@ class HorovodOptimizer:
             return
         backend = self.backend
         t0 = now_us()
-        deadline = time.monotonic() + backend.config.timeout_s + 5.0
+        deadline = time.monotonic() + backend.config.timeout_s
         while self._pending:
             self._poll()
             if self._pending:

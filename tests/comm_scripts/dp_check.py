@@ -164,7 +164,9 @@ def dead_section(backend: Any, args: argparse.Namespace) -> Optional[Dict[str, A
         if i == 2 and r == 1:
             if args.dead == "hang":
                 time.sleep(args.timeout * 4)  # alive but silent; the test kills it if still here
-            os._exit(17)  # no cleanup, no goodbye: like a crash
+            # no cleanup, no goodbye: like a crash (exit0: status 0, so horovodrun does not race
+            # rank 0 by tearing the job down itself)
+            os._exit(0 if args.dead == "exit0" else 17)
         t0 = time.monotonic()
         try:
             opt.zero_grad()
@@ -187,7 +189,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=10.0)
     ap.add_argument("--bucket-bytes", type=int, default=600, help="fusion threshold / bucket bytes")
     ap.add_argument("--chrome-trace", default=None)
-    ap.add_argument("--dead", choices=("exit", "hang"), default="exit", help="how rank 1 fails")
+    ap.add_argument("--dead", choices=("exit", "exit0", "hang"), default="exit", help="how rank 1 fails")
     args = ap.parse_args()
     cfg = CommConfig(backend=args.backend, timeout_s=args.timeout, fusion_threshold=args.bucket_bytes,
                      timeline=args.chrome_trace)
