@@ -223,6 +223,16 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
         return job
 
 
+    def wait_gone(self, job_id: str, timeout: float = 120.0) -> Job:
+        """Poll until the job has left the queue (no longer running, completing or pending)."""
+        deadline = time.monotonic() + timeout
+        while self.run("squeue", "-h", "-j", job_id, "-o", "%T", check=False).stdout.strip():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still queued after {timeout:.0f}s: {self.job(job_id)}")
+            time.sleep(0.5)
+        return self.job(job_id)
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
     """A started single-node cluster for the whole session (skips with the reason when there is none)."""

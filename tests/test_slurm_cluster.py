@@ -173,6 +173,20 @@ def test_usr1_to_batch_shell_checkpoints_and_resubmitted_mpirun_job_matches(
     assert_same_weights(run.final_model(), reference.final_model())
 
 
+def test_plain_scancel_checkpoints_and_ends_for_good_despite_requeue(
+        slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    run = generate(slurm_cluster, tmp_path, "--requeue")
+    job_id = slurm_cluster.sbatch(run.script)
+    wait_for_steps(slurm_cluster, run, job_id, 2)
+    slurm_cluster.run("scancel", job_id)  # TERM to the batch shell and the tasks: the user ends the job
+    job = slurm_cluster.wait_gone(job_id)
+    log = run.log(job_id)
+    assert job.state == "CANCELLED" and job.restarts == 0, f"{job.state} restarts={job.restarts}:\n{log}"
+    assert "batch shell got SIGTERM" in log and "requeueing" not in log
+    stopped = stop_step(log)
+    assert (run.out / "checkpoints" / f"step-{stopped:08d}.pt").exists()
+
+
 def test_task_count_mismatch_is_a_clear_error(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     run = generate(slurm_cluster, tmp_path)
     assert "LMSDP_EXPECTED_NP=2" in Path(run.script).read_text()
