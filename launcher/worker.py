@@ -6,6 +6,7 @@ stop flag, so when any rank is asked to stop all ranks stop after the same step 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import sys
@@ -18,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmsdp.comm import get_backend
+from lmsdp.comm import get_backend, merge_traces
+from lmsdp.comm.base import rank_path
 from lmsdp.swapping import SwapEngine
 
 from .checkpoint import CheckpointManager
@@ -96,7 +98,10 @@ def run_worker(config: Config, topology: Optional[Topology] = None) -> int:
     rank, size = backend.rank, backend.size
     _quiet_warnings(rank)
     model = build_network(config).to(device)
-    engine = SwapEngine(config.swap, device)
+    swap_config = config.swap
+    if swap_config.trace:  # one file per rank unless the path says where {rank} goes
+        swap_config = dataclasses.replace(swap_config, trace=rank_path(swap_config.trace, rank, size))
+    engine = SwapEngine(swap_config, device)
     model = engine.wrap_model(model)
     optimizer = backend.wrap_optimizer(build_optimizer(config, model), model)
     use_amp = train.amp
@@ -183,8 +188,25 @@ def run_worker(config: Config, topology: Optional[Topology] = None) -> int:
         _write_json(os.path.join(config.output_dir, "summary.json"), totals)
         summary.render(totals)
     engine.close()
+    merge_rank_traces(config, engine, backend)
     backend.shutdown()
     return exit_code
+
+
+def merge_rank_traces(config: Config, engine: SwapEngine, backend: Any) -> Optional[str]:
+    """Rank 0 joins every rank's swap trace and allreduce timeline into ``<output_dir>/trace.json``:
+    one process track per rank, compute / swap-out / swap-in / allreduce on one clock."""
+    if not (config.swap.trace or config.comm.timeline):
+        return None
+    mine = [p for p in (engine.tracer.path if engine.tracer else None, backend.trace_path) if p]
+    every = backend.allgather_object(mine)  # also the barrier: every rank has written its trace
+    if backend.rank != 0:
+        return None
+    out = os.path.join(config.output_dir, "trace.json")
+    merge_traces([p for paths in every for p in paths if os.path.exists(p)], out)
+    print(f"[lmsdp] trace of all ranks: {out} (open in https://ui.perfetto.dev or chrome://tracing)",
+          file=sys.stderr, flush=True)
+    return out
 
 
 def _quiet_warnings(rank: int) -> None:

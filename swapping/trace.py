@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import threading
-import time
 from typing import Dict, List, Optional
 
 _RANK_VARS = ("OMPI_COMM_WORLD_RANK", "RANK", "PMI_RANK", "SLURM_PROCID")
@@ -21,18 +20,19 @@ def rank_from_env() -> int:
 
 
 class Tracer:
-    """Collects complete ('X') events in host ``perf_counter`` seconds and writes them as chrome trace."""
+    """Collects complete ('X') events and writes them as chrome trace. Timestamps are absolute
+    ``perf_counter`` microseconds (CLOCK_MONOTONIC, shared by processes on a host), the same clock as
+    the comm backends' allreduce trace, so ``lmsdp.comm.merge_traces`` lines both up on one timeline."""
 
     def __init__(self, path: str) -> None:
         self.rank = rank_from_env()
         self.path = path.replace("{rank}", str(self.rank))
-        self.t0 = time.perf_counter()
         self.events: List[Dict[str, object]] = []
         self._lock = threading.Lock()
 
     def span(self, track: str, name: str, start: float, end: float, args: Optional[dict] = None) -> None:
         ev: Dict[str, object] = {"name": name, "ph": "X", "pid": self.rank, "tid": TRACKS[track],
-                                 "ts": (start - self.t0) * 1e6, "dur": max(0.0, end - start) * 1e6}
+                                 "ts": start * 1e6, "dur": max(0.0, end - start) * 1e6}
         if args:
             ev["args"] = args
         with self._lock:

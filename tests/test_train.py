@@ -163,3 +163,26 @@ def test_checkpoint_write_is_atomic(tmp_path):
     (tmp_path / ".tmp-abc.pt").write_bytes(b"partial")  # a crash mid-write leaves only a temp file
     path, state = manager.load_latest()
     assert state["step"] == 3 and path.endswith("step-00000003.pt")
+
+
+@pytest.mark.mpi
+def test_two_ranks_write_one_merged_trace(tmp_path):
+    """Swap spans and allreduce spans of both ranks land in one chrome trace, one pid per rank."""
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [LMSRUN, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "quickstart.yaml"),
+         "-np", "2", "--set", "train.steps=3", "--set", f"train.output_dir={out}", "--set", "comm.backend=torch",
+         "--set", f"swap.trace={out}/swap.json", "--set", f"comm.timeline={out}/comm.json",
+         "--set", "comm.fusion_threshold=1MiB"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    events = json.load(open(out / "trace.json"))["traceEvents"]
+    spans = [e for e in events if e.get("ph") == "X"]
+    assert {e["pid"] for e in spans} == {0, 1}
+    for pid in (0, 1):
+        names = " ".join(e["name"] for e in spans if e["pid"] == pid)
+        assert "swap-out" in names and "swap-in" in names and "allreduce" in names, names[:500]
+    backward = [e for e in spans if e["pid"] == 0 and e["name"] == "backward"]
+    reduce = [e for e in spans if e["pid"] == 0 and "allreduce" in e["name"]]
+    # same clock: rank 0's reductions start inside its backward spans (overlap is visible)
+    assert any(b["ts"] <= r["ts"] <= b["ts"] + b["dur"] for r in reduce for b in backward)
