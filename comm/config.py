@@ -26,5 +26,7 @@ class CommConfig:
         "help": "Horovod background cycle time (HOROVOD_CYCLE_TIME)"})
     timeline: Optional[str] = field(default=None, metadata={
         "help": "Horovod timeline / allreduce chrome-trace path"})
-    timeout_s: float = field(default=10.0, metadata={
-        "help": "seconds a collective may wait for a peer before the rank fails with an error"})
+    timeout_s: float = field(default=300.0, metadata={
+        "min": 1.0,
+        "help": "seconds a collective may wait for a live but stuck peer before the rank fails with an "
+                "error (a dead peer fails at once); must exceed the slowest checkpoint write"})
