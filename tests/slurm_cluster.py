@@ -66,6 +66,8 @@ class SlurmCluster:
     cpus: int = field(default_factory=lambda: os.cpu_count() or 1)
     ctld_port: int = 0
     slurmd_port: int = 0
+    # job ids name per-step files (e.g. the PMIx server's); distinct ranges keep concurrent clusters apart
+    first_job_id: int = field(default_factory=lambda: 1000 + (os.getpid() % 5000) * 100)
     procs: List[subprocess.Popen] = field(default_factory=list)
 
     @property
@@ -84,7 +86,7 @@ class SlurmCluster:
 
     # ----------------------------------------------------------------------------------------
     def write_config(self) -> None:
-        for sub in ("state", "spool", "log"):
+        for sub in ("state", "spool", "log", "tmpfs"):
             os.makedirs(os.path.join(self.root, sub), exist_ok=True)
         self.ctld_port = self.ctld_port or free_port()
         self.slurmd_port = self.slurmd_port or free_port()
@@ -114,6 +116,8 @@ KillWait=30
 MinJobAge=600
 SchedulerParameters=sched_interval=2
 StateSaveLocation={r}/state
+TmpFS={r}/tmpfs
+FirstJobId={self.first_job_id}
 SlurmdSpoolDir={r}/spool
 SlurmctldPidFile={r}/slurmctld.pid
 SlurmdPidFile={r}/slurmd.pid
