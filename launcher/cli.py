@@ -145,18 +145,22 @@ def config_overrides(args: argparse.Namespace) -> List[str]:
 
 
 def make_plan(args: argparse.Namespace, script: Optional[List[str]]) -> Plan:
-    from .config import LaunchConfig, load_config
-
     config = None
+    launch: Any = None
     if args.config is not None:
+        # Only with a config: loading it imports torch (model zoo), seconds that script mode without
+        # a config need not spend before mpirun starts.
+        from .config import load_config
+
         config = load_config(args.config, config_overrides(args))
-    launch = config.launch if config is not None else LaunchConfig()
-    plan = Plan(args, script, config, np=args.np or launch.np,
-                hosts=args.hosts if args.hosts is not None else (None if args.hostfile else launch.hosts),
-                hostfile=args.hostfile if args.hostfile is not None else (None if args.hosts else launch.hostfile),
-                mpi_args=args.mpi_args if args.mpi_args is not None else launch.mpi_args,
-                oversubscribe=bool(args.oversubscribe) or launch.oversubscribe,
-                threads=args.threads if args.threads is not None else launch.threads)
+        launch = config.launch
+    plan = Plan(args, script, config, np=args.np or (launch.np if launch else 1),
+                hosts=args.hosts if args.hosts is not None else (None if args.hostfile or not launch else launch.hosts),
+                hostfile=args.hostfile if args.hostfile is not None else (
+                    None if args.hosts or not launch else launch.hostfile),
+                mpi_args=args.mpi_args if args.mpi_args is not None else (launch.mpi_args if launch else ""),
+                oversubscribe=bool(args.oversubscribe) or bool(launch and launch.oversubscribe),
+                threads=args.threads if args.threads is not None else (launch.threads if launch else 0))
     if plan.hosts and plan.hostfile:
         raise UserError("-H and --hostfile are both given: use one of them")
     if plan.hostfile and not os.path.isfile(plan.hostfile):

@@ -148,8 +148,7 @@ class Demux:
         with self.lock:
             self.own.append(text)
         if self.verbose_own:
-            self.err.write(data)
-            self.err.flush()
+            _write(self.err, data)
 
     verbose_own = False
 
@@ -169,9 +168,7 @@ class Demux:
             for raw in lines:
                 self._line(rank, stream, raw)
             if rank == 0:  # pass through as it comes: keeps the progress bar live
-                sink = self.out if stream == "stdout" else self.err
-                sink.write(data)
-                sink.flush()
+                _write(self.out if stream == "stdout" else self.err, data)
 
     def _line(self, rank: int, stream: str, raw: bytes) -> None:
         text = raw.decode("utf-8", "replace").rstrip("\r")
@@ -188,9 +185,7 @@ class Demux:
         if visible.strip():
             self.tails[rank].append(visible)
         if rank != 0:
-            sink = self.out if stream == "stdout" else self.err
-            sink.write(f"[{rank}] {text}\n".encode("utf-8", "replace"))
-            sink.flush()
+            _write(self.out if stream == "stdout" else self.err, f"[{rank}] {text}\n".encode("utf-8", "replace"))
 
     def _log(self, rank: int) -> Optional[IO[bytes]]:
         if not self.output_dir:
@@ -216,6 +211,15 @@ class Demux:
             for log in self.logs.values():
                 log.close()
             self.logs.clear()
+
+
+def _write(sink: IO[bytes], data: bytes) -> None:
+    """Write and flush; a closed reader (``lmsrun ... | head``) must not stop the job's draining."""
+    try:
+        sink.write(data)
+        sink.flush()
+    except (OSError, ValueError):
+        pass
 
 
 def _maybe_tag_prefix(buf: bytes) -> bool:
@@ -397,7 +401,7 @@ class Runner:
         if tail:
             lines.append(f"lmsrun: last lines of rank {failure.rank}:")
             lines += [f"  | {line}" for line in tail[-10:]]
-        lines.append(f"lmsrun: stopped all {len(demux.tails) or '?'} ranks; exit code {code}")
+        lines.append(f"lmsrun: stopped all {self.job.np or len(demux.tails)} ranks; exit code {code}")
         print("\n".join(lines), file=sys.stderr, flush=True)
         return code
 
