@@ -205,3 +205,16 @@ def test_user_error_inside_ranks_is_one_line(tmp_path):
                                 "openmpi started 2"), err
     assert "Traceback" not in err
     assert_no_leftovers(run)
+
+
+@pytest.mark.timeout(180)
+def test_sigint_reaches_every_rank_which_checkpoints(tmp_path):
+    run = Run(TINY, "--set", "train.steps=400", "--set", "model.kwargs.delay=0.05", "--output-dir", str(tmp_path))
+    run.wait_for(lambda: len(metric_lines(str(tmp_path / "metrics.rank1.jsonl"))) >= 2)
+    run.proc.send_signal(signal.SIGINT)  # what Ctrl-C on a terminal sends to lmsrun
+    code = run.wait()
+    assert code == 128 + signal.SIGINT, run.text()
+    last = {rank: metric_lines(str(tmp_path / f"metrics.rank{rank}.jsonl"))[-1]["step"] for rank in (0, 1)}
+    assert last[0] == last[1] < 400  # both ranks stopped after the same step ...
+    assert os.path.exists(tmp_path / "checkpoints" / f"step-{last[0]:08d}.pt")  # ... which was saved
+    assert_no_leftovers(run)
