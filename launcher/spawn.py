@@ -67,8 +67,10 @@ class Failure:
 class Demux:
     """Splits mpirun's tagged output by rank; thread-safe across the stdout and stderr readers."""
 
-    def __init__(self, flavor: str, output_dir: Optional[str], out: IO[bytes], err: IO[bytes]) -> None:
+    def __init__(self, flavor: str, output_dir: Optional[str], out: IO[bytes], err: IO[bytes],
+                 verbose: bool = False) -> None:
         self.flavor = flavor
+        self.verbose_own = verbose  # show mpirun's own lines as they come
         self.out, self.err = out, err
         self.output_dir = output_dir
         self.lock = threading.Lock()
@@ -149,8 +151,6 @@ class Demux:
             self.own.append(text)
         if self.verbose_own:
             _write(self.err, data)
-
-    verbose_own = False
 
     def _rank(self, source: Tuple[int, str], data: bytes) -> None:
         if not data:
@@ -263,8 +263,7 @@ class Runner:
         err = sys.stderr.buffer if hasattr(sys.stderr, "buffer") else sys.stderr
         sys.stdout.flush()
         sys.stderr.flush()
-        demux = Demux(job.flavor, job.output_dir, out, err)
-        demux.verbose_own = job.verbose
+        demux = Demux(job.flavor, job.output_dir, out, err, verbose=job.verbose)
         for rank in range(job.np if job.output_dir else 0):
             demux._log(rank)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
