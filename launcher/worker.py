@@ -173,8 +173,12 @@ def run_worker(config: Config, topology: Optional[Topology] = None) -> int:
             stop_now = reduced[1].item() > 0
             if stop_now or (train.checkpoint_every and step % train.checkpoint_every == 0) or step == steps:
                 path = save(step)
-                if is_main and stop_now:
-                    print(f"[lmsdp] stop requested: checkpoint {path} at step {step}", file=sys.stderr, flush=True)
+                if stop_now:
+                    # Nobody exits before rank 0's checkpoint is on disk: mpirun (and srun with
+                    # --kill-on-bad-exit) would kill rank 0 mid-write once another rank exits non-zero.
+                    backend.barrier()
+                    if is_main:
+                        print(f"[lmsdp] stop requested: checkpoint {path} at step {step}", file=sys.stderr, flush=True)
             if stop_now:
                 exit_code = 128 + (stop.signum or signal.SIGTERM)
                 break
