@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import shlex
 import signal
 import sys
@@ -174,6 +175,7 @@ def rank_environment(plan: Plan) -> Dict[str, str]:
     env = {"LMSDP_LAUNCHED": "1", "LMSDP_EXPECTED_NP": str(plan.np), "PYTHONUNBUFFERED": "1"}
     if _stderr_is_terminal():
         env["LMSDP_TTY"] = "1"  # the bar draws on rank 0 even though mpirun gives it a pipe
+        env["COLUMNS"] = str(shutil.get_terminal_size().columns)  # a pipe has no width of its own
     if plan.script_mode:
         env.update(script_swap_env(plan))
         here = os.environ.get("PYTHONPATH", "")
