@@ -1,9 +1,13 @@
-"""A real single-node Slurm cluster (slurmctld + slurmd, auth/none) in a temp dir, for tests.
+"""A real Slurm cluster on this machine (slurmctld + slurmd, auth/none) in a temp dir, for tests.
 
 Follows the tested recipe in the shared DESIGN.md: config, state, spool, logs and PIDs under the temp
 dir; daemons started with setsid in the foreground mode (-D) so their PIDs are ours to wait on; ports
 picked free so two test runs never meet. ``SlurmCluster.start()`` raises ``ClusterUnavailable`` with the
 reason when the cluster cannot be had (not root, binaries missing, daemons do not come up).
+
+``nodes=1`` (the session fixture) is the single-node cluster of the recipe. ``nodes=N`` starts N
+slurmd daemons on this host (``slurmd -N n1`` ...; each with its own port, spool, TmpFS and log through
+Slurm's %n), which Slurm treats as N nodes: enough to run the multi-node templates for real.
 
 Use from pytest through the ``slurm_cluster`` fixture (tests/test_slurm_cluster.py and friends import it),
 or by hand: ``python tests/slurm_cluster.py`` starts one, prints SLURM_CONF and waits for Ctrl-C.
@@ -59,16 +63,21 @@ class Job:
 
 @dataclass
 class SlurmCluster:
-    """One slurmctld + one slurmd on this machine, configured under ``root``."""
+    """One slurmctld + ``nodes`` slurmd on this machine, configured under ``root``."""
 
     root: str
+    nodes: int = 1
     node: str = field(default_factory=lambda: socket.gethostname().split(".")[0])
     cpus: int = field(default_factory=lambda: os.cpu_count() or 1)
     ctld_port: int = 0
-    slurmd_port: int = 0
+    slurmd_ports: List[int] = field(default_factory=list)
     # job ids name per-step files (e.g. the PMIx server's); distinct ranges keep concurrent clusters apart
     first_job_id: int = field(default_factory=lambda: 1000 + (os.getpid() % 5000) * 100)
     procs: List[subprocess.Popen] = field(default_factory=list)
+
+    @property
+    def node_names(self) -> List[str]:
+        return [self.node] if self.nodes == 1 else [f"n{i + 1}" for i in range(self.nodes)]
 
     @property
     def conf(self) -> str:
@@ -86,19 +95,24 @@ class SlurmCluster:
 
     # ----------------------------------------------------------------------------------------
     def write_config(self) -> None:
-        for sub in ("state", "spool", "log", "tmpfs"):
+        names = self.node_names
+        subs = ["state", "log"] + ([f"spool-{n}" for n in names] + [f"tmpfs-{n}" for n in names])
+        for sub in subs:
             os.makedirs(os.path.join(self.root, sub), exist_ok=True)
+        used = {self.ctld_port} if self.ctld_port else set()
         self.ctld_port = self.ctld_port or free_port()
-        self.slurmd_port = self.slurmd_port or free_port()
-        while self.slurmd_port == self.ctld_port:
-            self.slurmd_port = free_port()
+        used.add(self.ctld_port)
+        while len(self.slurmd_ports) < len(names):
+            port = free_port()
+            if port not in used:
+                used.add(port)
+                self.slurmd_ports.append(port)
         r = self.root
         text = f"""\
-# lmsdp test cluster (tests/slurm_cluster.py): one node, auth/none, everything under {r}
+# lmsdp test cluster (tests/slurm_cluster.py): {len(names)} node(s), auth/none, everything under {r}
 ClusterName=lmsdptest
 SlurmctldHost={self.node}(127.0.0.1)
 SlurmctldPort={self.ctld_port}
-SlurmdPort={self.slurmd_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/none
@@ -116,23 +130,25 @@ KillWait=30
 MinJobAge=600
 SchedulerParameters=sched_interval=2
 StateSaveLocation={r}/state
-TmpFS={r}/tmpfs
+TmpFS={r}/tmpfs-%n
 FirstJobId={self.first_job_id}
-SlurmdSpoolDir={r}/spool
+SlurmdSpoolDir={r}/spool-%n
 SlurmctldPidFile={r}/slurmctld.pid
-SlurmdPidFile={r}/slurmd.pid
+SlurmdPidFile={r}/slurmd-%n.pid
 SlurmctldLogFile={r}/log/slurmctld.log
-SlurmdLogFile={r}/log/slurmd.log
+SlurmdLogFile={r}/log/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
-NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory=1000 State=UNKNOWN
-PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
 """
+        for name, port in zip(names, self.slurmd_ports):
+            text += (f"NodeName={name} NodeHostname={self.node} NodeAddr=127.0.0.1 Port={port} "
+                     f"CPUs={self.cpus} RealMemory=1000 State=UNKNOWN\n")
+        text += f"PartitionName=debug Nodes={','.join(names)} Default=YES MaxTime=INFINITE State=UP\n"
         with open(self.conf, "w", encoding="utf-8") as handle:
             handle.write(text)
 
     def start(self, timeout: float = 60.0) -> "SlurmCluster":
-        """Write the config, start both daemons, wait until the node is idle."""
+        """Write the config, start the daemons, wait until every node is idle."""
         if os.geteuid() != 0:
             raise ClusterUnavailable("the local Slurm cluster needs root (slurmd runs jobs as any user)")
         missing = [b for b in DAEMONS + CLIENTS if not find_binary(b)]
@@ -140,8 +156,10 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
             raise ClusterUnavailable(f"Slurm binaries missing: {', '.join(missing)} "
                                      "(apt-get install slurmctld slurmd slurm-client; scripts/setup.sh does it)")
         self.write_config()
-        for name, args in (("slurmctld", ["-D", "-i", "-f", self.conf]), ("slurmd", ["-D", "-f", self.conf])):
-            log = open(os.path.join(self.root, "log", f"{name}.stdout"), "ab")
+        daemons = [("slurmctld", "slurmctld", ["-D", "-i", "-f", self.conf])]
+        daemons += [(f"slurmd-{n}", "slurmd", ["-D", "-N", n, "-f", self.conf]) for n in self.node_names]
+        for label, name, args in daemons:
+            log = open(os.path.join(self.root, "log", f"{label}.stdout"), "ab")
             self.procs.append(subprocess.Popen([find_binary(name) or name, *args], stdout=log,
                                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                                start_new_session=True, env=self.env))
@@ -154,8 +172,8 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
                 self.stop()
                 raise ClusterUnavailable(f"a Slurm daemon exited at start (rc {dead[0].returncode}); "
                                          f"see {self.root}/log: {self.log_tail()}")
-            state = self.run("sinfo", "-h", "-o", "%T", check=False).stdout.strip()
-            if state == "idle":
+            state = self.run("sinfo", "-h", "-N", "-o", "%T", check=False).stdout.split()
+            if len(state) == self.nodes and set(state) == {"idle"}:
                 return self
             time.sleep(0.3)
         self.stop()
@@ -177,9 +195,9 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
 
     def log_tail(self, lines: int = 5) -> str:
         out = []
-        for name in ("slurmctld.log", "slurmd.log", "slurmctld.stdout", "slurmd.stdout"):
+        for name in sorted(os.listdir(os.path.join(self.root, "log"))):
             path = os.path.join(self.root, "log", name)
-            if os.path.exists(path):
+            if os.path.isfile(path):
                 with open(path, encoding="utf-8", errors="replace") as handle:
                     out += [f"{name}: {line.rstrip()}" for line in handle.readlines()[-lines:]]
         return " | ".join(out)
@@ -237,11 +255,9 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
         return self.job(job_id)
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
-    """A started single-node cluster for the whole session (skips with the reason when there is none)."""
+def _started(tmp_path_factory: pytest.TempPathFactory, nodes: int) -> Iterator[SlurmCluster]:
     try:
-        cluster = SlurmCluster(str(tmp_path_factory.mktemp("slurm"))).start()
+        cluster = SlurmCluster(str(tmp_path_factory.mktemp(f"slurm{nodes}n")), nodes=nodes).start()
     except ClusterUnavailable as exc:
         pytest.skip(f"no local Slurm cluster: {exc}")
     try:
@@ -250,8 +266,23 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmClu
         cluster.stop()
 
 
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    """A started single-node cluster for the whole session (skips with the reason when there is none)."""
+    yield from _started(tmp_path_factory, 1)
+
+
+@pytest.fixture(scope="session")
+def slurm_two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    """Two slurmd 'nodes' (n1, n2) on this machine, for the multi-node templates."""
+    yield from _started(tmp_path_factory, 2)
+
+
 if __name__ == "__main__":
-    cluster = SlurmCluster(tempfile.mkdtemp(prefix="lmsdp-slurm-")).start()
+    import sys
+
+    cluster = SlurmCluster(tempfile.mkdtemp(prefix="lmsdp-slurm-"), nodes=int(sys.argv[1]) if sys.argv[1:] else 1)
+    cluster.start()
     print(f"export SLURM_CONF={cluster.conf}", flush=True)
     try:
         signal.pause()

@@ -20,7 +20,7 @@ from typing import Dict, List
 import pytest
 import torch
 
-from .slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (fixture)
+from .slurm_cluster import SlurmCluster, slurm_cluster, slurm_two_nodes  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.slurm
 
@@ -129,6 +129,22 @@ def test_mpirun_script_trains_two_ranks(slurm_cluster: SlurmCluster, tmp_path: P
     assert job.state == "COMPLETED", f"{job.state} {job.exit_code}:\n{run.log(job_id)}"
     for rank in (0, 1):
         assert [r["step"] for r in run.metrics(rank)] == [1, 2, 3, 4]
+    assert json.loads((run.out / "summary.json").read_text())["ranks"] == 2
+
+
+@pytest.mark.parametrize("launcher, template", [("srun", "template (b)"), ("mpirun", "template (c)")])
+def test_two_node_scripts_train_one_rank_per_node(slurm_two_nodes: SlurmCluster, tmp_path: Path,
+                                                 launcher: str, template: str) -> None:
+    run = generate(slurm_two_nodes, tmp_path, "--nodes", "2", "--launcher", launcher,
+                   sets=["launch.np=1", "train.steps=3"])
+    text = Path(run.script).read_text()
+    assert template in text and "#SBATCH --nodes=2" in text and "export LMSDP_EXPECTED_NP=2" in text
+    job_id = slurm_two_nodes.sbatch(run.script)
+    job = slurm_two_nodes.wait(job_id)
+    assert job.state == "COMPLETED", f"{job.state} {job.exit_code}:\n{run.log(job_id)}"
+    assert job.fields["NodeList"] == "n[1-2]" and job.fields["NumTasks"] == "2"
+    for rank in (0, 1):
+        assert [r["step"] for r in run.metrics(rank)] == [1, 2, 3]
     assert json.loads((run.out / "summary.json").read_text())["ranks"] == 2
 
 
