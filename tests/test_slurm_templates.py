@@ -63,6 +63,7 @@ def test_several_cpu_nodes_take_launch_np_tasks_and_leave_optional_lines_out(cap
     assert not [o for o in opts if o.startswith(("--gres", "--partition", "--account"))]
     assert "REQUEUE=0" in text and "export LMSDP_EXPECTED_NP=6" in text
     assert "--set launch.np=2 --set launch.threads=4" in text
+    assert "export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK" in text  # srun >= 22.05 does not inherit it
 
 
 def test_mpirun_launcher_and_config_defaults(tmp_path, capsys):
