@@ -229,17 +229,21 @@ SlurmdDebug=info
         """Poll ``scontrol show job`` until the job is in one of ``states`` (default: finished).
 
         A requeued job waits about two minutes (slurmctld sets its BeginTime); with
-        ``release_requeued`` it is made eligible at once (``scontrol update StartTime=now``)."""
+        ``release_requeued`` it becomes eligible a few seconds after the requeue instead. Not at once:
+        slurmd refuses a relaunch in the same second as the kill ("Job credential revoked") and the
+        job would fail."""
         states = states or TERMINAL_STATES
         deadline = time.monotonic() + timeout
+        released = 0  # restart count already released
         job = self.job(job_id)
         while job.state not in states:
             if time.monotonic() > deadline:
                 self.run("scancel", job_id, check=False)
                 raise TimeoutError(f"job {job_id} still {job.state} after {timeout:.0f}s")
-            if release_requeued and job.state == "PENDING" and job.restarts > 0 \
+            if release_requeued and job.state == "PENDING" and job.restarts > released \
                     and job.fields.get("Reason") == "BeginTime":
-                self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
+                self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now+3", check=False)
+                released = job.restarts
             time.sleep(0.5)
             job = self.job(job_id)
         return job
