@@ -257,6 +257,31 @@ class BackwardWatcher:
         self._handles = []
 
 
+
+class OptimizerProxy:
+    """Looks like the wrapped ``self.optimizer`` (param_groups, state, state dicts, any other attribute)
+    so schedulers, GradScaler and checkpoint code treat a backend's optimizer as the torch one."""
+
+    optimizer: Any
+
+    @property
+    def param_groups(self) -> List[Dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    @property
+    def state(self) -> Any:
+        return self.optimizer.state
+
+    def state_dict(self) -> Dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["optimizer"], name)
+
+
 class Backend(ABC):
     """What the worker uses to keep data-parallel ranks in step. See ``lmsdp.comm`` for the API."""
 

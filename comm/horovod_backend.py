@@ -16,7 +16,7 @@ from typing import Any, Dict, Hashable, List, Optional, Tuple
 
 import torch
 
-from .base import Backend, BackwardWatcher, CommError, cpu_state, now_us, peer_error, unwrap_optimizer
+from .base import Backend, BackwardWatcher, CommError, cpu_state, now_us, OptimizerProxy, peer_error, unwrap_optimizer
 from .config import CommConfig
 
 
@@ -134,7 +134,7 @@ class HorovodBackend(Backend):
                 pass
 
 
-class HorovodOptimizer:
+class HorovodOptimizer(OptimizerProxy):
     """``hvd.DistributedOptimizer`` plus timing: launches are stamped in Horovod's own
     ``_allreduce_grad_async`` (wrapped on the instance), completions are observed with ``hvd.poll`` at
     every gradient hook, at the end of backward, and in ``step()`` (so an end time is accurate to the
@@ -238,23 +238,6 @@ class HorovodOptimizer:
                 for p in g["params"]:
                     if p.grad is None and p.requires_grad:
                         p.grad = torch.zeros_like(p)
-
-    @property
-    def param_groups(self) -> List[Dict[str, Any]]:
-        return self.optimizer.param_groups
-
-    @property
-    def state(self) -> Any:
-        return self.optimizer.state
-
-    def state_dict(self) -> Dict[str, Any]:
-        return self.optimizer.state_dict()
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["optimizer"], name)
 
     def __repr__(self) -> str:
         return f"HorovodOptimizer({self.optimizer!r})"

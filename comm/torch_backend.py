@@ -21,7 +21,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from .base import (Backend, BackwardWatcher, CommError, cpu_state, now_us, peer_error,
+from .base import (Backend, OptimizerProxy, BackwardWatcher, CommError, cpu_state, now_us, peer_error,
                    unwrap_optimizer)
 from .config import CommConfig
 
@@ -235,7 +235,7 @@ class _Bucket:
     key: Tuple[int, int] = (0, 0)
 
 
-class TorchDistributedOptimizer:
+class TorchDistributedOptimizer(OptimizerProxy):
     """Optimizer wrapper: bucketed async all_reduce of gradients during backward, waited in step().
 
     Buckets hold parameters in reverse registration order (the order backward produces gradients),
@@ -398,23 +398,6 @@ class TorchDistributedOptimizer:
             raise RuntimeError("zero_grad() after backward but before step()/synchronize(): the "
                                "reductions in flight would be lost")
         self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    @property
-    def param_groups(self) -> List[Dict[str, Any]]:
-        return self.optimizer.param_groups
-
-    @property
-    def state(self) -> Any:
-        return self.optimizer.state
-
-    def state_dict(self) -> Dict[str, Any]:
-        return self.optimizer.state_dict()
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["optimizer"], name)
 
     def __repr__(self) -> str:
         return f"TorchDistributedOptimizer({self.optimizer!r}, buckets={len(self.buckets)})"

@@ -126,43 +126,40 @@ class Environment:
         raise NotImplementedError
 
 
-class OpenMPIEnvironment(Environment):
+class _MPIVariables(Environment):
+    """An MPI launcher that exports rank/size and (optionally) local rank/size under its own names.
+    Neither Open MPI nor Hydra exports a node index; with by-slot mapping it is rank // local_size."""
+
+    RANK, SIZE, LOCAL_RANK, LOCAL_SIZE = "", "", "", ""
+
+    @classmethod
+    def detect(cls, env: Optional[Env] = None) -> Optional[Topology]:
+        env = os.environ if env is None else env
+        if cls.RANK not in env or cls.SIZE not in env:
+            return None
+        rank = _int(env, cls.RANK, cls.name)
+        size = _int(env, cls.SIZE, cls.name)
+        local_rank = _first_int(env, [cls.LOCAL_RANK], cls.name)
+        local_size = _first_int(env, [cls.LOCAL_SIZE], cls.name)
+        local_rank = rank if local_rank is None else local_rank
+        local_size = size if local_size is None else local_size
+        return Topology(rank, local_rank, size, local_size, rank // max(1, local_size), cls.name)
+
+
+class OpenMPIEnvironment(_MPIVariables):
     """Open MPI's mpirun (and horovodrun on top of it): OMPI_COMM_WORLD_*."""
 
     name = "openmpi"
-
-    @classmethod
-    def detect(cls, env: Optional[Env] = None) -> Optional[Topology]:
-        env = os.environ if env is None else env
-        if "OMPI_COMM_WORLD_RANK" not in env or "OMPI_COMM_WORLD_SIZE" not in env:
-            return None
-        rank = _int(env, "OMPI_COMM_WORLD_RANK", cls.name)
-        size = _int(env, "OMPI_COMM_WORLD_SIZE", cls.name)
-        local_rank = _first_int(env, ["OMPI_COMM_WORLD_LOCAL_RANK"], cls.name)
-        local_size = _first_int(env, ["OMPI_COMM_WORLD_LOCAL_SIZE"], cls.name)
-        local_rank = rank if local_rank is None else local_rank
-        local_size = size if local_size is None else local_size
-        # Open MPI has no node-index variable; with by-slot (block) mapping it is rank // local_size.
-        return Topology(rank, local_rank, size, local_size, rank // max(1, local_size), cls.name)
+    RANK, SIZE = "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"
+    LOCAL_RANK, LOCAL_SIZE = "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"
 
 
-class MPICHEnvironment(Environment):
+class MPICHEnvironment(_MPIVariables):
     """MPICH / Intel MPI (Hydra's mpiexec): PMI_RANK, PMI_SIZE, MPI_LOCALRANKID, MPI_LOCALNRANKS."""
 
     name = "mpich"
-
-    @classmethod
-    def detect(cls, env: Optional[Env] = None) -> Optional[Topology]:
-        env = os.environ if env is None else env
-        if "PMI_RANK" not in env or "PMI_SIZE" not in env:
-            return None
-        rank = _int(env, "PMI_RANK", cls.name)
-        size = _int(env, "PMI_SIZE", cls.name)
-        local_rank = _first_int(env, ["MPI_LOCALRANKID"], cls.name)
-        local_size = _first_int(env, ["MPI_LOCALNRANKS"], cls.name)
-        local_rank = rank if local_rank is None else local_rank
-        local_size = size if local_size is None else local_size
-        return Topology(rank, local_rank, size, local_size, rank // max(1, local_size), cls.name)
+    RANK, SIZE = "PMI_RANK", "PMI_SIZE"
+    LOCAL_RANK, LOCAL_SIZE = "MPI_LOCALRANKID", "MPI_LOCALNRANKS"
 
 
 class TorchrunEnvironment(Environment):
