@@ -37,7 +37,8 @@ if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv"
 fi
 py="$venv/bin/python"
-pip() { "$py" -m pip --disable-pip-version-check -q "$@"; }
+# (pip's warnings about find-links folders a machine's pip.conf names but lacks are noise: dropped)
+pip() { "$py" -m pip --disable-pip-version-check -q "$@" 2> >(grep -v 'is ignored: it is neither' >&2); }
 
 if ! "$py" -c 'import torch' 2>/dev/null; then
   say "installing $torch_spec"
