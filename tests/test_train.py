@@ -186,3 +186,12 @@ def test_two_ranks_write_one_merged_trace(tmp_path):
     reduce = [e for e in spans if e["pid"] == 0 and "allreduce" in e["name"]]
     # same clock: rank 0's reductions start inside its backward spans (overlap is visible)
     assert any(b["ts"] <= r["ts"] <= b["ts"] + b["dur"] for r in reduce for b in backward)
+
+
+def test_amp_autocast_with_swap_engine(tmp_path):
+    """bfloat16 autocast (CPU here, CUDA on a GPU) with everything swapped: the loop trains, loss finite."""
+    config = tiny(tmp_path, "model.name=gpt", *ZOO_CASES["gpt"], "train.amp=true", "train.amp_dtype=bfloat16",
+                  "swap.enabled=true", "swap.threshold=0", "swap.keep_last=0", "swap.transport=loopback")
+    assert run_worker(config) == 0
+    records = read_metrics(f"{tmp_path}/out/metrics.rank0.jsonl")
+    assert all(math.isfinite(r["loss"]) and r["swap_out_bytes"] > 0 for r in records)
