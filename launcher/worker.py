@@ -160,17 +160,20 @@ def run_worker(config: Config, topology: Optional[Topology] = None) -> int:
             scaler.update()
             swap_stats = engine.step_end()
             comm_stats = backend.step_stats()
-            reduced = backend.allreduce(torch.tensor([loss.detach().float().item(), float(bool(stop.signum))]),
-                                        op="sum")
+            # One small collective per step carries the loss and the stop flag; built on the loss's
+            # device and read back once, so the step pays a single host sync.
+            flag = torch.tensor([float(bool(stop.signum))], device=loss.device)
+            loss_sum, stop_votes = backend.allreduce(torch.cat([loss.detach().float().reshape(1), flag]),
+                                                     op="sum").tolist()
             elapsed = time.perf_counter() - started
-            record = {"step": step, "loss": reduced[0].item() / size, "step_time_s": elapsed,
+            record = {"step": step, "loss": loss_sum / size, "step_time_s": elapsed,
                       "samples_per_s": train.batch_size * size / elapsed, "lr": optimizer.param_groups[0]["lr"],
                       **swap_stats, **comm_stats}
             metrics.write(record)
             if is_main:
                 summary.add(record)
                 progress.update(record)
-            stop_now = reduced[1].item() > 0
+            stop_now = stop_votes > 0
             if stop_now or (train.checkpoint_every and step % train.checkpoint_every == 0) or step == steps:
                 path = save(step)
                 if stop_now:
