@@ -5,6 +5,11 @@ from dataclasses import asdict, dataclass, fields
 from typing import Dict, Optional
 
 
+def hidden_fraction(stall_ms: float, swap_ms: float) -> float:
+    """Share of swap time that compute did not wait for: 1 - stall / (swap-out + swap-in), in [0, 1]."""
+    return 1.0 if swap_ms <= 0 else min(1.0, max(0.0, 1.0 - stall_ms / swap_ms))
+
+
 @dataclass
 class StepStats:
     """What one training step moved, how long it took, and how much of it compute had to wait for."""
@@ -28,8 +33,7 @@ class StepStats:
     max_memory_allocated: Optional[int] = None  # CUDA only
 
     def finish(self) -> None:
-        swap_ms = self.swap_out_ms + self.swap_in_ms
-        self.hidden_frac = 1.0 if swap_ms <= 0 else min(1.0, max(0.0, 1.0 - self.stall_ms / swap_ms))
+        self.hidden_frac = hidden_fraction(self.stall_ms, self.swap_out_ms + self.swap_in_ms)
 
     def as_dict(self) -> Dict[str, float]:
         out = asdict(self)
@@ -71,6 +75,5 @@ class Totals:
 
     def as_dict(self) -> Dict[str, float]:
         out = asdict(self)
-        swap_ms = self.swap_out_ms + self.swap_in_ms
-        out["hidden_frac"] = 1.0 if swap_ms <= 0 else min(1.0, max(0.0, 1.0 - self.stall_ms / swap_ms))
+        out["hidden_frac"] = hidden_fraction(self.stall_ms, self.swap_out_ms + self.swap_in_ms)
         return out
