@@ -11,7 +11,7 @@ import yaml
 
 from lmsdp.launcher.cli import main
 from lmsdp.launcher.config import (Config, ConfigError, build, config_to_dict, dump_config, load_config,
-                                   reference_rows)
+                                   config_reference_rows)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(REPO, "configs", "quickstart.yaml")
@@ -60,10 +60,10 @@ def test_empty_file_gives_defaults(tmp_path):
 
 
 def test_reference_covers_every_key():
-    keys = {row[0] for row in reference_rows()}
+    keys = {row[0] for row in config_reference_rows()}
     assert {"swap.threshold", "comm.fusion_threshold", "train.checkpoint_every", "launch.np",
             "model.factory", "slurm.requeue"} <= keys
-    assert all(row[3] for row in reference_rows()), "every key needs a help text"
+    assert all(row[3] for row in config_reference_rows()), "every key needs a help text"
 
 
 # (yaml text or None, overrides, words the one-line error must contain)
