@@ -1,15 +1,11 @@
-"""Run a built ``mpirun`` command: rank-prefixed output, per-rank logs, signal forwarding, cleanup,
+"""Run a built ``mpirun`` command to its end: signal forwarding, cleanup of every process of the job,
 and a report naming the rank that failed.
 
 How it works
 - mpirun starts in its own session, so a terminal's Ctrl-C reaches only lmsrun, which decides what
   the ranks get. lmsrun makes itself a child subreaper, so ranks orphaned by a dying mpirun are
   still its descendants and are killed at the end: no process of the job outlives lmsrun.
-- Output: Open MPI tags every chunk ``[job,rank]<stream>:`` (``--tag-output``). The demultiplexer
-  passes rank 0's bytes through unchanged (its progress bar redraws with \\r), prefixes other ranks'
-  lines with ``[R] ``, copies everything to ``rank<R>.log`` when ``--output-dir`` is set, and keeps
-  each rank's last lines for the failure report. mpirun's own messages are held back and shown only
-  when no rank failure explains the exit.
+- Output goes through ``launcher.demux.Demux`` (rank prefixes, per-rank logs, last lines per rank).
 - Failure: Open MPI aborts the whole job as soon as one rank exits non-zero or dies by a signal;
   each rank prints ``[lmsdp] rank R failed: <exception>`` before it exits; lmsrun combines that
   with mpirun's "first process to do so" message into one report.
@@ -20,26 +16,21 @@ How it works
 """
 from __future__ import annotations
 
-import collections
 import ctypes
 import os
 import re
 import signal
 import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
-from typing import IO, Deque, Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Optional
 
-FAIL_MARK = re.compile(r"^\[lmsdp\] rank (\d+) failed: (.*)$")
-USER_ERROR = re.compile(r"^lmsrun: error: ")
+from .demux import Demux
+
 OMPI_FIRST = re.compile(r"Process name: \[\[\d+,\d+\],(\d+)\]")
 OMPI_EXIT = re.compile(r"Exit code:\s+(\d+)")
 OMPI_SIGNAL = re.compile(r"process rank (\d+) with PID \d+ on node \S+ exited on signal (\d+)")
-OMPI_TAG = re.compile(rb"\[\d+,(\d+)\]<(stdout|stderr|stddiag)>:")
-HYDRA_TAG = re.compile(rb"\[(\d+)\] ")
-TAIL_LINES = 15
 
 
 @dataclass
@@ -62,178 +53,6 @@ class Failure:
     reason: str = ""
     exit_code: Optional[int] = None
     signal: Optional[int] = None
-
-
-class Demux:
-    """Splits mpirun's tagged output by rank; thread-safe across the stdout and stderr readers."""
-
-    def __init__(self, flavor: str, output_dir: Optional[str], out: IO[bytes], err: IO[bytes],
-                 verbose: bool = False) -> None:
-        self.flavor = flavor
-        self.verbose_own = verbose  # show mpirun's own lines as they come
-        self.out, self.err = out, err
-        self.output_dir = output_dir
-        self.lock = threading.Lock()
-        self.logs: Dict[int, IO[bytes]] = {}
-        self.partial: Dict[Tuple[int, str], bytearray] = collections.defaultdict(bytearray)
-        self.tails: Dict[int, Deque[str]] = collections.defaultdict(lambda: collections.deque(maxlen=TAIL_LINES))
-        self.own: List[str] = []  # mpirun's own lines
-        self.user_errors: List[str] = []
-        self.user_errors_shown: set = set()  # rank 0's lines are already on the screen
-        self.marks: List[Tuple[int, str]] = []
-        if output_dir:
-            os.makedirs(output_dir, exist_ok=True)
-
-    # ---- per stream parsing
-
-    def reader(self, stream: IO[bytes], name: str) -> threading.Thread:
-        thread = threading.Thread(target=self._read, args=(stream, name), daemon=True, name=f"lmsrun-{name}")
-        thread.start()
-        return thread
-
-    def _read(self, stream: IO[bytes], name: str) -> None:
-        fd = stream.fileno()
-        buf = b""
-        current: Optional[Tuple[int, str]] = None  # inside a tagged chunk of this (rank, stream)
-        while True:
-            try:
-                data = os.read(fd, 65536)
-            except OSError:
-                data = b""
-            if data:
-                buf += data
-            buf, current = self._parse(buf, current, name, final=not data)
-            if not data:
-                break
-        self.flush_partials()
-
-    def _parse(self, buf: bytes, current: Optional[Tuple[int, str]], name: str,
-               final: bool) -> Tuple[bytes, Optional[Tuple[int, str]]]:
-        tag_re = OMPI_TAG if self.flavor == "openmpi" else HYDRA_TAG
-        while buf:
-            if current is None:
-                match = tag_re.match(buf)
-                if match:
-                    stream = match.group(2).decode() if self.flavor == "openmpi" else name
-                    current = (int(match.group(1)), "stdout" if stream == "stdout" else "stderr")
-                    buf = buf[match.end():]
-                    continue
-                if not final and _maybe_tag_prefix(buf):
-                    return buf, None  # wait for the rest of a tag split across reads
-                end = buf.find(b"\n")
-                if end < 0:
-                    if not final:
-                        return buf, None
-                    end = len(buf) - 1
-                self._own(buf[:end + 1])
-                buf = buf[end + 1:]
-                continue
-            # inside a rank's chunk: runs to its newline or to the next tag
-            newline = buf.find(b"\n")
-            match = tag_re.search(buf, 0, newline if newline >= 0 else len(buf)) if self.flavor == "openmpi" else None
-            if match:
-                self._rank(current, buf[:match.start()])
-                buf, current = buf[match.start():], None
-            elif newline >= 0:
-                self._rank(current, buf[:newline + 1])
-                buf, current = buf[newline + 1:], None
-            else:
-                keep = _tag_prefix_len(buf) if not final else 0
-                self._rank(current, buf[:len(buf) - keep])
-                return buf[len(buf) - keep:], current
-        return buf, current
-
-    # ---- sinks
-
-    def _own(self, data: bytes) -> None:
-        text = data.decode("utf-8", "replace").rstrip("\r\n")
-        with self.lock:
-            self.own.append(text)
-        if self.verbose_own:
-            _write(self.err, data)
-
-    def _rank(self, source: Tuple[int, str], data: bytes) -> None:
-        if not data:
-            return
-        rank, stream = source
-        with self.lock:
-            log = self._log(rank)
-            if log is not None:
-                log.write(data)
-                log.flush()
-            pending = self.partial[source]
-            pending += data
-            lines = pending.split(b"\n")
-            self.partial[source] = bytearray(lines.pop())
-            for raw in lines:
-                self._line(rank, stream, raw)
-            if rank == 0:  # pass through as it comes: keeps the progress bar live
-                _write(self.out if stream == "stdout" else self.err, data)
-
-    def _line(self, rank: int, stream: str, raw: bytes) -> None:
-        text = raw.decode("utf-8", "replace").rstrip("\r")
-        visible = text.rsplit("\r", 1)[-1]
-        if USER_ERROR.match(visible):
-            if visible not in self.user_errors:
-                self.user_errors.append(visible)
-            if rank == 0:
-                self.user_errors_shown.add(visible)
-            return
-        mark = FAIL_MARK.match(visible)
-        if mark:
-            self.marks.append((int(mark.group(1)), mark.group(2)))
-        if visible.strip():
-            self.tails[rank].append(visible)
-        if rank != 0:
-            _write(self.out if stream == "stdout" else self.err, f"[{rank}] {text}\n".encode("utf-8", "replace"))
-
-    def _log(self, rank: int) -> Optional[IO[bytes]]:
-        if not self.output_dir:
-            return None
-        if rank not in self.logs:
-            self.logs[rank] = open(os.path.join(self.output_dir, f"rank{rank}.log"), "ab")
-        return self.logs[rank]
-
-    def flush_partials(self) -> None:
-        with self.lock:
-            for (rank, stream), pending in list(self.partial.items()):
-                if pending:
-                    self.partial[(rank, stream)] = bytearray()
-                    if rank != 0:
-                        self._line(rank, stream, bytes(pending))
-                    else:
-                        visible = pending.decode("utf-8", "replace").rsplit("\r", 1)[-1]
-                        if visible.strip():
-                            self.tails[0].append(visible)
-
-    def close(self) -> None:
-        with self.lock:
-            for log in self.logs.values():
-                log.close()
-            self.logs.clear()
-
-
-def _write(sink: IO[bytes], data: bytes) -> None:
-    """Write and flush; a closed reader (``lmsrun ... | head``) must not stop the job's draining."""
-    try:
-        sink.write(data)
-        sink.flush()
-    except (OSError, ValueError):
-        pass
-
-
-def _maybe_tag_prefix(buf: bytes) -> bool:
-    """True when ``buf`` could be the start of a tag that the next read completes."""
-    return len(buf) < 40 and b"\n" not in buf and buf.startswith(b"[") and re.fullmatch(
-        rb"\[[\d,]*(\][<a-z]*>?)?", buf) is not None
-
-
-def _tag_prefix_len(buf: bytes) -> int:
-    """Length of a trailing partial tag ('[1,0]<std') to hold back until the next read."""
-    start = buf.rfind(b"[", max(0, len(buf) - 40))
-    if start < 0:
-        return 0
-    return len(buf) - start if _maybe_tag_prefix(buf[start:]) else 0
 
 
 def become_subreaper() -> bool:
@@ -265,7 +84,7 @@ class Runner:
         sys.stderr.flush()
         demux = Demux(job.flavor, job.output_dir, out, err, verbose=job.verbose)
         for rank in range(job.np if job.output_dir else 0):
-            demux._log(rank)
+            demux.open_log(rank)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             try:
