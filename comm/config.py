@@ -4,14 +4,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .registry import BACKENDS
+
 
 @dataclass
 class CommConfig:
     """Which backend reduces gradients and how."""
 
     backend: str = field(default="auto", metadata={
-        "choices": ("auto", "horovod", "torch"),
-        "help": "auto = Horovod when horovod.torch imports, else torch.distributed"})
+        "choices": BACKENDS.choices(),
+        "help": "auto = the first usable of " + ", ".join(BACKENDS.names()) + " (horovod: when horovod.torch "
+                "imports and the job was not started by torchrun)"})
     op: str = field(default="average", metadata={
         "choices": ("average", "sum", "adasum"), "help": "gradient reduction op"})
     compression: str = field(default="none", metadata={

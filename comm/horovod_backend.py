@@ -16,7 +16,12 @@ from typing import Any, Dict, Hashable, List, Optional, Tuple
 
 import torch
 
-from .base import Backend, BackwardWatcher, CommError, cpu_state, now_us, OptimizerProxy, peer_error, unwrap_optimizer
+from lmsdp.runtime.chrome_trace import now_us
+from lmsdp.runtime.topology import Topology
+
+from .base import Backend, CommError, OptimizerProxy, cpu_state, unwrap_optimizer
+from .peers import peer_error
+from .timing import BackwardWatcher
 from .config import CommConfig
 
 
@@ -45,7 +50,9 @@ class HorovodBackend(Backend):
 
     name = "horovod"
 
-    def __init__(self, config: CommConfig, device: Optional[torch.device] = None) -> None:
+    def __init__(self, config: CommConfig, device: Optional[torch.device] = None,
+                 topology: Optional[Topology] = None) -> None:
+        """``topology`` is accepted for the common backend signature; Horovod finds its peers itself."""
         super().__init__(config)
         if config.gradient_predivide_factor != 1.0 and config.op != "average":
             raise ValueError("gradient_predivide_factor needs op=average (Horovod's rule)")

@@ -21,19 +21,15 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from .base import (Backend, OptimizerProxy, BackwardWatcher, CommError, cpu_state, now_us, peer_error,
-                   unwrap_optimizer)
+from lmsdp.runtime.chrome_trace import now_us
+from lmsdp.runtime.topology import Topology, advertised_address, detect_topology, unreachable_world
+
+from .base import Backend, CommError, OptimizerProxy, cpu_state, unwrap_optimizer
+from .peers import peer_error
+from .timing import BackwardWatcher
 from .config import CommConfig
 
 _OPS = {"average": dist.ReduceOp.SUM, "sum": dist.ReduceOp.SUM}
-MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
-
-
-def under_mpi() -> bool:
-    """True when this process was started by an MPI launcher (mpirun/srun --mpi=pmix)."""
-    return any(k in os.environ for k in MPI_ENV)
-
-
 @dataclass
 class Rendezvous:
     """Where this rank sits and how the process group is reached."""
@@ -47,10 +43,13 @@ class Rendezvous:
     peers: List[Tuple[str, int]] = field(default_factory=list)  # (hostname, pid) per rank, if known
 
 
-def _rendezvous(timeout_s: float) -> Rendezvous:
+def _rendezvous(topology: Topology, timeout_s: float) -> Rendezvous:
+    """Meet the other ranks: through the MPI world when there is one (rank 0 opens a TCPStore on a
+    free port and broadcasts address:port, so no MASTER_ADDR is needed), else through the store
+    address the launcher gave (torchrun), else alone."""
     store_timeout = timedelta(seconds=max(60.0, timeout_s))
     host = socket.gethostname()
-    if under_mpi():
+    if topology.mpi_world:
         from mpi4py import MPI  # initializes MPI; only imported when launched by MPI
 
         comm = MPI.COMM_WORLD
@@ -61,10 +60,7 @@ def _rendezvous(timeout_s: float) -> Rendezvous:
         peers = comm.allgather((host, os.getpid()))
         store = None
         if rank == 0:
-            if all(h == host for h, _ in peers):
-                addr = "127.0.0.1"
-            else:
-                addr = os.environ.get("LMSDP_MASTER_ADDR") or socket.gethostbyname(socket.getfqdn())
+            addr = "127.0.0.1" if all(h == host for h, _ in peers) else advertised_address()
             store = dist.TCPStore(addr, 0, size, True, timeout=store_timeout, wait_for_workers=False)
             endpoint = (addr, int(store.port))
         else:
@@ -73,12 +69,9 @@ def _rendezvous(timeout_s: float) -> Rendezvous:
         if rank != 0:
             store = dist.TCPStore(addr, port, size, False, timeout=store_timeout)
         return Rendezvous(rank, size, local_rank, local_size, store, f"mpi4py ({addr}:{port})", peers)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local_rank = int(os.environ.get("LOCAL_RANK", rank))
-        local_size = int(os.environ.get("LOCAL_WORLD_SIZE", size))
-        addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
-        port = int(os.environ["MASTER_PORT"])
+    if topology.main_port is not None:
+        rank, size = topology.rank, topology.size
+        addr, port = topology.main_address or "127.0.0.1", topology.main_port
         store = dist.TCPStore(addr, port, size, rank == 0, timeout=store_timeout)
         # share (host, pid) through the store so a dead local peer can be named later
         store.set(f"lmsdp/peer/{rank}", f"{host} {os.getpid()}")
@@ -86,12 +79,12 @@ def _rendezvous(timeout_s: float) -> Rendezvous:
         for r in range(size):
             h, pid = store.get(f"lmsdp/peer/{r}").decode().split()
             peers.append((h, int(pid)))
-        return Rendezvous(rank, size, local_rank, local_size, store, f"env ({addr}:{port})", peers)
-    for var, launcher in (("HOROVOD_SIZE", "horovodrun"), ("SLURM_STEP_NUM_TASKS", "srun without --mpi=pmix")):
-        if int(os.environ.get(var, "1") or 1) > 1:
-            raise CommError(f"torch backend: started by {launcher} ({var}={os.environ[var]}) but no "
-                            "MPI or torchrun environment to rendezvous through; launch with mpirun, "
-                            "srun --mpi=pmix or torchrun, or use the horovod backend", backend="torch")
+        return Rendezvous(rank, size, topology.local_rank, topology.local_size, store, f"env ({addr}:{port})", peers)
+    problem = unreachable_world()
+    if problem:
+        raise CommError(f"torch backend: {problem} but no MPI or torchrun environment to rendezvous through; "
+                        "launch with mpirun, srun --mpi=pmix or torchrun, or use the horovod backend",
+                        backend="torch")
     store = dist.TCPStore("127.0.0.1", 0, 1, True, timeout=store_timeout, wait_for_workers=False)
     return Rendezvous(0, 1, 0, 1, store, f"single process (127.0.0.1:{store.port})",
                       [(host, os.getpid())])
@@ -102,22 +95,23 @@ class TorchBackend(Backend):
 
     name = "torch"
 
-    def __init__(self, config: CommConfig, device: Optional[torch.device] = None) -> None:
+    def __init__(self, config: CommConfig, device: Optional[torch.device] = None,
+                 topology: Optional[Topology] = None) -> None:
         super().__init__(config)
+        topology = topology or detect_topology()
         if config.op not in _OPS:
             raise ValueError(f"torch backend: op {config.op!r} is not supported (use average or sum; "
                              "adasum needs the horovod backend)")
         self._own_group = not dist.is_initialized()
         self._failed: Optional[CommError] = None
         if self._own_group:
-            rv = _rendezvous(config.timeout_s)
+            rv = _rendezvous(topology, config.timeout_s)
             self.rank, self.size = rv.rank, rv.size
             self.local_rank, self.local_size = rv.local_rank, rv.local_size
             self.peers, self.via = rv.peers, rv.via
         else:
             self.rank, self.size = dist.get_rank(), dist.get_world_size()
-            self.local_rank = int(os.environ.get("LOCAL_RANK", self.rank))
-            self.local_size = int(os.environ.get("LOCAL_WORLD_SIZE", self.size))
+            self.local_rank, self.local_size = topology.local_rank, topology.local_size
             self.peers, self.via = [], "existing process group"
         if device is None:
             device = (torch.device("cuda", self.local_rank % torch.cuda.device_count())

@@ -28,6 +28,9 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from lmsdp.runtime import env as envvars
+from lmsdp.swapping.registry import TRANSPORTS
+
 from .errors import TopologyError, UserError
 
 SCRIPT_MODE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "script_mode")
@@ -74,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     swap.add_argument("--swap-budget", metavar="SIZE", help="saved bytes kept on the device before swapping")
     swap.add_argument("--swap-host-limit", metavar="SIZE", help="cap on pinned host memory")
     swap.add_argument("--swap-recompute", metavar="KINDS", help="'auto' or a comma list, e.g. relu,batchnorm")
-    swap.add_argument("--swap-transport", choices=("auto", "cuda", "loopback"), help="swap transport")
+    swap.add_argument("--swap-transport", choices=TRANSPORTS.choices(), help="swap transport")
     return parser
 
 
@@ -172,16 +175,16 @@ def make_plan(args: argparse.Namespace, script: Optional[List[str]]) -> Plan:
 
 def rank_environment(plan: Plan) -> Dict[str, str]:
     """Variables lmsrun sets for every rank (exported by value, so a dry-run command is complete)."""
-    env = {"LMSDP_LAUNCHED": "1", "LMSDP_EXPECTED_NP": str(plan.np), "PYTHONUNBUFFERED": "1"}
+    env = {envvars.LAUNCHED: "1", envvars.EXPECTED_NP: str(plan.np), "PYTHONUNBUFFERED": "1"}
     if _stderr_is_terminal():
-        env["LMSDP_TTY"] = "1"  # the bar draws on rank 0 even though mpirun gives it a pipe
+        env[envvars.TTY] = "1"  # the bar draws on rank 0 even though mpirun gives it a pipe
         env["COLUMNS"] = str(shutil.get_terminal_size().columns)  # a pipe has no width of its own
     if plan.script_mode:
         env.update(script_swap_env(plan))
         here = os.environ.get("PYTHONPATH", "")
         env["PYTHONPATH"] = SCRIPT_MODE_DIR + (os.pathsep + here if here else "")
         if "OMP_NUM_THREADS" not in os.environ:
-            from .topology import cpu_share
+            from lmsdp.runtime.topology import cpu_share
 
             local = plan.np if not (plan.hosts or plan.hostfile) else 1
             env["OMP_NUM_THREADS"] = str(plan.threads or cpu_share(local))
@@ -203,7 +206,7 @@ def script_swap_env(plan: Plan) -> Dict[str, str]:
             if value is not None:
                 env[var] = ",".join(value) if isinstance(value, list) else str(value)
     if env:
-        env = {"LMSDP_SWAP": "1", **env}
+        env = {envvars.SWAP: "1", **env}
     return env
 
 
@@ -278,7 +281,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def run(args: argparse.Namespace, script: Optional[List[str]]) -> int:
-    from .topology import detect_launched
+    from lmsdp.runtime.topology import detect_launched
 
     plan = make_plan(args, script)
     topology = detect_launched()
@@ -296,7 +299,7 @@ def run(args: argparse.Namespace, script: Optional[List[str]]) -> int:
         if args.dry_run:
             print("# 1 rank on this machine: runs in this process, no mpirun")
             return _print_config(plan)
-        from .topology import detect_topology
+        from lmsdp.runtime.topology import detect_topology
 
         return run_rank(plan.config, detect_topology())
     argv, flavor, env = mpi_command(plan)
@@ -324,7 +327,7 @@ def _print_config(plan: Plan) -> int:
 def exec_script(plan: Plan) -> int:
     """Script mode inside an existing rank: replace this process with the user's command."""
     env = {**os.environ, **{k: v for k, v in plan.rank_env.items()
-                            if k not in ("LMSDP_LAUNCHED", "LMSDP_EXPECTED_NP")}}
+                            if k not in (envvars.LAUNCHED, envvars.EXPECTED_NP)}}
     program = rank_program(plan)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -380,7 +383,7 @@ def run_rank(config: Any, topology: Any) -> int:
         _die(f"[lmsdp] rank {topology.rank} failed: {reason}", 130 if isinstance(exc, KeyboardInterrupt) else 1)
     finally:
         early.done.set()
-    if code >= 128 and os.environ.get("LMSDP_LAUNCHED") == "1" and topology.size > 1:
+    if code >= 128 and envvars.flag(envvars.LAUNCHED) and topology.size > 1:
         # A requested stop, checkpoint written: exit 0 so mpirun does not kill ranks still saving;
         # lmsrun itself returns 128+signal.
         return 0

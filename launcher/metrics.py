@@ -9,12 +9,13 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, TextIO
 
+from lmsdp.runtime import env as envvars
 from lmsdp.swapping.units import format_size
 
 
 def on_terminal(stream: TextIO = sys.stderr) -> bool:
     """True on a real terminal, or when the launcher says the user's terminal is behind mpirun."""
-    return os.environ.get("LMSDP_TTY") == "1" or (hasattr(stream, "isatty") and stream.isatty())
+    return envvars.flag(envvars.TTY) or (hasattr(stream, "isatty") and stream.isatty())
 
 
 class MetricsWriter:

@@ -23,6 +23,8 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
+from lmsdp.runtime import env as envvars
+
 from .errors import UserError
 
 # Variables every rank needs, in this order, then every variable with one of the prefixes (sorted).
@@ -118,7 +120,7 @@ def detect_flavor(mpirun: str) -> str:
 
 def find_mpirun() -> Tuple[str, str]:
     """(path, flavour) of the MPI launcher: $LMSDP_MPIRUN, else mpirun, else mpiexec, on PATH."""
-    override = os.environ.get("LMSDP_MPIRUN")
+    override = envvars.read(envvars.MPIRUN)
     candidates = [override] if override else ["mpirun", "mpiexec"]
     for name in candidates:
         path = shutil.which(name)

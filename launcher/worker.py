@@ -20,15 +20,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmsdp.comm import get_backend, merge_traces
-from lmsdp.comm.base import rank_path
+from lmsdp.runtime.chrome_trace import rank_path
 from lmsdp.swapping import SwapEngine
 
 from .checkpoint import CheckpointManager
 from .config import Config, config_to_dict, resolve_factory
 from .data import data_spec, make_batches
 from .models import build_model
-from .report import MetricsWriter, Progress, RunSummary
-from .topology import Topology, detect_topology
+from .metrics import MetricsWriter, Progress, RunSummary
+from lmsdp.runtime.topology import Topology, detect_topology
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
@@ -94,7 +94,7 @@ def run_worker(config: Config, topology: Optional[Topology] = None) -> int:
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(train.seed)
 
-    backend = get_backend(config.comm, device)
+    backend = get_backend(config.comm, device, topology)
     rank, size = backend.rank, backend.size
     _quiet_warnings(rank)
     model = build_network(config).to(device)

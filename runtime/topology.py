@@ -1,4 +1,7 @@
-"""Where this rank sits: rank, local rank, size, node, device and thread share.
+"""Where this rank sits: rank, local rank, size, node, device, thread share and rendezvous address.
+
+The only reader of launcher variables in lmsdp (like Lightning's ``ClusterEnvironment``): the
+launcher, the comm backends and the swap engine all ask this module.
 
 One small class per launch environment (Open MPI, MPICH/Hydra, torchrun, Slurm srun, PMIx, single
 process), each with ``detect()`` returning a ``Topology`` or ``None`` when its variables are absent.
@@ -16,6 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Type
 
+from . import env as envvars
 from .errors import TopologyError
 
 if TYPE_CHECKING:
@@ -34,6 +38,9 @@ class Topology:
     local_size: int = 1
     node_rank: int = 0
     source: str = "single"
+    mpi_world: bool = False              # an MPI world to rendezvous through (mpi4py) exists
+    main_address: Optional[str] = None   # where rank 0's store listens, when the launcher says
+    main_port: Optional[int] = None
 
     @property
     def is_main(self) -> bool:
@@ -143,7 +150,7 @@ class _MPIVariables(Environment):
         local_size = _first_int(env, [cls.LOCAL_SIZE], cls.name)
         local_rank = rank if local_rank is None else local_rank
         local_size = size if local_size is None else local_size
-        return Topology(rank, local_rank, size, local_size, rank // max(1, local_size), cls.name)
+        return Topology(rank, local_rank, size, local_size, rank // max(1, local_size), cls.name, mpi_world=True)
 
 
 class OpenMPIEnvironment(_MPIVariables):
@@ -179,7 +186,10 @@ class TorchrunEnvironment(Environment):
         local_size = size if local_size is None else local_size
         node = _first_int(env, ["GROUP_RANK"], cls.name)
         node = rank // max(1, local_size) if node is None else node
-        return Topology(rank, local_rank, size, local_size, node, cls.name)
+        port = _first_int(env, ["MASTER_PORT"], cls.name)
+        return Topology(rank, local_rank, size, local_size, node, cls.name,
+                        main_address=env.get("MASTER_ADDR", "127.0.0.1") if port is not None else None,
+                        main_port=port)
 
 
 class SlurmEnvironment(Environment):
@@ -208,7 +218,9 @@ class SlurmEnvironment(Environment):
                                     node)
         if local_size is None:
             local_size = _first_int(env, ["SLURM_NTASKS_PER_NODE"], cls.name) or size
-        return Topology(rank, local_rank, size, local_size, node, cls.name)
+        # srun --mpi=pmix (or pmi2) gives the tasks an MPI world; plain srun does not
+        return Topology(rank, local_rank, size, local_size, node, cls.name,
+                        mpi_world="PMIX_RANK" in env or "PMI_RANK" in env)
 
 
 def _tasks_on_node(spec: str, node: int) -> Optional[int]:
@@ -246,7 +258,7 @@ class PMIxEnvironment(Environment):
         local_size = size if local_size is None else local_size
         node = _first_int(env, ["PMIX_NODE_RANK", "SLURM_NODEID"], cls.name)
         node = rank // max(1, local_size) if node is None else node
-        return Topology(rank, local_rank, size, local_size, node, cls.name)
+        return Topology(rank, local_rank, size, local_size, node, cls.name, mpi_world=True)
 
 
 class SingleEnvironment(Environment):
@@ -262,6 +274,39 @@ class SingleEnvironment(Environment):
 ENVIRONMENTS: List[Type[Environment]] = [
     OpenMPIEnvironment, MPICHEnvironment, TorchrunEnvironment, SlurmEnvironment, PMIxEnvironment,
 ]
+
+
+_RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "RANK", "PMIX_RANK", "SLURM_PROCID")
+
+
+def rank_hint(env: Optional[Env] = None) -> int:
+    """This process's rank from the first rank variable set, else 0, without checking the rest of
+    the environment: for naming per-rank files, never for deciding who does what."""
+    env = os.environ if env is None else env
+    for var in _RANK_VARIABLES:
+        value = env.get(var, "").strip()
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def advertised_address(env: Optional[Env] = None) -> str:
+    """The address other hosts reach rank 0 at: ``LMSDP_MASTER_ADDR``, else this host's resolved name."""
+    env = os.environ if env is None else env
+    import socket
+
+    return env.get(envvars.MASTER_ADDR) or socket.gethostbyname(socket.getfqdn())
+
+
+def unreachable_world(env: Optional[Env] = None) -> Optional[str]:
+    """A launcher that started several ranks but left no MPI world or store address to meet through
+    (horovodrun's Gloo mode, plain srun without --mpi=pmix): what to tell the user, else None."""
+    env = os.environ if env is None else env
+    for var, launcher in (("HOROVOD_SIZE", "horovodrun"), ("SLURM_STEP_NUM_TASKS", "srun without --mpi=pmix")):
+        value = env.get(var, "").strip()
+        if value.isdigit() and int(value) > 1:
+            return f"started by {launcher} ({var}={value})"
+    return None
 
 
 def detect_launched(env: Optional[Env] = None) -> Optional[Topology]:
@@ -280,7 +325,7 @@ def detect_topology(env: Optional[Env] = None) -> Topology:
     env = os.environ if env is None else env
     topology = detect_launched(env)
     if topology is None:
-        if env.get("LMSDP_LAUNCHED") == "1":
+        if env.get(envvars.LAUNCHED) == "1":
             raise TopologyError("started by lmsrun but no MPI rank variables (OMPI_COMM_WORLD_*, PMI_*) found",
                                 hint="is the mpirun on PATH a different MPI than the one lmsrun detected?")
         topology = Topology()
@@ -302,7 +347,7 @@ def validate(topology: Topology, env: Env) -> None:
         raise TopologyError(f"{src}: {t.local_size} ranks on this node but only {t.size} in the job")
     if src == SlurmEnvironment.name or "SLURM_JOB_ID" in env:
         _check_slurm_counts(env)
-    expected = env.get("LMSDP_EXPECTED_NP", "").strip()
+    expected = env.get(envvars.EXPECTED_NP, "").strip()
     if expected:
         try:
             want = int(expected)

@@ -9,7 +9,7 @@ The parent launches one 2-rank job per variant (``mpirun -np 2`` or ``horovodrun
 each rank runs this file with ``--worker``, rank 0 writes JSON, the parent prints one table with the
 ratios to DDP side by side. DDP's reductions are timed through a comm hook that does exactly what
 its default hook does (divide, async all_reduce of the bucket) plus timestamps, so all variants use
-the same timing model (lmsdp.comm.base). Single-process (no comm) step time is the floor.
+the same timing model (lmsdp.comm.timing). Single-process (no comm) step time is the floor.
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from lmsdp.comm import CommConfig, get_backend
-    from lmsdp.comm.base import BackwardWatcher, StepTimer
+    from lmsdp.comm.timing import BackwardWatcher, StepTimer
 
     torch.set_num_threads(args.threads)
     cfg = CommConfig(backend="torch" if args.variant.startswith("torch") else "horovod",

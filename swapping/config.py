@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional, Union
 
+from .registry import TRANSPORTS
+
 RECOMPUTE_KINDS = ("relu", "gelu", "silu", "activation", "batchnorm", "layernorm", "groupnorm",
                    "norm", "pool", "dropout")
 
@@ -28,7 +30,8 @@ class SwapConfig:
         "choices": ("auto",) + RECOMPUTE_KINDS,
         "help": "layers recomputed in backward instead of swapped: 'auto' or a list of kinds"})
     transport: str = field(default="auto", metadata={
-        "choices": ("auto", "cuda", "loopback"),
-        "help": "cuda (streams, pinned memory) or loopback (CPU worker thread; tests); auto picks by device"})
+        "choices": TRANSPORTS.choices(),
+        "help": "how swapped bytes move: " + ", ".join(TRANSPORTS.names()) + "; auto: cuda on a CUDA device, "
+                "else loopback"})
     trace: Optional[str] = field(default=None, metadata={
         "help": "write chrome-trace JSON of compute / swap-out / swap-in spans to this path"})

@@ -219,6 +219,11 @@ class SwapEngine:
             pass
 
     @property
+    def step_open(self) -> bool:
+        """True between the first pack of a step and its ``step_end()``."""
+        return self.enabled and self._phase != "idle"
+
+    @property
     def live_handles(self) -> int:
         """Handles still referenced by some autograd graph (0 once every graph has been freed)."""
         return self._live

@@ -9,6 +9,10 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from lmsdp.runtime import env as envvars
+from lmsdp.runtime.errors import UserError
+from lmsdp.runtime.topology import detect_launched
+
 from .config import SwapConfig
 from .engine import SwapEngine
 from .units import parse_size
@@ -23,9 +27,14 @@ ENV = {
 
 
 def _default_device() -> torch.device:
+    """``cuda:local_rank % GPUs`` (local rank from the launcher, via the topology), else CPU."""
     if torch.cuda.is_available():
-        local = os.environ.get("LOCAL_RANK") or os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK") or "0"
-        return torch.device("cuda", int(local) % torch.cuda.device_count())
+        try:
+            topology = detect_launched()
+        except UserError:
+            topology = None  # a broken launcher environment is the script's to report, not ours
+        local = topology.local_rank if topology is not None else 0
+        return torch.device("cuda", local % torch.cuda.device_count())
     return torch.device("cpu")
 
 
@@ -48,7 +57,7 @@ def _report(engine: SwapEngine) -> None:
     if not engine.enabled:
         return
     try:
-        if engine._phase != "idle":
+        if engine.step_open:
             engine.step_end()
         print(f"[lmsdp swap] {engine.describe()}", file=sys.stderr, flush=True)
     finally:
@@ -58,7 +67,7 @@ def _report(engine: SwapEngine) -> None:
 def config_from_env(environ: Optional[Dict[str, str]] = None) -> SwapConfig:
     """SwapConfig from LMSDP_SWAP_* variables (sizes accept units; RECOMPUTE is 'auto' or a comma list)."""
     env = os.environ if environ is None else environ
-    values: Dict[str, Any] = {"enabled": env.get("LMSDP_SWAP", "0").lower() in ("1", "true", "yes", "on")}
+    values: Dict[str, Any] = {"enabled": envvars.flag(envvars.SWAP, env)}
     for var, name in ENV.items():
         raw = env.get(var)
         if raw is None or raw == "":

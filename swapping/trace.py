@@ -1,53 +1,26 @@
-"""Chrome-trace (chrome://tracing, Perfetto) JSON of compute / swap-out / swap-in spans, one pid per rank."""
+"""The swap engine's chrome trace: compute / swap-out / swap-in spans of one rank, on the shared clock
+and writer of ``lmsdp.runtime.chrome_trace`` so comm and swap spans merge into one timeline."""
 from __future__ import annotations
 
-import json
-import os
-import threading
-from typing import Dict, List, Optional
+from typing import Optional
 
-_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "RANK", "PMI_RANK", "SLURM_PROCID")
+from lmsdp.runtime.chrome_trace import ChromeTrace
+from lmsdp.runtime.topology import rank_hint
+
 TRACKS = {"compute": 0, "swap-out": 1, "swap-in": 2}
 
 
-def rank_from_env() -> int:
-    """The MPI/torchrun/Slurm rank of this process, 0 when none is set."""
-    for var in _RANK_VARS:
-        value = os.environ.get(var)
-        if value is not None and value.strip().isdigit():
-            return int(value)
-    return 0
-
-
 class Tracer:
-    """Collects complete ('X') events and writes them as chrome trace. Timestamps are absolute
-    ``perf_counter`` microseconds (CLOCK_MONOTONIC, shared by processes on a host), the same clock as
-    the comm backends' allreduce trace, so ``lmsdp.comm.merge_traces`` lines both up on one timeline."""
+    """Collects spans (seconds of ``perf_counter``) in memory; ``write()`` puts them in ``path``
+    (``{rank}`` replaced by this process's rank)."""
 
-    def __init__(self, path: str) -> None:
-        self.rank = rank_from_env()
+    def __init__(self, path: str, rank: Optional[int] = None) -> None:
+        self.rank = rank_hint() if rank is None else rank
         self.path = path.replace("{rank}", str(self.rank))
-        self.events: List[Dict[str, object]] = []
-        self._lock = threading.Lock()
+        self._trace = ChromeTrace(self.path, self.rank, {tid: name for name, tid in TRACKS.items()}, buffered=True)
 
     def span(self, track: str, name: str, start: float, end: float, args: Optional[dict] = None) -> None:
-        ev: Dict[str, object] = {"name": name, "ph": "X", "pid": self.rank, "tid": TRACKS[track],
-                                 "ts": start * 1e6, "dur": max(0.0, end - start) * 1e6}
-        if args:
-            ev["args"] = args
-        with self._lock:
-            self.events.append(ev)
+        self._trace.span(name, TRACKS[track], start * 1e6, end * 1e6, **(args or {}))
 
     def write(self) -> None:
-        meta = [{"name": "process_name", "ph": "M", "pid": self.rank, "args": {"name": f"rank {self.rank}"}}]
-        meta += [{"name": "thread_name", "ph": "M", "pid": self.rank, "tid": tid, "args": {"name": name}}
-                 for name, tid in TRACKS.items()]
-        with self._lock:
-            data = {"traceEvents": meta + list(self.events), "displayTimeUnit": "ms"}
-        directory = os.path.dirname(self.path)
-        if directory:
-            os.makedirs(directory, exist_ok=True)
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(data, fh)
-        os.replace(tmp, self.path)
+        self._trace.close()

@@ -239,13 +239,11 @@ class CudaTransport(Transport):
 
 
 def make_transport(kind: str, device: torch.device) -> Transport:
-    """``auto`` -> cuda on a CUDA device, loopback otherwise."""
-    if kind == "auto":
-        kind = "cuda" if device.type == "cuda" else "loopback"
-    if kind == "cuda":
-        if device.type != "cuda" or not torch.cuda.is_available():
-            raise ValueError(f"swap transport 'cuda' needs a CUDA device, got {device}")
-        return CudaTransport(device)
-    if kind == "loopback":
-        return LoopbackTransport(device)
-    raise ValueError(f"unknown swap transport {kind!r}; choose auto, cuda or loopback")
+    """The registered transport ``kind`` (``swapping/registry.py``); ``auto``: cuda on a CUDA device,
+    else loopback."""
+    from .registry import TRANSPORTS
+
+    cls = TRANSPORTS.resolve(kind, device).load()
+    if cls is CudaTransport and (device.type != "cuda" or not torch.cuda.is_available()):
+        raise ValueError(f"swap transport 'cuda' needs a CUDA device, got {device}")
+    return cls(device)

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from lmsdp.launcher.errors import TopologyError
-from lmsdp.launcher.topology import (SlurmEnvironment, Topology, check_devices, cpu_share, detect_launched,
+from lmsdp.runtime.topology import (SlurmEnvironment, Topology, check_devices, cpu_share, detect_launched,
                                      detect_topology)
 
 HERE = os.path.dirname(os.path.abspath(__file__))

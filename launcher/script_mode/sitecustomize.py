@@ -29,7 +29,9 @@ def _chain_previous() -> None:
 
 
 def _enable_swap() -> None:
-    if os.environ.get("LMSDP_SWAP", "0").lower() not in ("1", "true", "yes", "on"):
+    from lmsdp.runtime import env as envvars
+
+    if not envvars.flag(envvars.SWAP):
         return
     from lmsdp.swapping import enable_from_env
 

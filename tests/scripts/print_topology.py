@@ -2,7 +2,7 @@
 import dataclasses
 import json
 
-from lmsdp.launcher.topology import detect_topology
+from lmsdp.runtime.topology import detect_topology
 
 topology = detect_topology()
 print("TOPOLOGY " + json.dumps({**dataclasses.asdict(topology), "threads": topology.threads(),

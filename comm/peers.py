@@ -1,0 +1,50 @@
+"""Who is gone when a collective fails: a dead local peer is named, so a CommError says which rank."""
+from __future__ import annotations
+
+import os
+import socket
+from typing import List, Optional, Tuple
+
+from .base import CommError
+
+
+def pid_alive(pid: int) -> bool:
+    """False when the process is gone or a zombie (exited, not yet reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def dead_peers(rank: int, peers: List[Tuple[str, int]]) -> List[int]:
+    """Ranks on this host whose process is gone; ``peers`` is (hostname, pid) per rank."""
+    host = socket.gethostname()
+    return [r for r, (h, pid) in enumerate(peers) if r != rank and h == host and not pid_alive(pid)]
+
+
+def peer_error(backend: str, what: str, exc: BaseException, rank: int, size: int,
+               peers: List[Tuple[str, int]], timeout_s: float) -> CommError:
+    """CommError naming the peer: dead local peers if any are found, else the only other rank of a
+    2-rank job, else 'unknown' (a remote peer or a live but stuck one)."""
+    dead = dead_peers(rank, peers) if peers else []
+    peer: Optional[int] = None
+    if dead:
+        peer = dead[0]
+        who = "peer rank " + ", ".join(str(r) for r in dead) + " (process gone)"
+    elif size == 2:
+        peer = 1 - rank
+        who = f"peer rank {peer}"
+    else:
+        who = "peer rank unknown"
+    text = str(exc).strip()
+    detail = text.splitlines()[0] if text else type(exc).__name__
+    return CommError(f"{backend} backend: {what} with {who} failed/timed out "
+                     f"(timeout {timeout_s:g} s, rank {rank}/{size}): {detail}",
+                     backend=backend, peer=peer)

@@ -1,0 +1,115 @@
+"""Chrome-trace files (chrome://tracing, Perfetto): one writer for every producer (allreduce spans of
+the comm backends, compute / swap spans of the swap engine), a tolerant reader and a merger.
+
+Clock: absolute ``time.perf_counter`` in microseconds (CLOCK_MONOTONIC, shared by every process on
+one host), so the spans of all ranks and of both producers line up on one timeline when merged."""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from typing import IO, Any, Dict, List, Mapping, Optional
+
+
+def now_us() -> float:
+    """The trace clock in microseconds."""
+    return time.perf_counter() * 1e6
+
+
+class ChromeTrace:
+    """Trace writer, ``pid`` = rank, one named ``tid`` per lane.
+
+    Streaming (default): events go to the file as they come (JSON array form) and ``close()`` ends
+    the array; an unclosed file (a rank that died) is still read by chrome://tracing, Perfetto and
+    :func:`load_trace`. ``buffered=True``: events stay in memory and ``close()`` writes the object
+    form atomically (temp file, rename), for producers whose events are cheap to keep."""
+
+    def __init__(self, path: str, rank: int, lanes: Mapping[int, str], buffered: bool = False) -> None:
+        self.path = path
+        self.rank = rank
+        self.buffered = buffered
+        self.events: List[Dict[str, Any]] = []
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        self._f: Optional[IO[str]] = None
+        self._open = True
+        if not buffered:
+            self._f = open(path, "w", encoding="utf-8")
+            self._f.write("[\n")
+        self._first = True
+        self._lock = threading.Lock()
+        self.emit({"name": "process_name", "ph": "M", "pid": rank, "args": {"name": f"rank {rank}"}})
+        for tid, name in lanes.items():
+            self.emit({"name": "thread_name", "ph": "M", "pid": rank, "tid": tid, "args": {"name": name}})
+
+    def emit(self, event: Dict[str, Any]) -> None:
+        with self._lock:
+            if not self._open:
+                return
+            if self._f is None:
+                self.events.append(event)
+                return
+            self._f.write(("" if self._first else ",\n") + json.dumps(event))
+            self._first = False
+
+    def span(self, name: str, tid: int, start_us: float, end_us: float, **args: Any) -> None:
+        """A complete ('X') event on lane ``tid``."""
+        event: Dict[str, Any] = {"name": name, "ph": "X", "pid": self.rank, "tid": tid, "ts": round(start_us, 3),
+                                 "dur": round(max(0.0, end_us - start_us), 3)}
+        if args:
+            event["args"] = args
+        self.emit(event)
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._f is not None:
+                self._f.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._open:
+                return
+            self._open = False
+            if self._f is not None:
+                self._f.write("\n]\n")
+                self._f.close()
+                self._f = None
+                return
+            tmp = self.path + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({"traceEvents": self.events, "displayTimeUnit": "ms"}, f)
+            os.replace(tmp, self.path)
+
+
+def load_trace(path: str) -> List[Dict[str, Any]]:
+    """Events of a chrome trace in array or object form, tolerating an unclosed array."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read().strip()
+    if text.startswith("{"):
+        return list(json.loads(text).get("traceEvents", []))
+    if not text.endswith("]"):
+        text = text.rstrip(",\n ") + "]"
+    return list(json.loads(text))
+
+
+def merge_traces(paths: List[str], out: str) -> int:
+    """Merge chrome traces (e.g. every rank's allreduce and swap traces) into one file; returns the
+    number of events written."""
+    events: List[Dict[str, Any]] = []
+    for p in paths:
+        events.extend(load_trace(p))
+    with open(out, "w", encoding="utf-8") as f:
+        json.dump({"traceEvents": events, "displayTimeUnit": "ms"}, f)
+    return len(events)
+
+
+def rank_path(path: str, rank: int, size: int) -> str:
+    """Per-rank file name: ``{rank}`` in the path is replaced; otherwise ranks > 0 of a multi-rank
+    job get ``.rankN`` before the extension so ranks never write the same file."""
+    if "{rank}" in path:
+        return path.replace("{rank}", str(rank))
+    if size <= 1 or rank == 0:
+        return path
+    stem, ext = os.path.splitext(path)
+    return f"{stem}.rank{rank}{ext}"

@@ -1,0 +1,24 @@
+"""The swap transports lmsdp knows, by name: what moves a saved tensor's bytes off the device and back.
+``swap.transport`` choices, the ``auto`` rule and the README table come from here. A disk tier below
+host memory would be one more entry (a Transport that owns its storage), not a change to the engine.
+
+Torch-free on import: targets are imported only when a transport is created."""
+from __future__ import annotations
+
+from typing import Any
+
+from lmsdp.runtime.registry import Registry
+
+TRANSPORTS = Registry("swap transport")
+
+
+def _is_cuda(device: Any) -> bool:
+    return getattr(device, "type", str(device)) == "cuda"
+
+
+TRANSPORTS.register("cuda", "lmsdp.swapping.transport:CudaTransport",
+                    "CUDA: copies on dedicated swap-out / swap-in streams into pinned host memory, events for ordering",
+                    usable=_is_cuda)
+TRANSPORTS.register("loopback", "lmsdp.swapping.transport:LoopbackTransport",
+                    "CPU worker thread and plain buffers: every engine path (prefetch order, accounting) runs in "
+                    "CPU tests; on a CPU device it saves no memory")
