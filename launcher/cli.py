@@ -22,9 +22,6 @@ import shutil
 import shlex
 import signal
 import sys
-import threading
-import time
-import traceback
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -294,12 +291,16 @@ def run(args: argparse.Namespace, script: Optional[List[str]]) -> int:
             return _print_config(plan)
         if plan.script_mode:
             return exec_script(plan)
+        from .rank import run_rank
+
         return run_rank(plan.config, topology)
     if not plan.script_mode and plan.np == 1 and not (plan.hosts or plan.hostfile):
         if args.dry_run:
             print("# 1 rank on this machine: runs in this process, no mpirun")
             return _print_config(plan)
         from lmsdp.runtime.topology import detect_topology
+
+        from .rank import run_rank
 
         return run_rank(plan.config, detect_topology())
     argv, flavor, env = mpi_command(plan)
@@ -326,87 +327,17 @@ def _print_config(plan: Plan) -> int:
 
 def exec_script(plan: Plan) -> int:
     """Script mode inside an existing rank: replace this process with the user's command."""
+    from .rank import exec_program
+
     env = {**os.environ, **{k: v for k, v in plan.rank_env.items()
                             if k not in (envvars.LAUNCHED, envvars.EXPECTED_NP)}}
-    program = rank_program(plan)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    try:
-        os.execvpe(program[0], program, env)
-    except OSError as exc:
-        raise UserError(f"cannot run {program[0]}: {exc.strerror}") from None
-    return 0  # not reached
-
-
-class EarlyStop:
-    """A stop signal that arrives while the rank is still importing/building is not lost: it is
-    recorded and sent again once the worker has installed its own handlers."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-
-    def __init__(self) -> None:
-        self.pending: List[int] = []
-        self.done = threading.Event()
-
-    def install(self) -> None:
-        for sig in self.SIGNALS:
-            signal.signal(sig, self._record)
-        threading.Thread(target=self._watch, daemon=True, name="lmsdp-early-stop").start()
-
-    def _record(self, signum: int, _frame: Any) -> None:
-        self.pending.append(signum)
-
-    def _watch(self) -> None:
-        while not self.done.wait(0.05):
-            if signal.getsignal(signal.SIGUSR1) != self._record:  # the worker's handler is in place
-                for signum in self.pending:
-                    os.kill(os.getpid(), signum)
-                return
-
-
-def run_rank(config: Any, topology: Any) -> int:
-    """This process is one rank: run the worker; on an exception print it with the rank and exit
-    non-zero at once (no atexit hooks that could wait in a collective for ranks that are gone)."""
-    early = EarlyStop()
-    early.install()
-    try:
-        from .worker import run_worker
-
-        code = run_worker(config, topology)
-    except UserError as exc:
-        _die(f"lmsrun: error: {exc}", exc.exit_code)
-    except BaseException as exc:  # noqa: BLE001 - any failure must end this rank, loudly
-        if isinstance(exc, SystemExit) and exc.code in (0, None):
-            raise
-        traceback.print_exc()
-        reason = f"{type(exc).__name__}: {exc}".strip().splitlines()[0] if str(exc) else type(exc).__name__
-        _die(f"[lmsdp] rank {topology.rank} failed: {reason}", 130 if isinstance(exc, KeyboardInterrupt) else 1)
-    finally:
-        early.done.set()
-    if code >= 128 and envvars.flag(envvars.LAUNCHED) and topology.size > 1:
-        # A requested stop, checkpoint written: exit 0 so mpirun does not kill ranks still saving;
-        # lmsrun itself returns 128+signal.
-        return 0
-    return code
-
-
-def _die(line: str, code: int) -> None:
-    try:
-        sys.stdout.flush()
-    except Exception:  # noqa: BLE001
-        pass
-    print(line, file=sys.stderr, flush=True)
-    time.sleep(0.05)  # let the line reach mpirun before the job is torn down
-    os._exit(code)
+    return exec_program(rank_program(plan), env)
 
 
 def _slurm(argv: List[str]) -> int:
-    """``lmsrun slurm ...``: handled by launcher.slurm when present."""
-    try:
-        from . import slurm  # type: ignore[attr-defined]
-    except ImportError:
-        print("lmsrun: error: 'lmsrun slurm' is not available in this version", file=sys.stderr)
-        return 2
+    """``lmsrun slurm ...``: generate or submit an sbatch script (launcher/slurm.py)."""
+    from . import slurm
+
     return int(slurm.main(argv))
 
 

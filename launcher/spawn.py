@@ -6,9 +6,10 @@ How it works
   the ranks get. lmsrun makes itself a child subreaper, so ranks orphaned by a dying mpirun are
   still its descendants and are killed at the end: no process of the job outlives lmsrun.
 - Output goes through ``launcher.demux.Demux`` (rank prefixes, per-rank logs, last lines per rank).
-- Failure: Open MPI aborts the whole job as soon as one rank exits non-zero or dies by a signal;
-  each rank prints ``[lmsdp] rank R failed: <exception>`` before it exits; lmsrun combines that
-  with mpirun's "first process to do so" message into one report.
+- Failure: Open MPI aborts the whole job as soon as one rank exits non-zero or dies by a signal.
+  A failing rank writes ``rank<R>.json`` into ``job.error_dir`` (``lmsdp.runtime.error_file``);
+  lmsrun reports the earliest. Only deaths by signal, which leave no file, are read from Open MPI's
+  words; a rank's ``[lmsdp] rank R failed`` line remains the fallback (ranks on other hosts).
 - Signals: the first SIGINT/SIGTERM becomes SIGUSR1 to mpirun (config mode), which forwards it to
   every rank; the worker treats it as "stop after this step, checkpoint, exit 0". In script mode the
   signal itself is passed to mpirun (user scripts know SIGTERM/SIGINT, not SIGUSR1). A second
@@ -17,6 +18,7 @@ How it works
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import re
 import signal
@@ -24,7 +26,10 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
+
+from lmsdp.runtime import env as envvars
+from lmsdp.runtime.error_file import ErrorRecord, read_errors
 
 from .demux import Demux
 
@@ -45,6 +50,7 @@ class Job:
     stop_timeout: float = 120.0
     verbose: bool = False
     np: int = 0  # ranks, so each gets its rank<R>.log even when it prints nothing
+    error_dir: Optional[str] = None  # where failing ranks write rank<R>.json (LMSDP_ERROR_DIR)
 
 
 @dataclass
@@ -189,7 +195,8 @@ class Runner:
 
     def _report(self, demux: Demux, returncode: Optional[int]) -> int:
         own = "\n".join(demux.own)
-        failure = self._failure(demux, own)
+        records = read_errors(self.job.error_dir)
+        failure = self._failure(demux, own, records)
         if self.signals:
             return 128 + self.signals[0]
         if returncode == 0:
@@ -200,6 +207,10 @@ class Runner:
             for line in demux.user_errors:
                 if line not in demux.user_errors_shown:
                     print(line, file=sys.stderr)
+            return 2
+        user_errors = [r for r in records if r.user_error]
+        if user_errors and not failure.signal:  # a rank's output was lost, its error file was not
+            print(f"lmsrun: error: {user_errors[0].message}", file=sys.stderr)
             return 2
         code = returncode if returncode and returncode > 0 else 128 + (-(returncode or 0)) if returncode else 1
         if failure.rank is None:
@@ -224,16 +235,27 @@ class Runner:
         return code
 
     @staticmethod
-    def _failure(demux: Demux, own: str) -> Failure:
+    def _failure(demux: Demux, own: str, records: Sequence[ErrorRecord] = ()) -> Failure:
+        """Which rank failed first and why: a death by signal leaves no error file, so Open MPI's
+        words name it; otherwise the earliest error file; otherwise Open MPI's first non-zero exit
+        and the rank's own ``[lmsdp] rank R failed`` line."""
         failure = Failure()
         first = OMPI_FIRST.search(own)
         killed = OMPI_SIGNAL.search(own)
+        if killed and not first:
+            failure.rank, failure.signal = int(killed.group(1)), int(killed.group(2))
+            return failure
+        if records:
+            earliest = records[0]
+            failure.rank, failure.reason = earliest.rank, earliest.reason
+            if first and int(first.group(1)) == earliest.rank:
+                code = OMPI_EXIT.search(own, first.end())
+                failure.exit_code = int(code.group(1)) if code else None
+            return failure
         if first:
             failure.rank = int(first.group(1))
             code = OMPI_EXIT.search(own, first.end())
             failure.exit_code = int(code.group(1)) if code else None
-        elif killed:
-            failure.rank, failure.signal = int(killed.group(1)), int(killed.group(2))
         marks = dict(reversed(demux.marks))  # the first mark per rank wins
         if failure.rank is None and demux.marks:
             failure.rank = demux.marks[0][0]
@@ -250,5 +272,17 @@ def _signame(signum: int) -> str:
 
 
 def run_job(job: Job) -> int:
-    """Run ``job``; returns lmsrun's exit code (the failed rank's code, or 128+signal)."""
-    return Runner(job).run()
+    """Run ``job``; returns lmsrun's exit code (the failed rank's code, or 128+signal). Without an
+    ``error_dir``, a private one is made for this job (ranks on this host find it through
+    ``LMSDP_ERROR_DIR``) and removed afterwards."""
+    if job.error_dir is not None:
+        return Runner(job).run()
+    import shutil
+    import tempfile
+
+    error_dir = tempfile.mkdtemp(prefix="lmsdp-errors-")
+    try:
+        job = dataclasses.replace(job, error_dir=error_dir, env={**job.env, envvars.ERROR_DIR: error_dir})
+        return Runner(job).run()
+    finally:
+        shutil.rmtree(error_dir, ignore_errors=True)

@@ -2,9 +2,11 @@
 
 lmsrun puts this folder first on every rank's PYTHONPATH, so Python imports this module at start-up
 (``site`` imports ``sitecustomize``). It first runs the sitecustomize this one shadows (a distro's or a
-venv's), then, when LMSDP_SWAP=1, switches the swap engine on for the whole process through
-``lmsdp.swapping.enable_from_env()`` -- the user's script is not edited. The engine prints its
-``[lmsdp swap] ...`` line at exit.
+venv's); then it makes an uncaught exception in the script write this rank's error file (for
+lmsrun's report) and abort the whole MPI job when the script uses mpi4py (as ``python -m mpi4py``
+does: otherwise the other ranks wait in MPI_Finalize until they finish); and when LMSDP_SWAP=1 it
+switches the swap engine on for the whole process through ``lmsdp.swapping.enable_from_env()`` --
+the user's script is not edited. The engine prints its ``[lmsdp swap] ...`` line at exit.
 
 Must never break the user's interpreter: failures are reported on stderr and start-up goes on.
 """
@@ -28,6 +30,42 @@ def _chain_previous() -> None:
     spec.loader.exec_module(module)
 
 
+def _record_failures() -> None:
+    """sys.excepthook that writes rank<R>.json, shows the traceback, then aborts an MPI world."""
+    from lmsdp.runtime import env as envvars
+
+    if not envvars.read(envvars.ERROR_DIR):
+        return
+    previous = sys.excepthook
+
+    def hook(kind, exc, tb):  # type: ignore[no-untyped-def]
+        try:
+            from lmsdp.runtime.error_file import write_error
+            from lmsdp.runtime.topology import rank_hint
+
+            write_error(exc, rank_hint())
+        except Exception:  # noqa: BLE001 - the user's traceback must still be shown
+            pass
+        previous(kind, exc, tb)
+        _abort_mpi_world()
+
+    sys.excepthook = hook
+
+
+def _abort_mpi_world() -> None:
+    """MPI_Abort when the script initialized MPI through mpi4py: the other ranks stop now."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is None:
+        return
+    try:
+        if mpi.Is_initialized() and not mpi.Is_finalized():
+            sys.stdout.flush()
+            sys.stderr.flush()
+            mpi.COMM_WORLD.Abort(1)
+    except Exception:  # noqa: BLE001
+        pass
+
+
 def _enable_swap() -> None:
     from lmsdp.runtime import env as envvars
 
@@ -38,7 +76,7 @@ def _enable_swap() -> None:
     enable_from_env()
 
 
-for _step in (_chain_previous, _enable_swap):
+for _step in (_chain_previous, _record_failures, _enable_swap):
     try:
         _step()
     except Exception as _exc:  # noqa: BLE001 - report, never stop the user's program from starting

@@ -1,7 +1,8 @@
 """A model factory for failure tests: a tiny CNN whose forward fails on one rank at one step.
 
-``fail``: "raise" (a RuntimeError), "kill" (SIGKILL to itself), "exit" (os._exit(3)), "hang" (sleeps
-forever inside forward, as a rank stuck in a collective would). The rank comes from the launcher's
+``fail``: "raise" (a RuntimeError), "raise-closed" (closes its stdout and stderr, then raises),
+"raise-flood" (prints 20000 lines, then raises), "kill" (SIGKILL to itself), "exit" (os._exit(3)),
+"hang" (sleeps forever inside forward, as a rank stuck in a collective would). The rank comes from the launcher's
 variables, so this file works under mpirun and torchrun alike; it does not import lmsdp."""
 import os
 import signal
@@ -31,6 +32,14 @@ class Failing(nn.Module):
         if self.calls == self.fail_step and _rank() == self.fail_rank:
             if self.fail == "raise":
                 raise RuntimeError(f"injected failure at step {self.calls}")
+            if self.fail == "raise-closed":
+                os.close(1)
+                os.close(2)
+                raise RuntimeError(f"silent failure at step {self.calls}")
+            if self.fail == "raise-flood":
+                for i in range(20000):
+                    print(f"noise line {i}", flush=False)
+                raise RuntimeError(f"flooded failure at step {self.calls}")
             if self.fail == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             if self.fail == "exit":
