@@ -18,7 +18,7 @@ import pytest
 
 from lmsdp.comm import STAT_KEYS, horovod_available, load_trace
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import REPO_PATH as REPO
 SCRIPT = REPO / "tests" / "comm_scripts" / "dp_check.py"
 VENV_BIN = Path(sys.executable).parent
 BATCH = 4  # per rank; the single-process reference uses 2 * BATCH
@@ -131,7 +131,7 @@ def job(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     return _results[request.param]
 
 
-pytestmark = [pytest.mark.mpi]
+pytestmark = [pytest.mark.integration, pytest.mark.mpi]
 
 
 def test_two_real_ranks(job: dict) -> None:

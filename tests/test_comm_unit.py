@@ -17,7 +17,6 @@ from lmsdp.comm import STAT_KEYS, CommConfig, CommError, get_backend, horovod_av
 from lmsdp.comm.timing import StepTimer, _union_ms
 from lmsdp.runtime.chrome_trace import ChromeTrace, load_trace, merge_traces, rank_path
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_union_of_spans_counts_overlap_once() -> None:
@@ -112,6 +111,7 @@ def _single(backend: str, tmp_path: Path) -> dict:
     return res
 
 
+@pytest.mark.integration
 def test_torch_backend_single_process(tmp_path: Path) -> None:
     r = _single("torch", tmp_path)
     assert (r["name"], r["rank"], r["size"], r["local_rank"], r["local_size"]) == ("torch", 0, 1, 0, 1)
@@ -127,6 +127,7 @@ def test_torch_backend_single_process(tmp_path: Path) -> None:
     assert "comm backend" not in r["stderr"]  # only "auto" announces its choice
 
 
+@pytest.mark.integration
 @pytest.mark.horovod
 @pytest.mark.skipif(not horovod_available(), reason="horovod.torch does not import (not built)")
 def test_horovod_backend_single_process(tmp_path: Path) -> None:
@@ -137,6 +138,7 @@ def test_horovod_backend_single_process(tmp_path: Path) -> None:
     assert all(s["allreduce_count"] == 0 for s in r["stats"])
 
 
+@pytest.mark.integration
 def test_auto_announces_choice_once_on_rank0(tmp_path: Path) -> None:
     r = _single("auto", tmp_path)
     expected = "horovod" if horovod_available() else "torch"

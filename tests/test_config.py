@@ -13,7 +13,7 @@ from lmsdp.launcher.cli import main
 from lmsdp.launcher.config import (Config, ConfigError, build, config_to_dict, dump_config, load_config,
                                    config_reference_rows)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.support import REPO
 QUICKSTART = os.path.join(REPO, "configs", "quickstart.yaml")
 
 
@@ -135,6 +135,7 @@ def test_error_names_yaml_line(tmp_path):
         load_config(path)
 
 
+@pytest.mark.integration
 def test_real_cli_process_prints_one_line(tmp_path):
     """The installed console script: no traceback, exit 2, key path named."""
     path = write(tmp_path, "swap: {threshold: 12 parsecs}\n")
@@ -152,6 +153,7 @@ def _run_main(argv):
         return exc.code
 
 
+@pytest.mark.integration
 def test_readme_config_reference_is_current():
     script = os.path.join(REPO, "scripts", "config_reference.py")
     proc = subprocess.run([sys.executable, script, "--check", os.path.join(REPO, "README.md")],

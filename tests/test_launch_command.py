@@ -10,13 +10,13 @@ from lmsdp.launcher.config import dump_config, load_config
 from lmsdp.launcher.errors import UserError
 from lmsdp.launcher.mpi_command import MPIRequest, build_command, parse_hostfile, parse_hosts
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from tests.support import HERE
 SCRIPTS = os.path.join(HERE, "scripts")
 if SCRIPTS not in sys.path:
     sys.path.append(SCRIPTS)  # the config's model.factory, for load_config in this process
 TINY = os.path.join(SCRIPTS, "tiny.yaml")
 PY = sys.executable
-LMSRUN = os.path.join(os.path.dirname(PY), "lmsrun")
+from tests.support import LMSRUN
 SITE = os.path.join(os.path.dirname(HERE), "launcher", "script_mode")
 ROOT = "--allow-run-as-root " if os.geteuid() == 0 else ""
 # A fixed environment, so the -x list is known: PATH and PYTHONPATH (for the test model factory).
@@ -40,12 +40,14 @@ def worker(*args: str) -> str:
     return f"{PY} -m lmsdp.launcher.cli {TINY}" + "".join(" " + a for a in args)
 
 
+@pytest.mark.integration
 def test_dry_run_default_np_from_config():
     out = dry_run(TINY)
     assert out == (f"/usr/bin/mpirun {ROOT}-np 2 --map-by slot --bind-to none --tag-output {BASE_X} "
                    f"-x LMSDP_EXPECTED_NP=2 -x LMSDP_LAUNCHED=1 {worker()}\n" + resolved(TINY))
 
 
+@pytest.mark.integration
 def test_dry_run_hosts():
     out = dry_run(TINY, "-np", "4", "-H", "localhost:2,node2:2", "--set", "train.steps=3")
     assert out == (f"/usr/bin/mpirun {ROOT}-np 4 -H localhost:2,node2:2 --map-by slot --bind-to none --tag-output "
@@ -53,6 +55,7 @@ def test_dry_run_hosts():
                    + resolved(TINY, "train.steps=3"))
 
 
+@pytest.mark.integration
 def test_dry_run_hostfile(tmp_path):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("# two nodes\nnode1 slots=2\nnode2 slots=2\n")
@@ -61,6 +64,7 @@ def test_dry_run_hostfile(tmp_path):
                    f"{BASE_X} -x LMSDP_EXPECTED_NP=3 -x LMSDP_LAUNCHED=1 {worker()}\n" + resolved(TINY))
 
 
+@pytest.mark.integration
 def test_dry_run_mpi_args_replace_our_binding_and_come_last():
     out = dry_run(TINY, "--mpi-args", "--mca btl tcp,self --bind-to core", "--output-dir", "/tmp/o",
                   "--swap-threshold", "1MiB")
@@ -73,6 +77,7 @@ def test_dry_run_mpi_args_replace_our_binding_and_come_last():
     assert out == first + "\n" + f"# resolved config ({TINY})\n" + dump_config(config)
 
 
+@pytest.mark.integration
 def test_dry_run_oversubscribes_only_beyond_local_cores():
     from lmsdp.launcher.mpi_command import physical_cores
 
@@ -82,6 +87,7 @@ def test_dry_run_oversubscribes_only_beyond_local_cores():
     assert "--oversubscribe" in dry_run(TINY, "-np", "1", "-H", "localhost:1", "--oversubscribe").splitlines()[0]
 
 
+@pytest.mark.integration
 def test_dry_run_script_mode_without_config():
     out = dry_run("-np", "2", "--swap-threshold", "256KiB", "--swap-prefetch", "3", "--swap-recompute", "relu,pool",
                   "--", "python", "train.py", "--lr", "0.1")
@@ -92,6 +98,7 @@ def test_dry_run_script_mode_without_config():
                    f"{PY} train.py --lr 0.1\n# script mode: no config\n")
 
 
+@pytest.mark.integration
 def test_dry_run_single_rank_runs_in_place():
     out = dry_run(TINY, "-np", "1")
     assert out.splitlines()[0] == "# 1 rank on this machine: runs in this process, no mpirun"
@@ -117,6 +124,7 @@ def test_launch_errors_are_one_line(args, words, capsys):
 
 # ---- the pure builder: root flags and other MPIs without depending on who runs the test
 
+@pytest.mark.integration
 def test_build_command_root_and_not_root():
     req = MPIRequest(np=2, program=["python", "t.py"], set_env={"LMSDP_LAUNCHED": "1"}, inherit_env={"PATH": "/b"})
     tail = ["-np", "2", "--map-by", "slot", "--bind-to", "none", "--tag-output", "-x", "PATH",
@@ -126,6 +134,7 @@ def test_build_command_root_and_not_root():
     assert "--oversubscribe" in build_command(req, local_cores=1)
 
 
+@pytest.mark.integration
 def test_build_command_hydra():
     req = MPIRequest(np=4, program=["python", "t.py"], hosts="n1:2,n2:2", mpi_args="-ppn 2",
                      set_env={"LMSDP_LAUNCHED": "1"}, inherit_env={"PATH": "/b", "NCCL_DEBUG": "INFO", "X": "y"})

@@ -2,17 +2,16 @@
 import importlib.util
 import os
 import signal
-import sys
 import time
 
 import pytest
 
-from tests.test_launch_mpi import ENV, LMSRUN, SCRIPTS, Run, assert_no_leftovers  # noqa: F401
+from tests.support import ENV, SCRIPTS, Run, assert_no_leftovers
 
 PLAIN = os.path.join(SCRIPTS, "plain_script.py")
 HVD = os.path.join(SCRIPTS, "hvd_train.py")
 
-pytestmark = pytest.mark.mpi
+pytestmark = [pytest.mark.integration, pytest.mark.mpi]
 
 
 def user_site(tmp_path) -> dict:

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +21,11 @@ import torch
 
 from .slurm_cluster import SlurmCluster, slurm_cluster, slurm_two_nodes  # noqa: F401  (fixtures)
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.integration, pytest.mark.slurm]
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import REPO_PATH as REPO
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
-LMSRUN = os.path.join(os.path.dirname(sys.executable), "lmsrun")
+from tests.support import LMSRUN
 STEPS = 16
 # Shortened quickstart: every run of these tests uses the same settings, so their weights compare.
 TRAIN = [f"train.steps={STEPS}", "train.batch_size=8", "train.checkpoint_every=0", "train.log_every=4",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 from typing import List
 
@@ -13,9 +12,9 @@ import pytest
 
 from lmsdp.launcher import slurm
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import REPO_PATH as REPO
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
-LMSRUN = os.path.join(os.path.dirname(sys.executable), "lmsrun")
+from tests.support import LMSRUN
 
 
 def script(capsys: pytest.CaptureFixture, tmp_path: Path, *argv: str) -> str:
@@ -37,6 +36,7 @@ def sbatch_options(text: str) -> List[str]:
     return options
 
 
+@pytest.mark.integration
 def test_one_node_gpus_with_partition_account_requeue(capsys, tmp_path):
     text = script(capsys, tmp_path, "--nodes", "1", "--gpus-per-node", "4", "--time", "02:00:00",
                   "--partition", "gpu", "--account", "proj42", "--requeue")
@@ -53,6 +53,7 @@ def test_one_node_gpus_with_partition_account_requeue(capsys, tmp_path):
     assert "scontrol requeue" in text and "trap 'forward USR1' USR1" in text and "trap 'forward TERM' TERM" in text
 
 
+@pytest.mark.integration
 def test_several_cpu_nodes_take_launch_np_tasks_and_leave_optional_lines_out(capsys, tmp_path):
     text = script(capsys, tmp_path, "--nodes", "3", "--gpus-per-node", "0", "--no-requeue",
                   "--set", "launch.np=2", "--set", "launch.threads=4")
@@ -66,6 +67,7 @@ def test_several_cpu_nodes_take_launch_np_tasks_and_leave_optional_lines_out(cap
     assert "export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK" in text  # srun >= 22.05 does not inherit it
 
 
+@pytest.mark.integration
 def test_mpirun_launcher_and_config_defaults(tmp_path, capsys):
     cfg = tmp_path / "job.yaml"
     cfg.write_text(Path(QUICKSTART).read_text() + "\nslurm: {nodes: 2, gpus_per_node: 8, launcher: mpirun, "
@@ -91,6 +93,7 @@ def test_mpirun_launcher_and_config_defaults(tmp_path, capsys):
     assert not [o for o in opts if o.startswith("--signal")]
 
 
+@pytest.mark.integration
 def test_overrides_are_shell_quoted_and_resume_always_comes_last(capsys, tmp_path):
     text = script(capsys, tmp_path, "--nodes", "1", "--gpus-per-node", "2",
                   "--set", "train.steps=7", "--set", "name=my run")
@@ -102,6 +105,7 @@ def test_overrides_are_shell_quoted_and_resume_always_comes_last(capsys, tmp_pat
     assert line.endswith("--set train.resume=true &")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("flags", [
     ["--nodes", "1", "--gpus-per-node", "2"],
     ["--nodes", "4", "--gpus-per-node", "8", "--partition", "p", "--account", "a", "--requeue"],
@@ -117,6 +121,7 @@ def test_every_rendered_script_is_complete_valid_bash(capsys, tmp_path, flags):
     assert sbatch_options(text) == [l.split(None, 1)[1] for l in text.splitlines() if l.startswith("#SBATCH")]
 
 
+@pytest.mark.integration
 def test_output_file_is_written_executable_and_output_dir_created(capsys, tmp_path):
     target = tmp_path / "jobs" / "train.sbatch"
     code = slurm.main([QUICKSTART, "--nodes", "1", "--gpus-per-node", "1", "--output", str(target),
@@ -155,6 +160,7 @@ def test_time_seconds_follows_slurm_formats():
         [5400, 330, 3600, 172800, 93780, 86401]
 
 
+@pytest.mark.integration
 def test_templates_ship_with_the_package_and_carry_hand_copy_comments():
     names = sorted(slurm.TEMPLATES.values())
     assert names == sorted(p.name for p in (REPO / "slurm").glob("*.sbatch"))
@@ -168,6 +174,7 @@ def test_templates_ship_with_the_package_and_carry_hand_copy_comments():
     assert "lmsdp.launcher.templates = slurm" in setup and "lmsdp.launcher.templates = *.sbatch" in setup
 
 
+@pytest.mark.integration
 def test_lmsrun_dispatches_slurm_subcommand(tmp_path):
     proc = subprocess.run([LMSRUN, "slurm", QUICKSTART, "--nodes", "2", "--gpus-per-node", "4",
                            "--set", f"train.output_dir={tmp_path}/out"], capture_output=True, text=True, timeout=120)

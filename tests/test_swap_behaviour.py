@@ -302,6 +302,7 @@ def test_cuda_transport_needs_cuda() -> None:
         SwapEngine(SwapConfig(enabled=True, transport="cuda"), "cpu")
 
 
+@pytest.mark.integration
 def test_cpu_run_warns_that_nothing_is_saved() -> None:
     code = textwrap.dedent("""
         import warnings, torch
@@ -331,6 +332,7 @@ print("loss-ok")
 """
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("how", ["enable", "env"])
 def test_script_mode_reports_at_exit(how: str) -> None:
     env = dict(os.environ)

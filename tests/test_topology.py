@@ -1,7 +1,6 @@
 """Topology detection per launch environment, with patched variables (no processes started)."""
 import os
 import subprocess
-import sys
 
 import pytest
 
@@ -9,8 +8,8 @@ from lmsdp.launcher.errors import TopologyError
 from lmsdp.runtime.topology import (SlurmEnvironment, Topology, check_devices, cpu_share, detect_launched,
                                      detect_topology)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-LMSRUN = os.path.join(os.path.dirname(sys.executable), "lmsrun")
+from tests.support import HERE
+from tests.support import LMSRUN
 
 CASES = {
     "openmpi": ({"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
@@ -41,6 +40,7 @@ def test_single_process():
     assert detect_launched({}) is None
 
 
+@pytest.mark.integration
 def test_slurm_batch_script_is_not_a_rank():
     # sbatch's script has SLURM_PROCID=0 but no step: lmsrun must launch ranks there, not be one
     env = {"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_ID": "9"}
@@ -55,6 +55,7 @@ def test_slurm_uneven_tasks_per_node():
     assert (topology.size, topology.local_size, topology.node_rank) == (5, 1, 2)
 
 
+@pytest.mark.integration
 def test_expected_np_mismatch_names_both_numbers():
     env = dict(CASES["openmpi"][0], LMSDP_EXPECTED_NP="16")
     with pytest.raises(TopologyError) as info:
@@ -120,6 +121,7 @@ def test_threads_split_cores():
     assert Topology(local_size=10 * cores, size=10 * cores).threads() >= 1
 
 
+@pytest.mark.integration
 def test_topology_error_from_cli_is_one_line():
     """A rank whose environment is wrong prints one lmsrun line and exits 2, no traceback."""
     env = dict(os.environ, OMPI_COMM_WORLD_RANK="0", OMPI_COMM_WORLD_SIZE="2", LMSDP_EXPECTED_NP="3",

@@ -7,8 +7,11 @@ import sys
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from tests.support import HERE
+
 SCRIPT = os.path.join(HERE, "scripts", "print_topology.py")
+pytestmark = pytest.mark.integration
+
 ROOT_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 
 

@@ -8,7 +8,6 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -18,7 +17,7 @@ from lmsdp.launcher.checkpoint import CheckpointManager
 from lmsdp.launcher.config import load_config
 from lmsdp.launcher.worker import run_worker
 
-LMSRUN = os.path.join(os.path.dirname(sys.executable), "lmsrun")
+from tests.support import LMSRUN
 
 ZOO_CASES = {
     "resnet18": ["model.kwargs={width: 8, num_classes: 10, stem: cifar}", "data.shape=[3, 16, 16]"],
@@ -105,6 +104,7 @@ def assert_same_weights(a, b):
         assert torch.equal(a[key], b[key]), f"{key} differs"
 
 
+@pytest.mark.integration
 def test_sigterm_then_resume_is_bit_exact(tmp_path):
     steps = 30
     config = _resume_config(tmp_path, steps)
@@ -134,6 +134,7 @@ def test_sigterm_then_resume_is_bit_exact(tmp_path):
     assert steps_logged == list(range(1, steps + 1))
 
 
+@pytest.mark.integration
 def test_truncated_checkpoint_is_rejected_and_previous_used(tmp_path):
     config = _resume_config(tmp_path, 6, every=2)
     reference = _lmsrun(config, f"{tmp_path}/ref")
@@ -165,6 +166,7 @@ def test_checkpoint_write_is_atomic(tmp_path):
     assert state["step"] == 3 and path.endswith("step-00000003.pt")
 
 
+@pytest.mark.integration
 @pytest.mark.mpi
 def test_two_ranks_write_one_merged_trace(tmp_path):
     """Swap spans and allreduce spans of both ranks land in one chrome trace, one pid per rank."""
