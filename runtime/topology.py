@@ -170,19 +170,21 @@ class MPICHEnvironment(_MPIVariables):
 
 
 class TorchrunEnvironment(Environment):
-    """torchrun / torch.distributed.run: RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, GROUP_RANK."""
+    """torchrun / torch.distributed.run (or any env:// launch): RANK, WORLD_SIZE, and optionally
+    LOCAL_RANK, LOCAL_WORLD_SIZE, GROUP_RANK, MASTER_ADDR, MASTER_PORT."""
 
     name = "torchrun"
 
     @classmethod
     def detect(cls, env: Optional[Env] = None) -> Optional[Topology]:
         env = os.environ if env is None else env
-        if not all(k in env for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
-            return None
+        if not all(k in env for k in ("RANK", "WORLD_SIZE")):
+            return None  # torch's env:// contract; LOCAL_RANK is optional there (default: one host)
         rank = _int(env, "RANK", cls.name)
         size = _int(env, "WORLD_SIZE", cls.name)
-        local_rank = _int(env, "LOCAL_RANK", cls.name)
+        local_rank = _first_int(env, ["LOCAL_RANK"], cls.name)
         local_size = _first_int(env, ["LOCAL_WORLD_SIZE"], cls.name)
+        local_rank = rank if local_rank is None else local_rank
         local_size = size if local_size is None else local_size
         node = _first_int(env, ["GROUP_RANK"], cls.name)
         node = rank // max(1, local_size) if node is None else node
