@@ -4,9 +4,10 @@ starts each bucket's async all_reduce as soon as its last gradient is accumulate
 
 Rendezvous, in this order:
 1. a process group that is already initialized is reused (and not destroyed at shutdown);
-2. under MPI (``OMPI_COMM_WORLD_SIZE``/``PMI_SIZE``/``PMIX_RANK``): mpi4py gives rank/size/local rank;
-   rank 0 opens a TCPStore on a free port (port 0, so no race) and broadcasts address:port;
-3. torchrun-style ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``;
+2. the topology (``lmsdp.runtime.topology``) says an MPI world exists (mpirun, srun --mpi=pmix):
+   mpi4py gives rank/size/local rank; rank 0 opens a TCPStore on a free port (port 0, so no race)
+   and broadcasts address:port;
+3. the topology has a store address from the launcher (torchrun's MASTER_ADDR/MASTER_PORT);
 4. otherwise a single process on a local free port.
 """
 from __future__ import annotations
@@ -141,7 +142,7 @@ class TorchBackend(Backend):
             raise CommError(f"torch backend: unusable after an earlier failure: {self._failed}",
                             backend="torch", peer=self._failed.peer)
 
-    def _wait(self, work: Any, what: str) -> None:
+    def wait_work(self, work: Any, what: str) -> None:
         try:
             work.wait()
         except Exception as exc:  # gloo raises RuntimeError/DistBackendError on a dead/stuck peer
@@ -156,7 +157,7 @@ class TorchBackend(Backend):
         except Exception as exc:
             raise self.comm_error("broadcast", exc) from exc
         for w in works:
-            self._wait(w, "broadcast")
+            self.wait_work(w, "broadcast")
         if optimizer is not None:
             inner = unwrap_optimizer(optimizer)
             box = [cpu_state(inner.state_dict()) if self.rank == 0 else None]
@@ -179,7 +180,7 @@ class TorchBackend(Backend):
             work = dist.all_reduce(buf, op=_OPS[op], async_op=True)
         except Exception as exc:
             raise self.comm_error("allreduce", exc) from exc
-        self._wait(work, "allreduce")
+        self.wait_work(work, "allreduce")
         if op == "average":
             buf = buf / self.size if not buf.is_floating_point() else buf.div_(self.size)
         return buf.to(tensor.device)
@@ -356,7 +357,7 @@ class TorchDistributedOptimizer(OptimizerProxy):
                 # end time and comm_wait_ms mean the same as for gloo and Horovod
                 while not b.work.is_completed() and time.monotonic() < deadline:
                     time.sleep(50e-6)
-            self.backend._wait(b.work, "allreduce")
+            self.backend.wait_work(b.work, "allreduce")
             if b.done is not None:
                 b.done.wait()
             self.backend.timer.finished(b.key)
