@@ -31,4 +31,4 @@ class SwapConfig:
         "choices": ("auto", "cuda", "loopback"),
         "help": "cuda (streams, pinned memory) or loopback (CPU worker thread; tests); auto picks by device"})
     trace: Optional[str] = field(default=None, metadata={
-        "help": "write chrome-trace JSON of compute / swap-out / swap-in spans to this path"})
+        "help": "write chrome-trace JSON of compute / swap-out / swap-in / stall spans and the saved-bytes counter to this path ({output_dir}, {rank} are replaced)"})

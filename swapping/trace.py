@@ -1,4 +1,5 @@
-"""Chrome-trace (chrome://tracing, Perfetto) JSON of compute / swap-out / swap-in spans, one pid per rank."""
+"""Chrome-trace (chrome://tracing, Perfetto) JSON of compute / swap-out / swap-in / stall spans and the
+saved-activation memory counter, one pid per rank."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,8 @@ import threading
 from typing import Dict, List, Optional
 
 _RANK_VARS = ("OMPI_COMM_WORLD_RANK", "RANK", "PMI_RANK", "SLURM_PROCID")
-TRACKS = {"compute": 0, "swap-out": 1, "swap-in": 2}
+TRACKS = {"compute": 0, "swap-out": 1, "swap-in": 2, "stall": 3}
+MEMORY_COUNTER = "saved activations on device"  # counter ('C') events: args resident_bytes, device_allocated_bytes
 
 
 def rank_from_env() -> int:
@@ -35,6 +37,12 @@ class Tracer:
                                  "ts": start * 1e6, "dur": max(0.0, end - start) * 1e6}
         if args:
             ev["args"] = args
+        with self._lock:
+            self.events.append(ev)
+
+    def counter(self, name: str, t: float, values: Dict[str, float]) -> None:
+        """A counter sample (chrome 'C' event): Perfetto draws it as a stepped line per key."""
+        ev: Dict[str, object] = {"name": name, "ph": "C", "pid": self.rank, "ts": t * 1e6, "args": values}
         with self._lock:
             self.events.append(ev)
 
