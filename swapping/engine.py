@@ -35,6 +35,7 @@ from .units import format_size, parse_size
 
 _ALIGN = 512  # bytes of the first element's address alignment preserved on swap-in
 _PREFETCH_SCAN = 256  # learned-order entries scanned per unpack looking for handles to prefetch
+_STALL_SPAN_MS = 0.01  # stalls shorter than this (an already finished copy) are not drawn in the trace
 _cpu_warned = False
 
 
@@ -457,7 +458,7 @@ class SwapEngine:
             tracer.counter("device memory allocated", t, {"device_allocated_bytes": allocated})
         for thunk, ms in zip(self._stall_thunks, waits):
             start = getattr(thunk, "start", None)
-            if ms > 0 and start is not None:
+            if ms >= _STALL_SPAN_MS and start is not None:
                 t0 = start()
                 tracer.span("stall", "swap-in stall", t0, t0 + ms / 1e3, {"ms": ms, "step": step})
 
