@@ -96,7 +96,8 @@ class _Handle:
                 out_tr, in_tr = self.out_tr, self.in_tr
                 eng.pool.release(self.host, lambda: out_tr.done() and (in_tr is None or in_tr.done()))
             if self.tensor is not None or self.in_tensor is not None:
-                eng._held_change(-self.nbytes)  # autograd freed the saved tensor: off the device
+                with eng._lock:  # autograd freed the saved tensor (maybe on its device thread)
+                    eng._held_change(-self.nbytes)
             eng._live -= 1
         except Exception:  # interpreter shutdown
             pass
@@ -137,9 +138,10 @@ class SwapEngine:
         self._lock = threading.RLock()
         self.tracer: Optional[Tracer] = None
         # Memory timeline (mechanism, cheap): candidate bytes the saved tensors hold on the device,
-        # sampled at every pack / swap-out / swap-in / release; the last finished step's samples are
-        # ``last_memory_timeline`` [(perf_counter s, bytes)], and with ``trace`` they go to the trace.
-        self.record_memory = True
+        # sampled at every pack / swap-out / swap-in / release when ``record_memory`` (on with
+        # ``trace``); the last finished step's samples are ``last_memory_timeline`` [(perf_counter s,
+        # bytes)] and, with ``trace``, counter events in the trace.
+        self.record_memory = bool(config.trace)  # its only reader is the trace (and tests / scripts)
         self.last_memory_timeline: List[Tuple[float, int]] = []
         self._held = 0
         self._mem_log: List[Tuple[float, int]] = []
@@ -358,10 +360,10 @@ class SwapEngine:
 
     def _held_change(self, delta: int) -> None:
         """Saved bytes on the device went up or down: one timeline sample (a tuple append)."""
-        self._held += delta
+        held = self._held = self._held + delta
         if self.record_memory:
             t = time.perf_counter()
-            self._mem_log.append((t, self._held))
+            self._mem_log.append((t, held))
             if self._sample_device:
                 self._device_log.append((t, torch.cuda.memory_allocated(self.device)))
 
