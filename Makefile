@@ -1,4 +1,4 @@
-# Two commands do everything: `make run` and `make test`. Each sets up first (idempotent, seconds
+# Two commands do everything: `make run` (ends with the run's report.html) and `make test`. Each sets up first (idempotent, seconds
 # when already done). `make bench` runs the CPU benchmarks.
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,6 +10,7 @@ setup:
 
 run: setup
 	$(VENV)/bin/lmsrun configs/quickstart.yaml
+	$(VENV)/bin/lmsrun report runs/quickstart
 
 test: setup
 	$(PY) -m pytest -ra $(PYTEST_ARGS)

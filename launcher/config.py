@@ -90,6 +90,8 @@ class TrainConfig:
     resume: bool = field(default=False, metadata={
         "help": "continue from the newest valid checkpoint in checkpoint_dir, if any"})
     progress: bool = field(default=True, metadata={"help": "progress bar / log lines on rank 0"})
+    tensorboard: bool = field(default=False, metadata={
+        "help": "rank 0 writes the per-step scalars to <output_dir>/tb (needs the tensorboard package)"})
 
 
 @dataclass

@@ -21,6 +21,7 @@ from torch import nn
 
 from lmsdp.comm import get_backend, merge_traces
 from lmsdp.runtime.chrome_trace import rank_path
+from lmsdp.runtime.topology import Topology, detect_topology
 from lmsdp.swapping import SwapEngine
 
 from .checkpoint import CheckpointManager
@@ -28,7 +29,7 @@ from .config import Config, config_to_dict, resolve_factory
 from .data import data_spec, make_batches
 from .models import build_model
 from .metrics import MetricsWriter, Progress, RunSummary
-from lmsdp.runtime.topology import Topology, detect_topology
+from .tensorboard import open_scalars
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
@@ -94,6 +95,7 @@ def run_worker(config: Config, topology: Optional[Topology] = None) -> int:
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(train.seed)
 
+    config = _paths_in_output_dir(config)
     backend = get_backend(config.comm, device, topology)
     rank, size = backend.rank, backend.size
     _quiet_warnings(rank)
@@ -132,6 +134,9 @@ def run_worker(config: Config, topology: Optional[Topology] = None) -> int:
     stop = StopRequest()
     stop.install()
     metrics = MetricsWriter(config.output_dir, rank, resumed_at=start_step)
+    scalars = open_scalars(train.tensorboard, is_main, config.output_dir)
+    if is_main:  # what the run was, for `lmsrun report` (titles, budget line, comparisons)
+        _write_json(os.path.join(config.output_dir, "config.json"), config_to_dict(config))
     progress = Progress(steps, start_step, train.log_every, is_main and train.progress, config.name)
     summary = RunSummary()
     exit_code, step = 0, start_step
@@ -170,6 +175,8 @@ def run_worker(config: Config, topology: Optional[Topology] = None) -> int:
                       "samples_per_s": train.batch_size * size / elapsed, "lr": optimizer.param_groups[0]["lr"],
                       **swap_stats, **comm_stats}
             metrics.write(record)
+            if scalars is not None:
+                scalars.write(record)
             if is_main:
                 summary.add(record)
                 progress.update(record)
@@ -189,6 +196,8 @@ def run_worker(config: Config, topology: Optional[Topology] = None) -> int:
         stop.restore()
         progress.close()
         metrics.close()
+        if scalars is not None:
+            scalars.close()
 
     if is_main:
         totals = summary.totals({"ranks": size, "comm_backend": backend.name, **_engine_totals(engine)})
@@ -198,6 +207,16 @@ def run_worker(config: Config, topology: Optional[Topology] = None) -> int:
     merge_rank_traces(config, engine, backend)
     backend.shutdown()
     return exit_code
+
+
+def _paths_in_output_dir(config: Config) -> Config:
+    """``{output_dir}`` in swap.trace / comm.timeline becomes the run's output directory, so a run's
+    traces live with its metrics (and ``lmsrun report RUN_DIR`` finds them)."""
+    def place(path: Optional[str]) -> Optional[str]:
+        return path.replace("{output_dir}", config.output_dir) if path else path
+    return dataclasses.replace(
+        config, swap=dataclasses.replace(config.swap, trace=place(config.swap.trace)),
+        comm=dataclasses.replace(config.comm, timeline=place(config.comm.timeline)))
 
 
 def merge_rank_traces(config: Config, engine: SwapEngine, backend: Any) -> Optional[str]:

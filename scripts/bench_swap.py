@@ -174,14 +174,30 @@ def cpu_section(args: argparse.Namespace, rows: List[Row], results: Dict[str, ob
         idle = SwapEngine(SwapConfig(enabled=True, threshold=1 << 40, transport="loopback"), dev)
         full = SwapEngine(SwapConfig(enabled=True, threshold=0, keep_last=0, budget=0, prefetch=2,
                                      transport="loopback"), dev)
-        t = interleaved(w, [Mode("off"), Mode("idle", idle), Mode("swap_all", full), Mode("save_on_cpu")],
+        # the same two engines with the memory timeline switched off: what recording it costs
+        idle_norec = SwapEngine(SwapConfig(enabled=True, threshold=1 << 40, transport="loopback"), dev)
+        full_norec = SwapEngine(SwapConfig(enabled=True, threshold=0, keep_last=0, budget=0, prefetch=2,
+                                           transport="loopback"), dev)
+        idle.record_memory = full.record_memory = True  # as with swap.trace set
+        idle_norec.record_memory = full_norec.record_memory = False
+        t = interleaved(w, [Mode("off"), Mode("idle", idle), Mode("swap_all", full), Mode("save_on_cpu"),
+                            Mode("idle_norec", idle_norec), Mode("swap_all_norec", full_norec)],
                         batch, args.reps)
+        samples = len(full.last_memory_timeline)
+        sample_ns = memory_sample_ns(full_norec)
+        idle_norec.close()
+        full_norec.close()
         swapped = full.summary()
         idle.close()
         full.close()
         overhead = t["idle"] / t["off"] - 1
         ratio = t["swap_all"] / t["save_on_cpu"]
+        rec_idle = t["idle"] / t["idle_norec"] - 1
+        rec_swap = t["swap_all"] / t["swap_all_norec"] - 1
+        sample_share = samples * sample_ns * 1e-9 / t["swap_all"]
         results[f"cpu_{w.name}"] = {"batch": batch, "median_step_s": t, "overhead": overhead,
+                                    "memory_samples_per_step": samples, "memory_sample_ns": sample_ns,
+                                    "memory_timeline_cost_idle": rec_idle, "memory_timeline_cost_swap_all": rec_swap,
                                     "swap_all_vs_save_on_cpu": ratio,
                                     "swap_bytes_per_step": swapped["swap_out_bytes"] / max(1, swapped["steps"])}
         rows += [
@@ -189,9 +205,32 @@ def cpu_section(args: argparse.Namespace, rows: List[Row], results: Dict[str, ob
             Row("cpu", f"{w.name} engine-on overhead, nothing swapped", f"{overhead * 100:+.1f} %", "<= 3 %"),
             Row("cpu", f"{w.name} swap-all loopback / save_on_cpu (ms)",
                 f"{t['swap_all'] * 1e3:.1f} / {t['save_on_cpu'] * 1e3:.1f}"),
+            Row("cpu", f"{w.name} memory timeline on/off, nothing swapped (ms)",
+                f"{t['idle'] * 1e3:.1f} / {t['idle_norec'] * 1e3:.1f} ({rec_idle * 100:+.1f} %)", "<= 3 %"),
+            Row("cpu", f"{w.name} memory timeline on/off, swap-all (ms)",
+                f"{t['swap_all'] * 1e3:.1f} / {t['swap_all_norec'] * 1e3:.1f} ({rec_swap * 100:+.1f} %)", "<= 3 %"),
+            Row("cpu", f"{w.name} memory timeline: samples/step x ns/sample",
+                f"{samples} x {sample_ns:.0f} ns = {sample_share * 100:.2f} % of the step", "<= 3 %"),
             Row("cpu", f"{w.name} swap-all loopback vs save_on_cpu", f"{ratio:.2f}x time",
                 f"{swapped['swap_out_bytes'] / max(1, swapped['steps']) / 2**20:.1f} MiB/step"),
         ]
+
+
+def memory_sample_ns(engine: SwapEngine, calls: int = 100_000, reps: int = 9) -> float:
+    """What recording one memory-timeline sample adds (ns): the bookkeeping call with recording on
+    minus off, median of ``reps``, interleaved. Samples per step x this = the recording's share."""
+    on: List[float] = []
+    off: List[float] = []
+    for _ in range(reps):
+        for flag, out in ((True, on), (False, off)):
+            engine.record_memory = flag
+            engine._mem_log = []
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                engine._held_change(0)
+            out.append((time.perf_counter() - t0) / calls * 1e9)
+    engine._mem_log = []
+    return max(0.0, statistics.median(on) - statistics.median(off))
 
 
 # ----------------------------------------------------------------------------------------------- GPU

@@ -46,7 +46,7 @@ if ! "$py" -c 'import torch' 2>/dev/null; then
 fi
 
 # Plain Python dependencies: re-checked only when this list changes (stamp file).
-deps=(pyyaml pytest pytest-timeout psutil rich numpy matplotlib mpi4py
+deps=(pyyaml pytest pytest-timeout psutil rich numpy matplotlib mpi4py tensorboard
       packaging wheel "setuptools>=64" cloudpickle cffi)
 stamp="$venv/.lmsdp-deps"
 want=$(printf '%s\n' "${deps[@]}" | sha1sum | cut -c1-12)

@@ -34,4 +34,4 @@ class SwapConfig:
         "help": "how swapped bytes move: " + ", ".join(TRANSPORTS.names()) + "; auto: cuda on a CUDA device, "
                 "else loopback"})
     trace: Optional[str] = field(default=None, metadata={
-        "help": "write chrome-trace JSON of compute / swap-out / swap-in spans to this path"})
+        "help": "write chrome-trace JSON of compute / swap-out / swap-in / stall spans and the saved-bytes counter to this path ({output_dir}, {rank} are replaced)"})

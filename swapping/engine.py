@@ -29,12 +29,13 @@ import torch
 from .config import SwapConfig
 from .pool import HostPool
 from .stats import StepStats, Totals, zero_stats
-from .trace import Tracer
+from .trace import MEMORY_COUNTER, Tracer
 from .transport import LoopbackTransport, Transfer, Transport, make_transport
 from .units import format_size, parse_size
 
 _ALIGN = 512  # bytes of the first element's address alignment preserved on swap-in
 _PREFETCH_SCAN = 256  # learned-order entries scanned per unpack looking for handles to prefetch
+_STALL_SPAN_MS = 0.01  # stalls shorter than this (an already finished copy) are not drawn in the trace
 _cpu_warned = False
 
 
@@ -94,6 +95,9 @@ class _Handle:
             if self.host is not None:
                 out_tr, in_tr = self.out_tr, self.in_tr
                 eng.pool.release(self.host, lambda: out_tr.done() and (in_tr is None or in_tr.done()))
+            if self.tensor is not None or self.in_tensor is not None:
+                with eng._lock:  # autograd freed the saved tensor (maybe on its device thread)
+                    eng._held_change(-self.nbytes)
             eng._live -= 1
         except Exception:  # interpreter shutdown
             pass
@@ -133,6 +137,15 @@ class SwapEngine:
         self._step_id = 0
         self._lock = threading.RLock()
         self.tracer: Optional[Tracer] = None
+        # Memory timeline (mechanism, cheap): candidate bytes the saved tensors hold on the device,
+        # sampled at every pack / swap-out / swap-in / release when ``record_memory`` (on with
+        # ``trace``); the last finished step's samples are ``last_memory_timeline`` [(perf_counter s,
+        # bytes)] and, with ``trace``, counter events in the trace.
+        self.record_memory = bool(config.trace)  # its only reader is the trace (and tests / scripts)
+        self.last_memory_timeline: List[Tuple[float, int]] = []
+        self._held = 0
+        self._mem_log: List[Tuple[float, int]] = []
+        self._device_log: List[Tuple[float, int]] = []
         if not self.enabled:
             return
         self.transport: Transport = make_transport(config.transport, device)
@@ -140,6 +153,8 @@ class SwapEngine:
             _warn_cpu_once(device)
         self.pool = HostPool(pin_memory=self.transport.pin_memory, limit=parse_size(config.host_limit))
         self.tracer = Tracer(config.trace) if config.trace else None
+        # the allocator's own figure costs a stats query per sample: only when tracing, only on CUDA
+        self._sample_device = self.tracer is not None and device.type == "cuda"
         self._learned_pos: Dict[int, int] = {}
         self._learned_len = -1
         self._reset_step()
@@ -161,6 +176,8 @@ class SwapEngine:
         self._outstanding = 0                    # swapped out and not yet requested back
         self._t_fw: Optional[float] = None
         self._t_bw: Optional[float] = None
+        self._mem_log = []
+        self._device_log = []
 
     def __enter__(self) -> "SwapEngine":
         if not self.enabled:
@@ -255,6 +272,7 @@ class SwapEngine:
             st = self._step
             st.packed_tensors += 1
             self._resident += nbytes
+            self._held_change(nbytes)
             if self._resident > st.peak_saved_bytes:
                 st.peak_saved_bytes = self._resident
             h = _Handle(self, len(self._handles), t, version, nbytes)
@@ -290,6 +308,7 @@ class SwapEngine:
         h.host, h.host_view, h.tensor = buf, host, None
         del src, t
         self._resident -= h.nbytes
+        self._held_change(-h.nbytes)
         self._outstanding += 1
         self._step.swap_out_bytes += h.span_bytes
         self._step.swapped_tensors += 1
@@ -339,9 +358,19 @@ class SwapEngine:
         h.in_tensor = dst.as_strided(h.size, h.stride, h.pad)
         if current:
             self._outstanding -= 1
+        self._held_change(h.nbytes)
         self._step.swap_in_bytes += h.span_bytes
         self._step.swap_in_tensors += 1
         self._transfers.append(("swap-in", h.in_tr, h.seq))
+
+    def _held_change(self, delta: int) -> None:
+        """Saved bytes on the device went up or down: one timeline sample (a tuple append)."""
+        held = self._held = self._held + delta
+        if self.record_memory:
+            t = time.perf_counter()
+            self._mem_log.append((t, held))
+            if self._sample_device:
+                self._device_log.append((t, torch.cuda.memory_allocated(self.device)))
 
     def _prefetch_after(self, seq: Optional[int]) -> None:
         """Start swap-ins for the next ``prefetch`` swapped handles after ``seq`` (None: from the start)."""
@@ -400,7 +429,11 @@ class SwapEngine:
                     st.swap_in_ms += ms
                 if self.tracer is not None:
                     self.tracer.span(kind, f"{kind} #{seq}", start, end, {"bytes": tr.nbytes, "step": self._step_id})
-            st.stall_ms = float(sum(thunk() for thunk in self._stall_thunks))
+            waits = [thunk() for thunk in self._stall_thunks]
+            st.stall_ms = float(sum(waits))
+            if self.tracer is not None:
+                self._trace_memory_and_stalls(waits)
+            self.last_memory_timeline = self._mem_log
             st.resident_saved_bytes = self._resident
             st.host_pool_bytes = self.pool.total_bytes
             st.recomputed_modules = self.recomputed_modules
@@ -421,6 +454,20 @@ class SwapEngine:
             self.last_stats = st.as_dict()
             self._reset_step()
             return dict(self.last_stats)
+
+    def _trace_memory_and_stalls(self, waits: List[float]) -> None:
+        """This step's memory samples as counter events and its swap-in stalls as spans (step end)."""
+        tracer, step = self.tracer, self._step_id
+        assert tracer is not None
+        for t, held in self._mem_log:
+            tracer.counter(MEMORY_COUNTER, t, {"resident_bytes": held})
+        for t, allocated in self._device_log:
+            tracer.counter("device memory allocated", t, {"device_allocated_bytes": allocated})
+        for thunk, ms in zip(self._stall_thunks, waits):
+            start = getattr(thunk, "start", None)
+            if ms >= _STALL_SPAN_MS and start is not None:
+                t0 = start()
+                tracer.span("stall", "swap-in stall", t0, t0 + ms / 1e3, {"ms": ms, "step": step})
 
     def _auto_roll(self) -> None:
         self.step_end()

@@ -30,6 +30,22 @@ class Transfer(ABC):
     def span(self) -> Tuple[float, float]: ...
 
 
+class Wait:
+    """A compute wait on a swap-in: calling it gives the stall in ms; ``start()`` the host-clock
+    (``perf_counter`` seconds) moment compute began to wait, for drawing stalls on the timeline."""
+
+    __slots__ = ("_start", "_ms")
+
+    def __init__(self, start: float, ms: float) -> None:
+        self._start, self._ms = start, ms
+
+    def __call__(self) -> float:
+        return self._ms
+
+    def start(self) -> float:
+        return self._start
+
+
 class Transport(ABC):
     """Copy protocol shared by the engine: out (device->host), alloc + in (host->device), wait."""
 
@@ -52,7 +68,8 @@ class Transport(ABC):
 
     @abstractmethod
     def compute_wait(self, transfer: Transfer) -> Callable[[], float]:
-        """Make compute wait for ``transfer`` (never a device-wide sync); returns a thunk giving stall ms."""
+        """Make compute wait for ``transfer`` (never a device-wide sync); returns a thunk giving stall ms
+        (a :class:`Wait` where the wait's start is known)."""
 
     def step_begin(self) -> None:
         """Hook at the first pack of a step (CUDA: timing base)."""
@@ -143,8 +160,7 @@ class LoopbackTransport(Transport):
     def compute_wait(self, transfer: Transfer) -> Callable[[], float]:
         t0 = time.perf_counter()
         transfer.host_wait()
-        ms = (time.perf_counter() - t0) * 1e3
-        return lambda: ms
+        return Wait(t0, (time.perf_counter() - t0) * 1e3)
 
     def close(self) -> None:
         self._out.close()
@@ -231,11 +247,29 @@ class CudaTransport(Transport):
         e0.record(stream)
         stream.wait_event(transfer.end_ev)
         e1.record(stream)
-        return lambda: (e1.synchronize(), e0.elapsed_time(e1))[1]
+        return _CudaWait(self, e0, e1)
 
     def close(self) -> None:
         self.out_stream.synchronize()
         self.in_stream.synchronize()
+
+
+class _CudaWait(Wait):
+    """A stall on the compute stream, timed by two events (resolved at step end, off the hot path)."""
+
+    __slots__ = ("_transport", "_e0", "_e1")
+
+    def __init__(self, transport: CudaTransport, e0: "torch.cuda.Event", e1: "torch.cuda.Event") -> None:
+        super().__init__(0.0, 0.0)
+        self._transport, self._e0, self._e1 = transport, e0, e1
+
+    def __call__(self) -> float:
+        self._e1.synchronize()
+        return self._e0.elapsed_time(self._e1)
+
+    def start(self) -> float:
+        self._e1.synchronize()
+        return self._transport.host_time(self._e0)
 
 
 def make_transport(kind: str, device: torch.device) -> Transport:

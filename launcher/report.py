@@ -1,0 +1,317 @@
+"""``lmsrun report RUN_DIR [RUN_DIR ...] [--out DIR]``: read what runs wrote and draw them.
+
+A run directory (``train.output_dir``) holds ``metrics.rank<R>.jsonl`` (one record per step and
+rank), ``summary.json`` and ``config.json`` (rank 0), and with ``swap.trace`` / ``comm.timeline`` the
+per-rank traces and their merge ``trace.json``. This module finds and loads them, tolerating what a
+killed run leaves (a cut-off JSONL line, no summary, no merged trace): each problem is one warning
+line and the report is drawn from what is readable. Drawing is ``launcher.plots``; the page is
+``write_html`` here. Bad input is a one-line ``lmsrun: error:`` and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import glob
+import html
+import json
+import os
+import re
+import statistics
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from .errors import UserError
+
+Warn = Callable[[str], None]
+METRICS_RE = re.compile(r"metrics\.rank(\d+)\.jsonl$")
+TRACE_GLOBS = ("*trace*.json", "*timeline*.json")  # per-rank traces when trace.json was never merged
+
+
+@dataclass
+class Run:
+    """Everything readable about one run."""
+
+    path: str
+    config: Dict[str, Any] = field(default_factory=dict)
+    summary: Dict[str, Any] = field(default_factory=dict)
+    metrics: Dict[int, List[Dict[str, Any]]] = field(default_factory=dict)  # rank -> records by step
+    trace: List[Dict[str, Any]] = field(default_factory=list)
+    label: str = ""
+
+    @property
+    def name(self) -> str:
+        return str(self.config.get("name") or os.path.basename(os.path.normpath(self.path)))
+
+    @property
+    def model(self) -> str:
+        model = self.config.get("model") or {}
+        return str(model.get("factory") or model.get("name") or "?")
+
+    @property
+    def ranks(self) -> int:
+        return int(self.summary.get("ranks") or len(self.metrics) or 1)
+
+    def describe(self) -> str:
+        """One line saying what the run was: model, ranks, backend, swap settings, batch."""
+        parts = [f"{self.model}", f"{self.ranks} rank{'s' if self.ranks != 1 else ''}"]
+        if self.summary.get("comm_backend"):
+            parts[-1] += f" ({self.summary['comm_backend']})"
+        batch = (self.config.get("train") or {}).get("batch_size")
+        if batch:
+            parts.append(f"batch {batch}/rank")
+        swap = self.config.get("swap") or {}
+        if swap.get("enabled"):
+            parts.append(f"swap threshold {_size(swap.get('threshold'))}, budget {_size(swap.get('budget'))}, "
+                         f"prefetch {swap.get('prefetch')}, keep_last {swap.get('keep_last')}")
+        elif swap:
+            parts.append("swap off")
+        return ", ".join(parts)
+
+
+def _size(value: Any) -> str:
+    from lmsdp.swapping.units import format_size  # noqa: PLC0415 - keeps `lmsrun report --help` light
+
+    return format_size(int(value)) if isinstance(value, (int, float)) else str(value)
+
+
+# ------------------------------------------------------------------------------------------ loading
+def load_run(path: str, warn: Warn) -> Run:
+    """Load one run directory; raises UserError when it holds no run at all."""
+    if not os.path.isdir(path):
+        raise UserError(f"RUN_DIR: {path} is not a directory; give a run's train.output_dir, e.g. runs/quickstart")
+    run = Run(path=path)
+    for metrics_path in sorted(glob.glob(os.path.join(path, "metrics.rank*.jsonl"))):
+        match = METRICS_RE.search(metrics_path)
+        if match:
+            run.metrics[int(match.group(1))] = read_jsonl(metrics_path, warn)
+    run.summary = _read_json(os.path.join(path, "summary.json"), warn) or {}
+    run.config = _read_json(os.path.join(path, "config.json"), warn) or {}
+    if not run.metrics and not run.summary:
+        raise UserError(f"RUN_DIR: {path} holds no run (no metrics.rank<R>.jsonl, no summary.json); "
+                        "give a run's train.output_dir, e.g. runs/quickstart")
+    if not run.summary:
+        warn(f"{path}: no summary.json (the run did not finish?); figures come from the metrics")
+        run.summary = summary_from_metrics(run.metrics)
+    run.trace = load_traces(path, warn)
+    return run
+
+
+def read_jsonl(path: str, warn: Warn) -> List[Dict[str, Any]]:
+    """Records of a metrics file; unreadable lines (cut short by a kill) are skipped with a warning."""
+    records: Dict[int, Dict[str, Any]] = {}
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                records[int(record["step"])] = record  # a resumed run rewrites steps: the last one wins
+            except (ValueError, KeyError, TypeError):
+                warn(f"{path}:{number}: unreadable line skipped (cut short when the run was killed?)")
+    return [records[s] for s in sorted(records)]
+
+
+def _read_json(path: str, warn: Warn) -> Optional[Dict[str, Any]]:
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError) as exc:
+        warn(f"{path}: unreadable ({exc.__class__.__name__}); skipped")
+        return None
+
+
+def load_traces(path: str, warn: Warn) -> List[Dict[str, Any]]:
+    """The merged ``trace.json``, else every per-rank trace in the directory (a run killed before
+    rank 0 merged them); unclosed or cut-off files are read as far as they go."""
+    merged = os.path.join(path, "trace.json")
+    files = [merged] if os.path.exists(merged) else sorted(
+        {f for pattern in TRACE_GLOBS for f in glob.glob(os.path.join(path, pattern))})
+    events: List[Dict[str, Any]] = []
+    for trace_path in files:
+        events.extend(_read_trace(trace_path, warn))
+    return events
+
+
+def _read_trace(path: str, warn: Warn) -> List[Dict[str, Any]]:
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        text = handle.read().strip()
+    try:
+        if text.startswith("{"):
+            return list(json.loads(text).get("traceEvents", []))
+        return list(json.loads(text if text.endswith("]") else text.rstrip(",\n ") + "]"))
+    except ValueError:
+        pass
+    # cut off mid-event: keep the complete events (one per line in the comm backends' trace)
+    events = []
+    for line in text.lstrip("[").splitlines():
+        try:
+            events.append(json.loads(line.strip().rstrip(",")))
+        except ValueError:
+            continue
+    warn(f"{path}: trace cut short; {len(events)} complete events read")
+    return events
+
+
+def summary_from_metrics(metrics: Dict[int, List[Dict[str, Any]]]) -> Dict[str, Any]:
+    """The headline figures of summary.json, recomputed from rank 0's records (a killed run)."""
+    records = metrics.get(0) or next(iter(metrics.values()), [])
+    if not records:
+        return {"ranks": len(metrics)}
+    steady = records[1:] or records
+    out: Dict[str, Any] = {
+        "steps_run": len(records), "last_step": records[-1]["step"], "final_loss": records[-1].get("loss"),
+        "step_time_median_s": statistics.median(r.get("step_time_s", 0.0) for r in steady),
+        "samples_per_s_median": statistics.median(r.get("samples_per_s", 0.0) for r in steady),
+        "ranks": len(metrics)}
+    for key in ("swap_out_bytes", "stall_ms", "allreduce_ms"):
+        if any(key in r for r in records):
+            out[f"{key}_total"] = sum(r.get(key, 0) for r in records)
+    return out
+
+
+def label_runs(runs: List[Run]) -> None:
+    """Short unique labels: the config name, with the directory name where names repeat."""
+    names = [r.name for r in runs]
+    for run in runs:
+        base = os.path.basename(os.path.normpath(run.path))
+        run.label = run.name if names.count(run.name) == 1 else (base if base != run.name else run.path)
+
+
+def check_comparable(runs: List[Run], warn: Warn) -> None:
+    """Runs of different models are still drawn side by side; say so once."""
+    models = {r.model for r in runs}
+    if len(models) > 1:
+        warn("runs are of different models (" + ", ".join(f"{r.label}: {r.model}" for r in runs)
+             + "); curves are overlaid by step, compare with care")
+
+
+# ------------------------------------------------------------------------------------------- output
+def default_out(run_dirs: Sequence[str]) -> str:
+    first = os.path.normpath(run_dirs[0])
+    if len(run_dirs) == 1:
+        return os.path.join(first, "report")
+    return os.path.join(os.path.dirname(first) or ".", "report-compare")
+
+
+def write_html(path: str, runs: List[Run], images: Dict[str, List[str]], comparison: List[str],
+               notes: List[str]) -> None:
+    """One self-contained page: every PNG embedded as a data URI, summary tables, warnings."""
+    def img(png: str) -> str:
+        with open(png, "rb") as handle:
+            data = base64.b64encode(handle.read()).decode("ascii")
+        name = html.escape(os.path.basename(png))
+        return f'<figure><img src="data:image/png;base64,{data}" alt="{name}"><figcaption>{name}</figcaption></figure>'
+
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>lmsdp report: "
+             + html.escape(", ".join(r.label for r in runs)) + "</title><style>"
+             "body{font-family:sans-serif;max-width:1300px;margin:1em auto;color:#222}"
+             "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:2px 8px}"
+             "td.v{text-align:right;font-family:monospace}img{max-width:100%}figure{margin:1em 0}"
+             "figcaption{font-size:11px;color:#777}.warn{color:#a60}</style></head><body>",
+             "<h1>lmsdp run report</h1>"]
+    if notes:
+        parts.append("<ul>" + "".join(f"<li class='warn'>{html.escape(n)}</li>" for n in notes) + "</ul>")
+    if len(runs) > 1:
+        parts.append("<h2>Comparison</h2>" + summary_table(runs) + "".join(img(p) for p in comparison))
+    for run in runs:
+        parts.append(f"<h2>{html.escape(run.label)}</h2><p>{html.escape(run.describe())}<br>"
+                     f"<code>{html.escape(os.path.abspath(run.path))}</code></p>")
+        if len(runs) == 1:
+            parts.append(summary_table(runs))
+        if not run.trace:
+            parts.append("<p class='warn'>No trace in this run: set <code>swap.trace</code> and "
+                         "<code>comm.timeline</code> (e.g. <code>{output_dir}/swap_trace.json</code>) to see "
+                         "memory and the timeline of one step.</p>")
+        parts.extend(img(p) for p in images.get(run.path, []))
+    parts.append("</body></html>")
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(parts))
+
+
+def summary_table(runs: List[Run]) -> str:
+    keys: List[str] = []
+    for run in runs:
+        keys += [k for k in run.summary if k not in keys]
+    head = "<tr><th>metric</th>" + "".join(f"<th>{html.escape(r.label)}</th>" for r in runs) + "</tr>"
+    rows = []
+    for key in keys:
+        cells = "".join(f"<td class='v'>{html.escape(_show(key, r.summary.get(key)))}</td>" for r in runs)
+        rows.append(f"<tr><td>{html.escape(key)}</td>{cells}</tr>")
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _show(key: str, value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and "bytes" in key:
+        return _size(value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmsrun report", allow_abbrev=False,
+        description="Plots of a run (memory over one step, timeline of one step per rank, curves over the "
+                    "run) and report.html; with several runs, their curves overlaid and summaries side by side.")
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a run's train.output_dir, e.g. runs/quickstart")
+    parser.add_argument("--out", metavar="DIR", help="where the PNGs and report.html go "
+                        "(default: RUN_DIR/report, or report-compare next to the first RUN_DIR)")
+    return parser
+
+
+def make_report(run_dirs: Sequence[str], out: Optional[str], warn: Warn) -> str:
+    """Load, draw, write; returns the path of report.html. Warnings also go on the page."""
+    notes: List[str] = []
+
+    def note(message: str) -> None:
+        notes.append(message)
+        warn(message)
+
+    runs: List[Run] = []
+    for path in run_dirs:
+        try:
+            runs.append(load_run(path, note))
+        except UserError as exc:
+            if len(run_dirs) == 1:
+                raise
+            note(f"{exc}; left out")
+    if not runs:
+        raise UserError("RUN_DIR: none of the directories holds a run; give runs' train.output_dir")
+    label_runs(runs)
+    check_comparable(runs, note)
+    try:
+        from . import plots
+    except ImportError as exc:
+        raise UserError(f"report: matplotlib is needed to draw ({exc}); pip install matplotlib") from None
+    out_dir = out or default_out([r.path for r in runs])
+    os.makedirs(out_dir, exist_ok=True)
+    images: Dict[str, List[str]] = {}
+    for index, run in enumerate(runs, 1):
+        prefix = "" if len(runs) == 1 else f"run{index}_"
+        images[run.path] = plots.draw_run(run, out_dir, prefix, note)
+    comparison = plots.draw_comparison(runs, out_dir) if len(runs) > 1 else []
+    report = os.path.join(out_dir, "report.html")
+    write_html(report, runs, images, comparison, notes)
+    return report
+
+
+def main(argv: List[str]) -> int:
+    args = build_parser().parse_args(argv)
+
+    def warn(message: str) -> None:
+        print(f"lmsrun: warning: {message}", file=sys.stderr, flush=True)
+
+    try:
+        path = make_report(args.run_dirs, args.out, warn)
+    except UserError as exc:
+        print(f"lmsrun: error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    print(f"[lmsdp] report: {path}", flush=True)
+    return 0
