@@ -106,8 +106,12 @@ class LaunchConfig:
     mpi_args: str = field(default="", metadata={"help": "extra arguments passed to mpirun verbatim"})
     oversubscribe: bool = field(default=False, metadata={
         "help": "allow more ranks than cores (added anyway when ranks exceed local cores)"})
-    threads: int = field(default=0, metadata={
-        "min": 0, "help": "intra-op threads per rank (0: cores per node / ranks per node)"})
+    threads: Union[int, str] = field(default=0, metadata={
+        "min": 0, "choices": ("auto",),
+        "help": "intra-op threads per rank (0: cores per node / ranks per node; auto: measured per module, "
+                "see launcher/threads.py)"})
+    interop_threads: int = field(default=0, metadata={
+        "min": 0, "help": "inter-op threads per rank (0: torch's default)"})
 
 
 @dataclass
@@ -269,6 +273,10 @@ def _convert_type(value: Any, hint: Any, meta: typing.Mapping[str, Any], path: s
         options = [a for a in typing.get_args(hint) if a is not type(None)]
         for option in options:
             if _matches(value, option):
+                if option is str and choices and value not in choices and len(options) > 1:
+                    close = difflib.get_close_matches(value, choices, n=1)
+                    guess = f" (did you mean '{close[0]}'?)" if close else ""
+                    raise ConfigError(f"{path}: '{value}' is not allowed{guess}; allowed: {_allowed(hint, meta)}")
                 return _convert_type(value, option, meta, path)
         raise ConfigError(f"{path}: expected {_allowed(hint, meta)}, got {_describe(value)}")
     if origin in (list, List):
@@ -429,6 +437,8 @@ def _matches(value: Any, hint: Any) -> bool:
         return isinstance(value, list)
     if hint is str:
         return isinstance(value, str)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
     return True
 
 
