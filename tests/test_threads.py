@@ -96,3 +96,38 @@ def test_choose_keeps_a_count_only_where_it_measurably_helps():
     assert choose_count({1: 5e-6, 2: 20e-6}, base=2, margin=0.1, min_gain_s=20e-6) == 2  # < 20 us
     assert choose_count({1: float("nan"), 2: 1e-3}, base=2, margin=0.1, min_gain_s=20e-6) == 2
     assert candidate_counts(8) == [1, 4, 8] and candidate_counts(1) == [1]
+
+
+MLP = """
+import torch
+def mlp():
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 256), torch.nn.ReLU(),
+                               torch.nn.Linear(256, 256), torch.nn.Tanh(), torch.nn.Linear(256, 10))
+"""
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: auto has nothing to choose")
+def test_auto_trains_bit_exactly_like_the_uniform_rule(tmp_path):
+    """An MLP: its GEMMs run under MKL's strict reproducibility mode (MKL_CBWR=AUTO,STRICT: the same
+    bits at any thread count), and its other ops are too small for ATen to split across threads.
+    Conv / LayerNorm / Embedding backward reductions on CPU split by thread count, so the zoo's
+    ResNet and GPT differ in the last bits between any two thread counts, uniform or not."""
+    (tmp_path / "tinymlp.py").write_text(MLP)
+    (tmp_path / "mlp.yaml").write_text("name: mlp\n")
+    env = {**os.environ, "MKL_CBWR": "AUTO,STRICT", "PYTHONPATH": str(tmp_path)}
+    weights = {}
+    for threads in ("0", "auto"):
+        out = tmp_path / f"run-{threads}"
+        proc = subprocess.run(
+            [LMSRUN, "mlp.yaml", "--set", "model.factory=tinymlp:mlp", "--set", "data.shape=[3, 4, 4]", "--set", "data.classes=10",
+             "--set", "train.steps=9", "--set", "train.batch_size=32", "--set", "train.deterministic=true",
+             "--set", "train.progress=false", "--set", "comm.backend=torch", "--set", f"launch.threads={threads}",
+             "--output-dir", str(out)], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        state = torch.load(sorted((out / "checkpoints").glob("step-*.pt"))[-1], weights_only=False)
+        weights[threads] = state["model"]
+    summary = json.loads((tmp_path / "run-auto" / "summary.json").read_text())
+    assert "threads_auto" in summary  # the plan is reported (which modules moved depends on timing)
+    plan = json.loads((tmp_path / "run-auto" / "threads_plan.json").read_text())
+    assert plan["decided"] and {m["name"] for m in plan["modules"]} >= {"1", "3", "5"}
+    assert all(torch.equal(weights["0"][k], weights["auto"][k]) for k in weights["0"])
