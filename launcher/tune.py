@@ -525,7 +525,7 @@ def explain(tuner: Tuner, pick: Trial, base: Setting, space: Space, batch_source
             by_batch[t.setting.batch] = max(by_batch.get(t.setting.batch, 0.0), t.samples_per_s or 0.0)
     seen = ", ".join(f"{b}: {r:.1f}" for b, r in sorted(by_batch.items()))
     glob = ""
-    if s.batch != base.batch or s.np != base.np:
+    if s.batch * s.np != base.batch * base.np:
         glob = (f"; global batch {base.np * base.batch} -> {s.np * s.batch}: rescale optimizer.lr "
                 "(e.g. linearly) if the run's accuracy matters")
     lines.append(f"train.batch_size = {s.batch}: best samples/s by batch at {s.np}x{s.threads}: {seen or 'none'}; "
