@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--mpi-args", metavar="ARGS", help="extra mpirun arguments, passed verbatim")
     launch.add_argument("--oversubscribe", action="store_true", default=None,
                         help="allow more ranks than cores (added anyway when ranks exceed local cores)")
-    launch.add_argument("--threads", type=_nonneg, metavar="N", help="intra-op threads per rank (0: cores / ranks)")
+    launch.add_argument("--threads", type=_threads, metavar="N|auto",
+                        help="intra-op threads per rank (0: cores / ranks; auto: measured per module)")
     launch.add_argument("--dry-run", action="store_true", help="print the command and the resolved config, run nothing")
     launch.add_argument("--stop-timeout", type=float, default=120.0, metavar="S",
                         help="after SIGINT/SIGTERM, seconds the ranks get to checkpoint before being killed")
@@ -83,6 +84,10 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def _threads(text: str) -> Any:
+    return "auto" if text == "auto" else _nonneg(text)
 
 
 def _nonneg(text: str) -> int:
@@ -111,7 +116,7 @@ class Plan:
     hostfile: Optional[str] = None
     mpi_args: str = ""
     oversubscribe: bool = False
-    threads: int = 0
+    threads: Any = 0  # int, or "auto" (launcher.threads)
     rank_env: Dict[str, str] = field(default_factory=dict)
 
     @property
@@ -184,7 +189,8 @@ def rank_environment(plan: Plan) -> Dict[str, str]:
             from lmsdp.runtime.topology import cpu_share
 
             local = plan.np if not (plan.hosts or plan.hostfile) else 1
-            env["OMP_NUM_THREADS"] = str(plan.threads or cpu_share(local))
+            fixed = plan.threads if isinstance(plan.threads, int) else 0  # auto needs the worker's hooks
+            env["OMP_NUM_THREADS"] = str(fixed or cpu_share(local))
     return env
 
 
@@ -261,7 +267,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _slurm(argv[1:])
     if argv[:1] == ["report"]:
         from . import report
+
         return report.main(argv[1:])
+    if argv[:1] == ["tune"]:
+        from .tune import main as tune_main
+
+        return tune_main(argv[1:])
     script: Optional[List[str]] = None
     if "--" in argv:
         cut = argv.index("--")

@@ -10,7 +10,7 @@ import difflib
 import importlib
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import yaml
 
@@ -105,8 +105,12 @@ class LaunchConfig:
     mpi_args: str = field(default="", metadata={"help": "extra arguments passed to mpirun verbatim"})
     oversubscribe: bool = field(default=False, metadata={
         "help": "allow more ranks than cores (added anyway when ranks exceed local cores)"})
-    threads: int = field(default=0, metadata={
-        "min": 0, "help": "intra-op threads per rank (0: cores per node / ranks per node)"})
+    threads: Union[int, str] = field(default=0, metadata={
+        "min": 0, "choices": ("auto",),
+        "help": "intra-op threads per rank (0: cores per node / ranks per node; auto: measured per module, "
+                "see launcher/threads.py)"})
+    interop_threads: int = field(default=0, metadata={
+        "min": 0, "help": "inter-op threads per rank (0: torch's default)"})
 
 
 @dataclass

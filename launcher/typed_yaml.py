@@ -119,6 +119,10 @@ def _convert_type(value: Any, hint: Any, meta: typing.Mapping[str, Any], path: s
         options = [a for a in typing.get_args(hint) if a is not type(None)]
         for option in options:
             if _matches(value, option):
+                if option is str and choices and value not in choices and len(options) > 1:
+                    close = difflib.get_close_matches(value, choices, n=1)
+                    guess = f" (did you mean '{close[0]}'?)" if close else ""
+                    raise ConfigError(f"{path}: '{value}' is not allowed{guess}; allowed: {_allowed(hint, meta)}")
                 return _convert_type(value, option, meta, path)
         raise ConfigError(f"{path}: expected {_allowed(hint, meta)}, got {_describe(value)}")
     if origin in (list, List):
@@ -225,6 +229,8 @@ def _matches(value: Any, hint: Any) -> bool:
         return isinstance(value, list)
     if hint is str:
         return isinstance(value, str)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
     return True
 
 

@@ -29,6 +29,7 @@ from .config import Config, config_to_dict, resolve_factory
 from .data import data_spec, make_batches
 from .models import build_model
 from .metrics import MetricsWriter, Progress, RunSummary
+from . import threads as module_threads
 from .tensorboard import open_scalars
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -88,7 +89,7 @@ def total_steps(config: Config, steps_per_epoch: int) -> int:
 def run_worker(config: Config, topology: Optional[Topology] = None) -> int:
     """Train per ``config`` as this rank; returns the process exit code (128+signal when stopped)."""
     topology = topology or detect_topology()
-    torch.set_num_threads(topology.threads(config.launch.threads))
+    base_threads = module_threads.configure_threads(config.launch, topology)
     device = topology.device()
     train = config.train
     if train.deterministic:
@@ -105,6 +106,8 @@ def run_worker(config: Config, topology: Optional[Topology] = None) -> int:
         swap_config = dataclasses.replace(swap_config, trace=rank_path(swap_config.trace, rank, size))
     engine = SwapEngine(swap_config, device)
     model = engine.wrap_model(model)
+    per_module = module_threads.attach(model, config.launch, base_threads,
+                                       reduce=lambda t: backend.allreduce(t, op="sum"))
     optimizer = backend.wrap_optimizer(build_optimizer(config, model), model)
     use_amp = train.amp
     amp_dtype = torch.float16 if train.amp_dtype == "float16" else torch.bfloat16
@@ -200,10 +203,15 @@ def run_worker(config: Config, topology: Optional[Topology] = None) -> int:
             scalars.close()
 
     if is_main:
-        totals = summary.totals({"ranks": size, "comm_backend": backend.name, **_engine_totals(engine)})
+        totals = summary.totals({"ranks": size, "comm_backend": backend.name, **_engine_totals(engine),
+                                 **(per_module.summary() if per_module else {})})
+        if per_module:
+            per_module.write(os.path.join(config.output_dir, "threads_plan.json"))
         _write_json(os.path.join(config.output_dir, "summary.json"), totals)
         summary.render(totals)
     engine.close()
+    if per_module:
+        per_module.close()
     merge_rank_traces(config, engine, backend)
     backend.shutdown()
     return exit_code

@@ -1,0 +1,714 @@
+"""``lmsrun tune CONFIG``: choose ranks per node, threads, inter-op threads, batch per rank and the
+binding by measurement, inside a time budget.
+
+    lmsrun tune CONFIG [--time-budget 120s] [--write FILE] [--trial-steps N] [--max-batch N]
+                       [--exhaustive] [--set k=v ..]
+
+Every trial is a real job: the same plan (``cli.make_plan``), command builder (``mpi_command``) and
+runner (``spawn``) as ``lmsrun CONFIG -np N``, with ``train.steps`` small, in a temporary output
+folder; samples/s is the median of rank 0's metrics after the warm-up steps.
+
+Search (workload-aware parallelisation: fit a scaling model to a few trials, measure only where the
+model says a setting could win):
+1. ranks x threads at the config's batch. The uniform rule (config's ranks, cores / ranks threads)
+   first, then anchors (1 rank x all cores, 1 x 1, all ranks x 1). A linear model of one step's
+   time, ``T = A + B / threads + C (ranks - 1)`` (Amdahl per rank plus a cost per extra rank:
+   allreduce and shared memory bandwidth), is fitted by least squares to every measured trial;
+   the unmeasured setting with the best predicted samples/s (ranks x batch / T) is measured next,
+   until none is predicted to beat the best measured by ``MARGIN``.
+2. batch per rank at the best ranks x threads: doubling while ``T = F + S x batch`` (fitted) predicts
+   a gain above ``MARGIN``; the ceiling is the planner's largest batch when a planner is installed,
+   else ``--max-batch`` (default 4 x the config's) or the first failed trial (out of memory).
+3. inter-op threads 1 vs torch's default, and ``--bind-to core`` vs ``none``: one trial each; kept
+   only when measured better by ``MARGIN`` (eager training seldom runs inter-op work).
+``--exhaustive`` measures the whole space instead (the benchmark's reference).
+GPU runs: one rank per GPU, fixed; only the CPU side (threads, inter-op, binding) and the batch vary.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+from .errors import UserError
+
+MARGIN = 0.05  # a setting must beat the best by this much (measured, or predicted) to be kept / tried
+BINDINGS = ("none", "core")
+SLACK_S = 3.0  # tune's own work after the last trial (writing and checking the config)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One point of the search space."""
+
+    np: int
+    threads: int
+    interop: int = 0  # 0: torch's default
+    batch: int = 1
+    bind: str = "none"
+
+    def cells(self) -> List[str]:
+        return [str(self.np), str(self.threads), str(self.interop or "dflt"), str(self.batch), self.bind]
+
+
+@dataclass
+class Trial:
+    setting: Setting
+    predicted: Optional[float] = None
+    samples_per_s: Optional[float] = None
+    wall_s: float = 0.0
+    note: str = ""
+    error: Optional[str] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.samples_per_s is not None
+
+
+# --------------------------------------------------------------------------------------------
+# scaling models (pure: fitted to trials, tested without running anything)
+
+
+def least_squares(rows: List[List[float]], values: List[float]) -> List[float]:
+    """Minimum-norm least-squares coefficients (fewer points than unknowns is fine: the model is then
+    refined as trials come in)."""
+    import torch
+
+    x = torch.tensor(rows, dtype=torch.float64)
+    y = torch.tensor(values, dtype=torch.float64).unsqueeze(1)
+    return [float(v) for v in (torch.linalg.pinv(x) @ y).flatten()]
+
+
+class StepModel:
+    """Step time of one rank at fixed batch: ``T(ranks, threads) = A + B / threads + C (ranks - 1)``,
+    least squares over measured trials; samples/s = ranks x batch / T."""
+
+    def __init__(self) -> None:
+        self.coef: Optional[Tuple[float, float, float]] = None
+
+    def fit(self, trials: Sequence[Trial]) -> bool:
+        rows = [(t.setting, t.setting.np * t.setting.batch / t.samples_per_s) for t in trials if t.ok]
+        if len(rows) < 2:
+            return False
+        a, b, c = least_squares([[1.0, 1.0 / s.threads, s.np - 1.0] for s, _ in rows], [step for _, step in rows])
+        self.coef = (a, max(b, 0.0), max(c, 0.0))  # threads and ranks never make a step longer by themselves
+        return True
+
+    def step_time(self, s: Setting) -> float:
+        assert self.coef is not None
+        a, b, c = self.coef
+        return max(a + b / s.threads + c * (s.np - 1), 1e-9)
+
+    def predict(self, s: Setting) -> float:
+        return s.np * s.batch / self.step_time(s)
+
+    def serial_share(self) -> float:
+        """Share of a one-thread step that more threads do not shorten (Amdahl's serial fraction)."""
+        assert self.coef is not None
+        a, b, _ = self.coef
+        return max(0.0, a) / max(a + b, 1e-12)
+
+
+class BatchModel:
+    """Step time against batch at fixed ranks x threads: ``T = F + S x batch`` (fixed per-step cost:
+    allreduce, optimizer, Python; per-sample cost S); samples/s = ranks x batch / T."""
+
+    def __init__(self) -> None:
+        self.coef: Optional[Tuple[float, float]] = None
+
+    def fit(self, trials: Sequence[Trial]) -> bool:
+        rows = [(t.setting.batch, t.setting.np * t.setting.batch / t.samples_per_s) for t in trials if t.ok]
+        if len({b for b, _ in rows}) < 2:
+            return False
+        fixed, per_sample = least_squares([[1.0, float(b)] for b, _ in rows], [t for _, t in rows])
+        self.coef = (max(fixed, 0.0), max(per_sample, 1e-12))
+        return True
+
+    def predict(self, s: Setting) -> float:
+        assert self.coef is not None
+        fixed, per_sample = self.coef
+        return s.np * s.batch / (fixed + per_sample * s.batch)
+
+
+# --------------------------------------------------------------------------------------------
+# the space
+
+
+@dataclass
+class Space:
+    """What may vary: rank counts, threads per rank for a rank count, batches, inter-op, bindings."""
+
+    cores: int
+    ranks: List[int]
+    batch0: int
+    max_batch: int
+    gpu: bool = False
+
+    def threads_for(self, np_: int) -> List[int]:
+        share = max(1, self.cores // np_)
+        counts = {share}
+        t = 1
+        while t < share:
+            counts.add(t)
+            t *= 2
+        return sorted(counts)
+
+    def grid(self) -> List[Tuple[int, int]]:
+        return [(n, t) for n in self.ranks for t in self.threads_for(n)]
+
+    def batches(self) -> List[int]:
+        out, b = [], self.batch0
+        while b <= self.max_batch:
+            out.append(b)
+            b *= 2
+        return out or [self.batch0]
+
+
+def make_space(config: Any, max_batch: Optional[int]) -> Tuple[Space, str]:
+    """The space for this machine and config; the second value says where the batch ceiling came from."""
+    from .mpi_command import physical_cores
+
+    import torch
+
+    cores = physical_cores()
+    batch0 = config.train.batch_size
+    ceiling, source = planner_batch_ceiling(config)
+    if max_batch is not None:
+        ceiling, source = max_batch, "--max-batch"
+    elif ceiling is None:
+        ceiling, source = 4 * batch0, "4 x the config's batch (no planner installed; also stops at the first OOM)"
+    if torch.cuda.is_available():
+        gpus = torch.cuda.device_count()
+        return Space(cores, [gpus], batch0, max(ceiling, batch0), gpu=True), source
+    return Space(cores, list(range(1, cores + 1)), batch0, max(ceiling, batch0)), source
+
+
+def planner_batch_ceiling(config: Any) -> Tuple[Optional[int], str]:
+    """The largest batch per rank that fits, from the swap planner when it offers ``max_batch(config)``."""
+    try:
+        from lmsdp.swapping import planner  # type: ignore[attr-defined]
+    except ImportError:
+        return None, ""
+    ask = getattr(planner, "max_batch", None)
+    if not callable(ask):
+        return None, ""
+    try:
+        return int(ask(config)), "the swap planner's largest batch that fits"
+    except Exception as exc:  # noqa: BLE001 - the planner's failure must not stop tuning
+        return None, f"planner failed ({type(exc).__name__}); "
+
+
+# --------------------------------------------------------------------------------------------
+# trials: real jobs through the normal launch path
+
+
+class TrialRunner:
+    """Runs one Setting as ``lmsrun CONFIG -np N --threads T ...`` through mpirun and reads samples/s."""
+
+    def __init__(self, config_path: str, overrides: List[str], steps: int, warmup: int, workdir: str,
+                 deadline: float) -> None:
+        self.config_path, self.overrides = config_path, overrides
+        self.steps, self.warmup, self.workdir, self.deadline = steps, warmup, workdir, deadline
+        self.count = 0
+        self.interrupted = False
+
+    def run(self, setting: Setting) -> Trial:
+        from . import cli
+        from .spawn import Job, Runner
+
+        self.count += 1
+        out_dir = os.path.join(self.workdir, f"trial{self.count}")
+        argv = [self.config_path, "-np", str(setting.np), "--threads", str(setting.threads),
+                "--output-dir", out_dir]
+        for item in self.overrides + [
+                f"train.steps={self.steps}", "train.progress=false", "train.resume=false",
+                "train.checkpoint_every=0", f"train.checkpoint_dir={json.dumps(os.path.join(out_dir, 'ckpt'))}",
+                f"train.batch_size={setting.batch}", f"launch.interop_threads={setting.interop}"]:
+            argv += ["--set", item]
+        if setting.bind == "core":
+            argv += ["--mpi-args", f"--map-by slot:PE={setting.threads} --bind-to core"]
+        args = cli.build_parser().parse_args(argv)
+        plan = cli.make_plan(args, None)
+        command, flavor, env = cli.mpi_command(plan)
+        job = Job(command=command, env=env, flavor=flavor, output_dir=out_dir, stop_timeout=5.0, np=plan.np)
+        started = time.monotonic()
+        runner = Runner(job)
+        with _quiet(os.path.join(out_dir, "lmsrun.log")), _deadline(self.deadline) as cut:
+            code = runner.run()
+        trial = Trial(setting, wall_s=time.monotonic() - started)
+        if runner.signals and not cut.is_set():
+            self.interrupted = True  # the user's Ctrl-C / SIGTERM: stop tuning
+        trial.samples_per_s = read_samples_per_s(out_dir, self.warmup)
+        if cut.is_set():
+            trial.note = "cut at the time budget"
+        if trial.samples_per_s is None:
+            trial.error = failure_reason(out_dir, code) if not cut.is_set() else "cut at the time budget"
+        return trial
+
+
+@contextlib.contextmanager
+def _quiet(log_path: str) -> Iterator[None]:
+    """Send the trial's output (rank 0's summary table, mpirun's words) to a log file, not the screen."""
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    handle = open(log_path, "ab")
+    text = io.TextIOWrapper(handle, write_through=True)
+    saved = sys.stdout, sys.stderr
+    sys.stdout = sys.stderr = text
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved
+        text.close()
+
+
+@contextlib.contextmanager
+def _deadline(deadline: float) -> Iterator[threading.Event]:
+    """At ``deadline`` send this process SIGTERM once: the runner turns it into 'every rank stops after
+    this step' (the same path as Ctrl-C). The event says whether it fired."""
+    fired, lock, running = threading.Event(), threading.Lock(), [True]
+
+    def fire() -> None:
+        with lock:
+            if running[0]:
+                fired.set()
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    timer = threading.Timer(max(0.0, deadline - time.monotonic()), fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield fired
+    finally:
+        with lock:
+            running[0] = False
+        timer.cancel()
+
+
+def read_samples_per_s(out_dir: str, warmup: int) -> Optional[float]:
+    """Median samples/s of rank 0's steps after ``warmup`` (None: no measured step)."""
+    path = os.path.join(out_dir, "metrics.rank0.jsonl")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            records = [json.loads(line) for line in handle if line.strip()]
+    except (OSError, ValueError):
+        return None
+    values = [r["samples_per_s"] for r in records if r.get("step", 0) > warmup and "samples_per_s" in r]
+    return statistics.median(values) if values else None
+
+
+def failure_reason(out_dir: str, code: int) -> str:
+    """One line: the rank's error (out of memory spelled out), else the exit code."""
+    lines: List[str] = []
+    for name in ["lmsrun.log"] + sorted(f for f in os.listdir(out_dir) if f.startswith("rank")):
+        try:
+            with open(os.path.join(out_dir, name), encoding="utf-8", errors="replace") as handle:
+                lines += handle.read().splitlines()
+        except OSError:
+            continue
+    for line in lines:
+        if "out of memory" in line.lower() or "OutOfMemoryError" in line:
+            return "out of memory"
+    for pattern in (r"\[lmsdp\] rank \d+ failed: .*", r"lmsrun: error: .*"):
+        for line in lines:
+            match = re.search(pattern, line)
+            if match:
+                return match.group(0)[:160]
+    return f"exit code {code}"
+
+
+# --------------------------------------------------------------------------------------------
+# the search
+
+
+class Tuner:
+    """Runs the model-guided search (or the exhaustive sweep) and keeps every trial in order."""
+
+    def __init__(self, space: Space, base: Setting, runner: Any, budget_s: float, started: float,
+                 printer: Any) -> None:
+        self.space, self.base, self.runner = space, base, runner
+        self.budget_s, self.started, self.printer = budget_s, started, printer
+        self.trials: List[Trial] = []
+        self.stopped: str = ""
+        self.step_model, self.batch_model = StepModel(), BatchModel()
+        self.notes: Dict[str, str] = {}
+
+    # ---- budget
+
+    def _cost_estimate(self) -> float:
+        walls = [t.wall_s for t in self.trials]
+        return statistics.median(walls) if walls else 0.0
+
+    def measure(self, setting: Setting, predicted: Optional[float], note: str = "") -> Optional[Trial]:
+        """Run a trial unless it was run already, the budget cannot hold it, or the user stopped us."""
+        for trial in self.trials:
+            if trial.setting == setting:
+                return trial
+        if self.stopped:
+            return None
+        left = self.started + self.budget_s - SLACK_S - time.monotonic()
+        estimate = self._cost_estimate()
+        if self.trials and estimate > left:
+            self.stopped = (f"time budget: the next trial would take ~{estimate:.0f} s, {max(left, 0):.0f} s left "
+                            f"(estimated from the trials so far)")
+            return None
+        trial = self.runner.run(setting)
+        trial.predicted = predicted
+        if note and not trial.note:
+            trial.note = note
+        self.trials.append(trial)
+        self.printer(len(self.trials), trial)
+        if getattr(self.runner, "interrupted", False):
+            self.stopped = "interrupted"
+        return trial
+
+    def best(self, where: Any = None) -> Optional[Trial]:
+        ok = [t for t in self.trials if t.ok and (where is None or where(t.setting))]
+        return max(ok, key=lambda t: t.samples_per_s) if ok else None  # type: ignore[arg-type,return-value]
+
+    # ---- model-guided
+
+    def search(self) -> None:
+        space, base = self.space, self.base
+        first = self.measure(base, None, "uniform rule (the config)")
+        if first is None or not first.ok:
+            return
+        top = max(space.threads_for(1)) if not space.gpu else max(space.threads_for(space.ranks[0]))
+        anchors = ([(1, top), (1, 1), (space.cores, 1)] if not space.gpu else
+                   [(space.ranks[0], 1)])
+        for n, t in anchors:
+            if (n, t) in space.grid():
+                self.measure(replace(base, np=n, threads=t), self._predict_step(n, t), "anchor for the model")
+        same_batch = lambda s: s.batch == base.batch and s.interop == base.interop and s.bind == base.bind  # noqa: E731
+        while not self.stopped:
+            done = {(t.setting.np, t.setting.threads) for t in self.trials if same_batch(t.setting)}
+            if not self.step_model.fit([t for t in self.trials if same_batch(t.setting)]):
+                break
+            left = [(n, t) for n, t in space.grid() if (n, t) not in done]
+            best = self.best(same_batch)
+            if not left or best is None:
+                break
+            n, t = max(left, key=lambda nt: self.step_model.predict(replace(base, np=nt[0], threads=nt[1])))
+            guess = self.step_model.predict(replace(base, np=n, threads=t))
+            if guess < best.samples_per_s * (1 + MARGIN):  # type: ignore[operator]
+                self.notes["grid"] = (f"{len(left)} of {len(space.grid())} ranks x threads settings not run: "
+                                      f"the model predicts none beats the best by {MARGIN:.0%} "
+                                      f"(best unmeasured: {n} x {t} at {guess:.1f} samples/s)")
+                break
+            self.measure(replace(base, np=n, threads=t), guess, "model's best guess")
+        self.step_model.fit([t for t in self.trials if same_batch(t.setting)])
+        self._batch_stage()
+        self._switch_stage("interop", lambda s: replace(s, interop=1), "inter-op threads 1")
+        if not space.gpu:
+            self._switch_stage("bind", lambda s: replace(s, bind="core"), "--bind-to core")
+
+    def _predict_step(self, n: int, t: int) -> Optional[float]:
+        same = [x for x in self.trials if x.setting.batch == self.base.batch]
+        if self.step_model.fit(same):
+            return self.step_model.predict(replace(self.base, np=n, threads=t))
+        return None
+
+    def _batch_stage(self) -> None:
+        best = self.best()
+        if best is None:
+            return
+        at = best.setting
+        for batch in self.space.batches():
+            if batch <= at.batch or self.stopped:
+                continue
+            line = [t for t in self.trials if replace(t.setting, batch=at.batch) == at]
+            predicted = self.batch_model.predict(replace(at, batch=batch)) if self.batch_model.fit(line) else None
+            current = self.best(lambda s: replace(s, batch=at.batch) == at)
+            if predicted is not None and current is not None and \
+                    predicted < current.samples_per_s * (1 + MARGIN):  # type: ignore[operator]
+                self.notes["batch"] = (f"batch {batch} not run: the model (fixed {self.batch_model.coef[0] * 1e3:.1f} ms "  # type: ignore[index]
+                                       f"+ {self.batch_model.coef[1] * 1e3:.2f} ms/sample per step) predicts "  # type: ignore[index]
+                                       f"{predicted:.1f} samples/s, less than {MARGIN:.0%} above the best")
+                break
+            trial = self.measure(replace(at, batch=batch), predicted, "larger batch")
+            if trial is None:
+                break
+            if not trial.ok:
+                self.notes["batch"] = f"batch {batch} failed ({trial.error}): the ceiling"
+                break
+
+    def _switch_stage(self, key: str, change: Any, what: str) -> None:
+        best = self.best()
+        if best is None or self.stopped:
+            return
+        trial = self.measure(change(best.setting), best.samples_per_s, what)
+        if trial is not None and not trial.ok:
+            self.notes[key] = f"{what} failed: {trial.error}"
+
+    # ---- exhaustive
+
+    def sweep(self) -> None:
+        for n, t in self.space.grid():
+            for batch in self.space.batches():
+                for interop in (0, 1):
+                    for bind in (BINDINGS if not self.space.gpu else ("none",)):
+                        self.measure(Setting(n, t, interop, batch, bind), None)
+                        if self.stopped:
+                            return
+
+
+# --------------------------------------------------------------------------------------------
+# choice, explanation, output
+
+
+def choose(tuner: Tuner) -> Optional[Trial]:
+    """The best trial; an inter-op or binding change counts only when it beats its twin by MARGIN."""
+    best = tuner.best()
+    if best is None:
+        return None
+    s = best.setting
+    for field_name, default in (("interop", 0), ("bind", "none")):
+        if getattr(s, field_name) != default:
+            twin = next((t for t in tuner.trials if t.ok and t.setting == replace(s, **{field_name: default})), None)
+            if twin is not None and best.samples_per_s < twin.samples_per_s * (1 + MARGIN):  # type: ignore[operator]
+                best, s = twin, twin.setting
+    return best
+
+
+def explain(tuner: Tuner, pick: Trial, base: Setting, space: Space, batch_source: str) -> List[str]:
+    """One line per knob: the value and why."""
+    s, rate = pick.setting, pick.samples_per_s or 0.0
+    ok = [t for t in tuner.trials if t.ok]
+    base_trial = next((t for t in ok if t.setting == base), None)
+
+    def rate_of(pred: Any) -> str:
+        found = [t for t in ok if pred(t.setting)]
+        if not found:
+            return "not measured"
+        top = max(found, key=lambda t: t.samples_per_s)  # type: ignore[arg-type,return-value]
+        return f"{top.samples_per_s:.1f} samples/s ({'x'.join(top.setting.cells()[:2])})"
+
+    lines = []
+    gain = f"{rate / base_trial.samples_per_s - 1:+.0%} vs the uniform rule" if base_trial else ""
+    model = tuner.step_model
+    fit = ""
+    if model.coef is not None:
+        a, b, c = model.coef
+        fit = (f"; fit T = {a * 1e3:.1f} + {b * 1e3:.1f}/threads + {c * 1e3:.1f} x (ranks-1) ms: "
+               f"serial share {model.serial_share():.0%}")
+    if space.gpu:
+        lines.append(f"launch.np = {s.np}: one rank per GPU ({s.np} GPU(s)), fixed")
+    else:
+        others = rate_of(lambda x: x.np != s.np and x.batch == s.batch)
+        lines.append(f"launch.np = {s.np}: best measured {rate:.1f} samples/s ({gain}); best other rank count "
+                     f"{others}{fit}")
+    others = rate_of(lambda x: x.np == s.np and x.threads != s.threads and x.batch == s.batch)
+    lines.append(f"launch.threads = {s.threads}: of the rank's share of {max(1, space.cores // s.np)} core(s); "
+                 f"other counts at {s.np} rank(s): {others}")
+    same_shape = lambda x: (x.np, x.threads) == (s.np, s.threads)  # noqa: E731
+    twin = _closest(ok, s, lambda x: same_shape(x) and x.interop != s.interop)
+    twin_text = (f"{twin.setting.interop or 'default'} measured {twin.samples_per_s:.1f} samples/s "
+                 f"({twin.samples_per_s / rate - 1:+.1%}); a change is kept only beyond {MARGIN:.0%}"
+                 if twin else "other values not measured")
+    lines.append(f"launch.interop_threads = {s.interop}{' (torch default)' if s.interop == 0 else ''}: {twin_text}")
+    note = tuner.notes.get("batch", "")
+    by_batch: Dict[int, float] = {}
+    for t in ok:
+        if same_shape(t.setting):
+            by_batch[t.setting.batch] = max(by_batch.get(t.setting.batch, 0.0), t.samples_per_s or 0.0)
+    seen = ", ".join(f"{b}: {r:.1f}" for b, r in sorted(by_batch.items()))
+    glob = ""
+    if s.batch * s.np != base.batch * base.np:
+        glob = (f"; global batch {base.np * base.batch} -> {s.np * s.batch}: rescale optimizer.lr "
+                "(e.g. linearly) if the run's accuracy matters")
+    lines.append(f"train.batch_size = {s.batch}: best samples/s by batch at {s.np}x{s.threads}: {seen or 'none'}; "
+                 f"ceiling {space.max_batch} from {batch_source}{'; ' + note if note else ''}{glob}")
+    if not space.gpu:
+        twin = _closest(ok, s, lambda x: same_shape(x) and x.bind != s.bind)
+        other = (f"--bind-to {twin.setting.bind} measured {twin.samples_per_s:.1f} samples/s "
+                 f"({twin.samples_per_s / rate - 1:+.1%}); a change is kept only beyond {MARGIN:.0%}"
+                 if twin else "the other binding not measured")
+        where = "launch.mpi_args" if s.bind == "core" else "binding"
+        lines.append(f"{where} = --bind-to {s.bind}: {other}"
+                     + ("; note: one rank runs in place without mpirun, so no binding applies" if s.np == 1 else ""))
+    return lines
+
+
+def _closest(trials: List[Trial], s: Setting, pred: Any) -> Optional[Trial]:
+    """The trial matching ``pred`` that differs from ``s`` in the fewest knobs (ties: the faster)."""
+    found = [t for t in trials if pred(t.setting)]
+    if not found:
+        return None
+    diff = lambda t: sum(a != b for a, b in zip(t.setting.cells(), s.cells()))  # noqa: E731
+    return min(found, key=lambda t: (diff(t), -(t.samples_per_s or 0.0)))
+
+
+def write_config(path_in: str, path_out: str, s: Setting, overrides: List[str]) -> None:
+    """The config with the chosen launch.np / threads / interop_threads, train.batch_size (and the
+    binding in launch.mpi_args); then loaded again to prove it is valid."""
+    import yaml
+
+    from .config import Config, load_config
+    from .typed_yaml import apply_override, read_yaml
+
+    raw = read_yaml(path_in)
+    for item in overrides:
+        apply_override(raw, item, Config)
+    launch = raw.setdefault("launch", {}) or {}
+    raw["launch"] = launch
+    launch.update(np=s.np, threads=s.threads, interop_threads=s.interop)
+    mpi_args = re.sub(r"--(map-by|bind-to)\s+\S+", "", str(launch.get("mpi_args", "") or "")).strip()
+    if s.bind == "core":
+        mpi_args = f"{mpi_args} --map-by slot:PE={s.threads} --bind-to core".strip()
+    launch["mpi_args"] = mpi_args
+    train = raw.setdefault("train", {}) or {}
+    raw["train"] = train
+    train["batch_size"] = s.batch
+    folder = os.path.dirname(os.path.abspath(path_out))
+    if not os.path.isdir(folder):
+        raise UserError(f"--write: folder not found: {folder}")
+    try:
+        with open(path_out, "w", encoding="utf-8") as handle:
+            handle.write(f"# written by lmsrun tune from {path_in}\n")
+            yaml.safe_dump(raw, handle, sort_keys=False)
+    except OSError as exc:
+        raise UserError(f"--write: cannot write {path_out}: {exc.strerror}") from None
+    load_config(path_out)
+
+
+def parse_duration(text: str) -> float:
+    """'120', '120s', '2m', '1.5min', '1h' -> seconds (> 0)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h)?\s*", text or "")
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected a duration such as 120s, 2m or 90, got {text!r}")
+    value = float(match.group(1)) * {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, None: 1}[match.group(2)]
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive duration, got {text!r}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with lmsrun's one-line error format."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lmsrun tune", allow_abbrev=False,
+                     description="Choose ranks, threads, inter-op threads, batch and binding by short "
+                                 "measured trials (real launches) inside a time budget.")
+    parser.add_argument("config", help="YAML config to tune")
+    parser.add_argument("--time-budget", type=parse_duration, default=120.0, metavar="DURATION",
+                        help="wall time for all trials, e.g. 120s, 5m (default 120s)")
+    parser.add_argument("--write", metavar="FILE", help="write the config with the chosen values to FILE")
+    parser.add_argument("--trial-steps", type=_positive, default=6, metavar="N",
+                        help="steps per trial, the first --warmup not counted (default 6)")
+    parser.add_argument("--warmup", type=int, default=2, metavar="N", help="warm-up steps per trial (default 2)")
+    parser.add_argument("--max-batch", type=_positive, metavar="N", help="largest batch per rank to try")
+    parser.add_argument("--exhaustive", action="store_true", help="measure the whole space (reference sweep)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every trial (repeatable)")
+    parser.add_argument("--json", metavar="FILE", help="also write every trial and the pick as JSON")
+    return parser
+
+
+def main(argv: List[str]) -> int:
+    try:
+        return run(argv)
+    except UserError as exc:
+        print(f"lmsrun: error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+
+
+def run(argv: List[str]) -> int:
+    started = time.monotonic()
+    args = build_parser().parse_args(argv)
+    if args.warmup < 0 or args.warmup >= args.trial_steps:
+        raise UserError(f"--warmup: expected 0 to {args.trial_steps - 1} (fewer than --trial-steps), got {args.warmup}")
+    if args.write and os.path.isdir(args.write):
+        raise UserError(f"--write: {args.write} is a directory; give a file name, e.g. tuned.yaml")
+    from .config import load_config
+
+    config = load_config(args.config, args.overrides)
+    space, batch_source = make_space(config, args.max_batch)
+    np0 = space.ranks[0] if space.gpu else min(config.launch.np, space.cores)
+    threads0 = config.launch.threads if isinstance(config.launch.threads, int) and config.launch.threads else \
+        max(1, space.cores // np0)
+    base = Setting(np0, threads0, config.launch.interop_threads, config.train.batch_size, "none")
+    kind = "GPU: one rank per GPU" if space.gpu else "CPU"
+    print(f"lmsrun tune: {args.config} on {space.cores} core(s) ({kind}); budget {args.time_budget:.0f} s, "
+          f"{args.trial_steps} steps per trial ({args.warmup} warm-up)", flush=True)
+    header = f"{'#':>3} {'ranks':>5} {'thr':>4} {'interop':>7} {'batch':>5} {'bind':>4} " \
+             f"{'samples/s':>10} {'predicted':>10} {'wall':>6}  note"
+    print(header, flush=True)
+
+    def show(index: int, trial: Trial) -> None:
+        rate = f"{trial.samples_per_s:.1f}" if trial.ok else "failed"
+        pred = f"{trial.predicted:.1f}" if trial.predicted is not None else "-"
+        note = trial.error if trial.error else trial.note
+        n, t, i, b, bind = trial.setting.cells()
+        print(f"{index:>3} {n:>5} {t:>4} {i:>7} {b:>5} {bind:>4} {rate:>10} {pred:>10} {trial.wall_s:>5.1f}s  {note}",
+              flush=True)
+
+    workdir = tempfile.mkdtemp(prefix="lmsrun-tune-")
+    runner = TrialRunner(os.path.abspath(args.config), args.overrides, args.trial_steps, args.warmup, workdir,
+                         deadline=started + args.time_budget - SLACK_S)
+    tuner = Tuner(space, base, runner, args.time_budget, started, show)
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)  # a late budget timer must not kill tune itself
+    try:
+        tuner.sweep() if args.exhaustive else tuner.search()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        shutil.rmtree(workdir, ignore_errors=True)
+    pick = choose(tuner)
+    if pick is None:
+        reason = tuner.trials[0].error if tuner.trials else tuner.stopped or "no trial ran"
+        raise UserError(f"tune: no trial finished ({reason})",
+                        hint="does 'lmsrun CONFIG' run? raise --time-budget if the first trial was cut")
+    for note in tuner.notes.values():
+        print(f"    {note}")
+    if tuner.stopped:
+        print(f"stopped: {tuner.stopped}")
+    grid_size = len(space.grid()) * len(space.batches()) * 2 * (1 if space.gpu else 2)
+    print(f"best: #{tuner.trials.index(pick) + 1}  {pick.setting.np} rank(s) x {pick.setting.threads} thread(s), "
+          f"inter-op {pick.setting.interop or 'default'}, batch {pick.setting.batch}, --bind-to {pick.setting.bind}: "
+          f"{pick.samples_per_s:.1f} samples/s  ({len(tuner.trials)} trials of a {grid_size}-setting space, "
+          f"{time.monotonic() - started:.0f} s)")
+    print("why:")
+    for line in explain(tuner, pick, base, space, batch_source):
+        print(f"  {line}")
+    if args.json:
+        _write_json(args.json, tuner, pick, grid_size)
+    if args.write:
+        write_config(args.config, args.write, pick.setting, args.overrides)
+        print(f"wrote {args.write} (launch.np, launch.threads, launch.interop_threads, train.batch_size, "
+              f"launch.mpi_args)")
+    return 130 if tuner.stopped == "interrupted" else 0
+
+
+def _write_json(path: str, tuner: Tuner, pick: Trial, grid_size: int) -> None:
+    def row(t: Trial) -> Dict[str, Any]:
+        return {**t.setting.__dict__, "samples_per_s": t.samples_per_s, "predicted": t.predicted,
+                "wall_s": t.wall_s, "error": t.error, "note": t.note}
+
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump({"trials": [row(t) for t in tuner.trials], "pick": row(pick), "space_size": grid_size,
+                   "stopped": tuner.stopped}, handle, indent=1)

@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""Uniform thread rule vs ``lmsrun tune``'s pick vs ``launch.threads: auto``, and tune vs an
+exhaustive sweep of the same space, on the zoo's ResNet and GPT (small CPU sizes). Every figure is a
+real ``lmsrun`` run; variants are interleaved, ``--repeats`` times, and the median is reported.
+
+    python scripts/bench_tune.py [--budget 60] [--repeats 3] [--steps 20] [--no-sweep] [--out FILE]
+
+samples/s is the median of rank 0's per-step figures after step ``--steps // 2`` (so that auto's
+measuring steps and every warm-up are left out)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from typing import Dict, List
+
+LMSRUN = os.path.join(os.path.dirname(sys.executable), "lmsrun")
+WORKLOADS: Dict[str, str] = {
+    "resnet18 (w16, 32x32, b16)": """name: bench_resnet
+model: {name: resnet18, kwargs: {width: 16, num_classes: 10, stem: cifar}}
+data: {shape: [3, 32, 32], classes: 10}
+optimizer: {name: sgd, lr: 0.05, momentum: 0.9}
+train: {batch_size: 16, progress: false}
+comm: {backend: torch}
+launch: {np: 2}
+""",
+    "gpt (4x128, seq 128, b8)": """name: bench_gpt
+model: {name: gpt, kwargs: {vocab: 1024, seq_len: 128, layers: 4, width: 128, heads: 4}}
+optimizer: {name: adamw, lr: 0.0003}
+train: {batch_size: 8, progress: false}
+comm: {backend: torch}
+launch: {np: 2}
+""",
+}
+
+
+def run(config: str, out: str, steps: int, extra: List[str]) -> float:
+    argv = [LMSRUN, config, "--set", f"train.steps={steps}", "--set", "train.checkpoint_every=0",
+            "--set", "train.resume=false", "--output-dir", out] + extra
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    with open(os.path.join(out, "metrics.rank0.jsonl")) as handle:
+        records = [json.loads(line) for line in handle]
+    return statistics.median(r["samples_per_s"] for r in records if r["step"] > steps // 2)
+
+
+def tune(config: str, workdir: str, budget: int, exhaustive: bool, tag: str) -> dict:
+    written, report = os.path.join(workdir, f"{tag}.yaml"), os.path.join(workdir, f"{tag}.json")
+    argv = [LMSRUN, "tune", config, "--time-budget", f"{budget}s", "--trial-steps", "4", "--warmup", "1",
+            "--write", written, "--json", report] + (["--exhaustive"] if exhaustive else [])
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    print(proc.stdout, file=sys.stderr)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed:\n{proc.stderr}")
+    with open(report) as handle:
+        data = json.load(handle)
+    data["config"] = written
+    return data
+
+
+def label(pick: dict) -> str:
+    return f"{pick['np']}x{pick['threads']} interop {pick['interop'] or 'dflt'} b{pick['batch']} {pick['bind']}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", type=int, default=60, help="tune's --time-budget in seconds")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--no-sweep", action="store_true", help="skip the exhaustive sweep")
+    parser.add_argument("--out", help="write the results as JSON")
+    args = parser.parse_args()
+    work = tempfile.mkdtemp(prefix="bench-tune-")
+    rows, results = [], {}
+    for name, text in WORKLOADS.items():
+        config = os.path.join(work, f"{name.split()[0]}.yaml")
+        with open(config, "w") as handle:
+            handle.write(text)
+        picked = tune(config, work, args.budget, False, f"{name.split()[0]}-tune")
+        variants = {"uniform rule": (config, []), "tune's pick": (picked["config"], []),
+                    "threads: auto": (config, ["--set", "launch.threads=auto"])}
+        if not args.no_sweep and name.startswith("resnet"):
+            swept = tune(config, work, 900, True, f"{name.split()[0]}-sweep")
+            variants["sweep's best"] = (swept["config"], [])
+        rates: Dict[str, List[float]] = {v: [] for v in variants}
+        for r in range(args.repeats):  # interleaved: every variant once per round
+            for v, (cfg, extra) in variants.items():
+                rates[v].append(run(cfg, os.path.join(work, f"{name.split()[0]}-{v[:4]}-{r}"), args.steps, extra))
+        med = {v: statistics.median(x) for v, x in rates.items()}
+        results[name] = {"median": med, "all": rates, "tune": picked,
+                         "sweep": swept if "sweep's best" in variants else None}
+        rows.append((name, med, picked, results[name]["sweep"]))
+    print("\n| workload | uniform rule | tune's pick (setting, trials) | threads: auto | tune / uniform | auto / uniform |")
+    print("|---|---|---|---|---|---|")
+    for name, med, picked, _ in rows:
+        u, t, a = med["uniform rule"], med["tune's pick"], med["threads: auto"]
+        print(f"| {name} | {u:.1f} | {t:.1f} ({label(picked['pick'])}, {len(picked['trials'])} trials) | {a:.1f} | "
+              f"{t / u:.2f} | {a / u:.2f} |")
+    for name, med, picked, swept in rows:
+        if swept:
+            t, s = med["tune's pick"], med["sweep's best"]
+            print(f"\n{name}: tune {t:.1f} samples/s with {len(picked['trials'])} trials ({label(picked['pick'])}) vs "
+                  f"sweep's best {s:.1f} with {len(swept['trials'])} trials ({label(swept['pick'])}), both re-measured "
+                  f"interleaved: tune / sweep = {t / s:.2f}; trials {len(picked['trials'])}/{len(swept['trials'])} = "
+                  f"{len(picked['trials']) / len(swept['trials']):.2f}; during the sweep its best trial read "
+                  f"{swept['pick']['samples_per_s']:.1f}")
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump(results, handle, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""lmsrun tune: the scaling models, the flags, and a real tuning run on the quickstart config that
+keeps to its time budget, explains every knob and writes a config that loads and runs."""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lmsdp.launcher.config import load_config
+from lmsdp.launcher.tune import BatchModel, Setting, Space, StepModel, Trial, parse_duration
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LMSRUN = os.path.join(os.path.dirname(sys.executable), "lmsrun")
+QUICKSTART = os.path.join(REPO, "configs", "quickstart.yaml")
+SMALL = ["--set", "model.kwargs={width: 8, num_classes: 10, stem: cifar}", "--set", "data.shape=[3, 16, 16]",
+         "--set", "swap.enabled=false", "--set", "comm.backend=torch"]
+
+
+def _trial(np_, threads, batch, step_s):
+    return Trial(Setting(np_, threads, 0, batch, "none"), samples_per_s=np_ * batch / step_s)
+
+
+def test_step_model_recovers_amdahl_and_rank_cost():
+    a, b, c = 0.010, 0.040, 0.005  # seconds: serial, parallel (one thread), per extra rank
+    trials = [_trial(n, t, 16, a + b / t + c * (n - 1)) for n, t in [(1, 1), (1, 4), (4, 1), (2, 2)]]
+    model = StepModel()
+    assert model.fit(trials)
+    assert model.coef == pytest.approx((a, b, c), rel=1e-6)
+    assert model.serial_share() == pytest.approx(a / (a + b))
+    assert model.predict(Setting(8, 1, 0, 16)) == pytest.approx(8 * 16 / (a + b + 7 * c))
+
+
+def test_batch_model_predicts_the_fixed_cost_amortised():
+    model = BatchModel()
+    assert model.fit([_trial(2, 1, 16, 0.02 + 16 * 0.001), _trial(2, 1, 32, 0.02 + 32 * 0.001)])
+    assert model.predict(Setting(2, 1, 0, 64)) == pytest.approx(2 * 64 / (0.02 + 0.064))
+
+
+def test_space_keeps_ranks_times_threads_within_the_cores():
+    space = Space(cores=16, ranks=list(range(1, 17)), batch0=8, max_batch=32)
+    assert all(n * t <= 16 for n, t in space.grid())
+    assert space.threads_for(1) == [1, 2, 4, 8, 16] and space.threads_for(3) == [1, 2, 4, 5]
+    assert space.batches() == [8, 16, 32]
+
+
+def test_durations():
+    assert parse_duration("120s") == 120 and parse_duration("2m") == 120 and parse_duration("90") == 90
+    for bad in ("abc", "0s", "-5", "12q"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_duration(bad)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["tune"], "the following arguments are required: config"),
+    (["tune", QUICKSTART, "--time-budget", "soon"], "--time-budget: expected a duration"),
+    (["tune", QUICKSTART, "--trial-steps", "0"], "--trial-steps: expected a positive integer"),
+    (["tune", QUICKSTART, "--warmup", "9"], "--warmup: expected 0 to 5"),
+    (["tune", QUICKSTART, "--write", "/tmp"], "--write: /tmp is a directory"),
+    (["tune", QUICKSTART, "--bogus"], "unrecognized arguments: --bogus"),
+    (["tune", QUICKSTART, "--set", "launch.threads=many"], "launch.threads: 'many' is not allowed"),
+    (["tune", "missing.yaml"], "config file not found: missing.yaml"),
+])
+def test_bad_flags_are_one_line_errors(argv, words):
+    proc = subprocess.run([LMSRUN] + argv, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lmsrun: error: ") and words in lines[0], proc.stderr
+
+
+@pytest.mark.mpi
+def test_tune_quickstart_keeps_its_budget_explains_and_writes_a_runnable_config(tmp_path):
+    budget = 30
+    out = tmp_path / "tuned.yaml"
+    started = time.monotonic()
+    proc = subprocess.run([LMSRUN, "tune", QUICKSTART, "--time-budget", f"{budget}s", "--trial-steps", "3",
+                           "--warmup", "1", "--write", str(out)] + SMALL,
+                          capture_output=True, text=True, timeout=budget + 60, cwd=tmp_path)
+    wall = time.monotonic() - started
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert wall <= budget + 10, f"tune took {wall:.0f} s for a {budget} s budget\n{proc.stdout}"
+    text = proc.stdout
+    assert "uniform rule (the config)" in text and "best: #" in text
+    why = text.split("why:\n", 1)[1].splitlines()
+    for knob in ("launch.np = ", "launch.threads = ", "launch.interop_threads = ", "train.batch_size = "):
+        assert sum(line.strip().startswith(knob) for line in why) == 1, text
+    assert any(line.strip().startswith(("binding = ", "launch.mpi_args = ")) for line in why), text
+    tuned = load_config(str(out))  # loads and validates
+    assert tuned.train.batch_size >= 16 and tuned.launch.np >= 1 and isinstance(tuned.launch.threads, int)
+    run = subprocess.run([LMSRUN, str(out), "--set", "train.steps=2", "--set", "train.progress=false",
+                          "--output-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert (tmp_path / "run" / "summary.json").exists()
