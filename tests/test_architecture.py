@@ -1,0 +1,68 @@
+"""The seams the design rests on, checked on the sources: the topology module is the only reader of
+launcher rank variables, every LMSDP_* variable is registered (and so documented), swapping/ and
+comm/ never import the launcher, and the config choices come from the registries."""
+import os
+import re
+
+import pytest
+
+from lmsdp.comm.config import CommConfig
+from lmsdp.comm.registry import BACKENDS
+from lmsdp.runtime.env import VARIABLES
+from lmsdp.swapping.config import SwapConfig
+from lmsdp.swapping.registry import TRANSPORTS
+from tests.support import REPO
+
+PACKAGES = ("launcher", "comm", "swapping", "runtime")
+RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "PMI_RANK",
+                  "PMI_SIZE", "PMIX_RANK", "SLURM_PROCID", "SLURM_LOCALID", "LOCAL_RANK", "WORLD_SIZE",
+                  "MASTER_ADDR", "MASTER_PORT")
+
+
+def sources(*folders: str, suffixes=(".py",)):
+    for folder in folders:
+        for root, _dirs, files in os.walk(os.path.join(REPO, folder)):
+            for name in files:
+                if name.endswith(suffixes):
+                    path = os.path.join(root, name)
+                    yield os.path.relpath(path, REPO), open(path, encoding="utf-8").read()
+
+
+def test_only_topology_reads_rank_variables():
+    pattern = re.compile(r"environ(?:\.get)?\s*[\[(]\s*[\"'](" + "|".join(RANK_VARIABLES) + r")[\"']")
+    readers = sorted({path for path, text in sources(*PACKAGES) if pattern.search(text)})
+    assert readers == [], f"rank variables read outside runtime/topology.py: {readers}"
+    topology = open(os.path.join(REPO, "runtime", "topology.py"), encoding="utf-8").read()
+    assert "OMPI_COMM_WORLD_RANK" in topology and "SLURM_PROCID" in topology
+
+
+def test_every_lmsdp_variable_is_registered():
+    used = set()
+    for _path, text in sources(*PACKAGES, "scripts", "slurm", suffixes=(".py", ".sh", ".sbatch")):
+        used |= set(re.findall(r"\bLMSDP_[A-Z0-9_]*[A-Z0-9]\b", text))
+    missing = sorted(used - set(VARIABLES))
+    assert not missing, f"add these to lmsdp.runtime.env with a one-line doc: {missing}"
+
+
+@pytest.mark.parametrize("package", ["swapping", "comm", "runtime"])
+def test_no_import_of_the_launcher(package):
+    bad = [path for path, text in sources(package) if re.search(r"^\s*(from|import)\s+lmsdp\.launcher", text, re.M)]
+    assert bad == []
+
+
+def test_runtime_does_not_import_torch():
+    bad = [path for path, text in sources("runtime") if re.search(r"^import torch|^from torch", text, re.M)]
+    assert bad == []
+
+
+def test_config_choices_come_from_the_registries():
+    def choices(cls, name):
+        return next(f for f in cls.__dataclass_fields__.values() if f.name == name).metadata["choices"]
+
+    assert choices(CommConfig, "backend") == BACKENDS.choices() == ("auto", "horovod", "torch")
+    assert choices(SwapConfig, "transport") == TRANSPORTS.choices() == ("auto", "cuda", "loopback")
+
+
+def test_registry_rejects_unknown_names_with_a_guess():
+    with pytest.raises(ValueError, match="did you mean 'horovod'"):
+        BACKENDS.get("horovd")
