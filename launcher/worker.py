@@ -27,7 +27,7 @@ from .checkpoint import CheckpointManager
 from .config import Config, config_to_dict, resolve_factory
 from .data import data_spec, make_batches
 from .models import build_model
-from .report import MetricsWriter, Progress, RunSummary
+from .metrics import MetricsWriter, Progress, RunSummary
 from .topology import Topology, detect_topology
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
