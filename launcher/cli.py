@@ -259,6 +259,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["slurm"]:
         return _slurm(argv[1:])
+    if argv[:1] == ["plan"]:
+        from .plan import main as plan_main
+
+        return plan_main(argv[1:])
     script: Optional[List[str]] = None
     if "--" in argv:
         cut = argv.index("--")
