@@ -110,7 +110,7 @@ def _time_batch(workload: Any, batch: int, requested: Optional[int]) -> int:
         return requested
     from lmsdp.swapping.planner import _sizes_profile
 
-    saved = sum(t.nbytes for t in _sizes_profile(workload, batch, None, 0).tensors)
+    saved = sum(t.nbytes for t in _sizes_profile(workload, batch, None, 0).tensors)  # one fake run
     return batch if saved <= (1 << 30) else 1
 
 
@@ -171,9 +171,15 @@ def module_rows(result: Any, depth: int) -> List[Tuple[str, int, str, str]]:
             moved = sum(t.nbytes for t in swapped)
             why.append(f"{_size(moved)} out+in {2 * moved / result.link_bps * 1e3:.1f} ms, "
                        f">= {gap * 1e3:.1f} ms of compute to hide it")
-        if not parts or (len(swapped) < len(mods) - n_re):
+        kept = sum(1 for t in base.tensors if t.module in mods) - len(swapped)
+        if not parts or (kept > 0 and not n_re):
             parts.append("keep")
-            why.append("needed soon in backward or not needed to fit" if chosen is not None else "does not fit")
+            if chosen is None:
+                why.append("the target cannot be met")
+            elif not chosen.prediction.swapped:
+                why.append("fits without swapping")
+            else:
+                why.append("used early in backward or too little compute to hide a copy")
         rows.append((key, g["bytes"], "+".join(parts), "; ".join(why)))
     return rows
 
@@ -190,10 +196,10 @@ def render(result: Any, depth: int, name: str, out: Any = sys.stdout) -> None:
     w(f"{'module':<{width}}  {'saved':>10}  {'decision':<16}  why\n")
     for key, nbytes, decision, why in rows:
         w(f"{key:<{width}}  {_size(nbytes):>10}  {decision:<16}  {why}\n")
-    w(f"\n{'strategy':<22}  {'peak':>10}  {'saved peak':>10}  {'step':>9}  {'exposed':>9}  fits\n")
+    w(f"\n{'strategy':<24}  {'peak':>10}  {'saved peak':>10}  {'step':>9}  {'exposed':>9}  fits\n")
     for st in result.strategies:
         p = st.prediction
-        w(f"{st.name:<22}  {_size(p.peak_device_bytes):>10}  {_size(p.peak_saved_bytes):>10}  "
+        w(f"{st.name:<24}  {_size(p.peak_device_bytes):>10}  {_size(p.peak_saved_bytes):>10}  "
           f"{p.step_s * 1e3:>7.1f}ms  {p.exposed_s * 1e3:>7.1f}ms  {'yes' if st.fits else 'no'}\n")
 
 
@@ -298,12 +304,25 @@ def main(argv: List[str]) -> int:
 def run(args: argparse.Namespace) -> int:
     from .config import load_config
 
-    config = load_config(args.config, args.overrides)
+    batch_text = args.batch
+    batch = 0
+    if batch_text is not None and batch_text != "max":
+        try:
+            batch = int(batch_text)
+        except ValueError:
+            batch = 0
+        if batch < 1:
+            raise UserError(f"--batch: expected a positive integer or 'max', got '{batch_text}'")
     if args.depth < 1:
         raise UserError(f"--depth: expected 1 or more, got {args.depth}")
+    if args.link_gbps is not None and args.link_gbps <= 0:
+        raise UserError(f"--link-gbps: expected a positive number of GB/s, got {args.link_gbps:g}")
+    if args.time_batch is not None and args.time_batch < 0:
+        raise UserError(f"--time-batch: expected 0 or more, got {args.time_batch}")
+    config = load_config(args.config, args.overrides)
     import torch
 
-    from lmsdp.swapping.planner import RECOMPUTE_VARIANTS, _optimizer_bytes, max_batch
+    from lmsdp.swapping.planner import RECOMPUTE_VARIANTS, BatchSizes, _optimizer_bytes, _rkey, max_batch
     from lmsdp.swapping.units import parse_size
 
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
@@ -312,32 +331,26 @@ def run(args: argparse.Namespace) -> int:
     workload = workload_from_config(config)
     threshold = parse_size(config.swap.threshold) or 0
     opt_bytes = _optimizer_bytes(workload)
-    batch_text = args.batch if args.batch is not None else str(config.train.batch_size)
+    sizes = {_rkey(r): BatchSizes(workload, r, opt_bytes) for r in RECOMPUTE_VARIANTS}
     limits = {
-        "no swap": max_batch(workload, target, None, threshold, False, link, opt_bytes),
-        "recompute only": max(max_batch(workload, target, r, threshold, False, link, opt_bytes)
-                              for r in RECOMPUTE_VARIANTS[1:]),
-        "planned": max(max_batch(workload, target, r, threshold, True, link, opt_bytes) for r in RECOMPUTE_VARIANTS),
+        "no swap": max_batch(sizes["none"], target, threshold, False, link),
+        "recompute only": max(max_batch(sizes[_rkey(r)], target, threshold, False, link) for r in RECOMPUTE_VARIANTS[1:]),
+        "planned": max(max_batch(sz, target, threshold, True, link) for sz in sizes.values()),
     }
     if batch_text == "max":
         batch = limits["planned"]
         if batch == 0:
             raise UserError(f"--memory: not even batch 1 fits {_size(target)}, with every saved tensor swapped "
                             "and cheap layers recomputed")
-    else:
-        try:
-            batch = int(batch_text)
-        except ValueError:
-            batch = 0
-        if batch < 1:
-            raise UserError(f"--batch: expected a positive integer or 'max', got '{batch_text}'")
+    elif batch_text is None:
+        batch = config.train.batch_size
     result = plan_config(config, target, batch, link, device, args.time_batch)
-    render(result, args.depth, config.name)
-    print("\nlargest batch that fits: " + ", ".join(f"{k} {v}" for k, v in limits.items()))
-    if result.chosen is None:
+    if result.chosen is None:  # one line: what it would take
         print(f"lmsrun: error: --memory: {config.name} at batch {batch} needs at least {_size(result.min_peak)} "
               f"(smallest achievable peak); target is {_size(target)}", file=sys.stderr, flush=True)
         return EXIT_DOES_NOT_FIT
+    render(result, args.depth, config.name)
+    print("\nlargest batch that fits: " + ", ".join(f"{k} {v}" for k, v in limits.items()))
     text = document_yaml(result, config.name)
     if args.write:
         try:
