@@ -184,9 +184,9 @@ def module_rows(result: Any, depth: int) -> List[Tuple[str, int, str, str]]:
     return rows
 
 
-def render(result: Any, depth: int, name: str, out: Any = sys.stdout) -> None:
+def render(result: Any, depth: int, name: str, out: Any = None) -> None:
     base = result.profiles["none"]
-    w = out.write
+    w = (out or sys.stdout).write
     w(f"# {name}: batch {result.batch}, memory target {_size(result.target)}, link {result.link_bps / 1e9:.1f} GB/s; "
       f"times {base.timed}\n")
     w(f"# fixed: parameters {_size(base.param_bytes)}, optimizer state {_size(base.optimizer_bytes)}, "
