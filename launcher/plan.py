@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "'max': the largest batch the plan fits")
     parser.add_argument("--link-gbps", type=float, metavar="X", help="device<->host link in GB/s "
                         "(default: measured: pinned copies on a GPU, host copies for the CPU loopback transport)")
+    parser.add_argument("--tflops", type=float, metavar="X", help="compute rate of the device the job will run on, "
+                        "in TFLOP/s: times from FLOPs instead of a timed step (plan for a GPU from a machine without one)")
     parser.add_argument("--time-batch", type=int, metavar="N", help="batch of the real step that is timed "
                         "(default: the planned batch if its saved tensors take <= 1 GiB, else 1; 0: FLOPs only)")
     parser.add_argument("--depth", type=int, default=2, metavar="D", help="module name depth of the table (default 2)")
@@ -115,7 +117,7 @@ def _time_batch(workload: Any, batch: int, requested: Optional[int]) -> int:
 
 
 def plan_config(config: Any, target: int, batch: int, link: float, device: Any,
-                time_batch: Optional[int] = None) -> Any:
+                time_batch: Optional[int] = None, tflops: Optional[float] = None) -> Any:
     """Profile the job's step at ``batch`` and plan it for ``target`` device bytes."""
     from lmsdp.swapping.planner import RECOMPUTE_VARIANTS, Settings, plan, profile_variants
     from lmsdp.swapping.units import parse_size
@@ -124,7 +126,8 @@ def plan_config(config: Any, target: int, batch: int, link: float, device: Any,
     variants = list(RECOMPUTE_VARIANTS)
     if config.swap.recompute and config.swap.recompute not in variants:
         variants.append(config.swap.recompute)
-    profiles = profile_variants(workload, batch, device, _time_batch(workload, batch, time_batch), variants)
+    tb = 0 if tflops else _time_batch(workload, batch, time_batch)
+    profiles = profile_variants(workload, batch, device, tb, variants, tflops * 1e12 if tflops else None)
     swap = config.swap
     threshold = parse_size(swap.threshold) or 0
     configured = Settings(threshold, swap.prefetch, swap.keep_last, parse_size(swap.budget) or 0) if swap.enabled else None
@@ -317,6 +320,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--depth: expected 1 or more, got {args.depth}")
     if args.link_gbps is not None and args.link_gbps <= 0:
         raise UserError(f"--link-gbps: expected a positive number of GB/s, got {args.link_gbps:g}")
+    if args.tflops is not None and args.tflops <= 0:
+        raise UserError(f"--tflops: expected a positive number of TFLOP/s, got {args.tflops:g}")
     if args.time_batch is not None and args.time_batch < 0:
         raise UserError(f"--time-batch: expected 0 or more, got {args.time_batch}")
     config = load_config(args.config, args.overrides)
@@ -331,7 +336,12 @@ def run(args: argparse.Namespace) -> int:
     workload = workload_from_config(config)
     threshold = parse_size(config.swap.threshold) or 0
     opt_bytes = _optimizer_bytes(workload)
-    sizes = {_rkey(r): BatchSizes(workload, r, opt_bytes) for r in RECOMPUTE_VARIANTS}
+    if batch_text in (None, "max"):  # 'max': plan the configured batch first, for the time per sample
+        batch = config.train.batch_size
+    result = plan_config(config, target, batch, link, device, args.time_batch, args.tflops)
+    base = result.profiles["none"]
+    per_sample = (base.forward_s + base.backward_s) / base.batch
+    sizes = {_rkey(r): BatchSizes(workload, r, opt_bytes, per_sample) for r in RECOMPUTE_VARIANTS}
     limits = {
         "no swap": max_batch(sizes["none"], target, threshold, False, link),
         "recompute only": max(max_batch(sizes[_rkey(r)], target, threshold, False, link) for r in RECOMPUTE_VARIANTS[1:]),
@@ -342,9 +352,7 @@ def run(args: argparse.Namespace) -> int:
         if batch == 0:
             raise UserError(f"--memory: not even batch 1 fits {_size(target)}, with every saved tensor swapped "
                             "and cheap layers recomputed")
-    elif batch_text is None:
-        batch = config.train.batch_size
-    result = plan_config(config, target, batch, link, device, args.time_batch)
+        result = plan_config(config, target, batch, link, device, args.time_batch, args.tflops)
     if result.chosen is None:  # one line: what it would take
         print(f"lmsrun: error: --memory: {config.name} at batch {batch} needs at least {_size(result.min_peak)} "
               f"(smallest achievable peak); target is {_size(target)}", file=sys.stderr, flush=True)

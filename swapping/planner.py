@@ -258,13 +258,16 @@ def _optimizer_bytes(workload: Workload) -> int:
 
 def profile_workload(workload: Workload, batch: int, recompute: RecomputeSpec = None,
                      device: Union[str, torch.device] = "cpu", time_batch: Optional[int] = None,
-                     optimizer_bytes: Optional[int] = None) -> StepProfile:
+                     optimizer_bytes: Optional[int] = None, flops_rate: Optional[float] = None) -> StepProfile:
     """Profile one step at ``batch``: sizes from a fake run, times from a real run at ``time_batch``
-    (default: ``batch``; 0: no real run, times from FLOPs at the device's measured matmul rate)."""
+    (default: ``batch``; 0: no real run, times from FLOPs at ``flops_rate`` FLOP/s, default the device's
+    measured matmul rate: how a CPU machine plans for a GPU it does not have)."""
     device = torch.device(device)
     fake, flops_by_module, params, grads, names = _fake_profile(workload, batch, recompute)
     total_flops = max(1, flops_by_module.get("", 0))
     tb = batch if time_batch is None else time_batch
+    if flops_rate:
+        tb = 0
     module_s: Dict[str, float] = {}
     workspace = 0
     real: Optional[_Recorder] = None
@@ -298,7 +301,8 @@ def profile_workload(workload: Workload, batch: int, recompute: RecomputeSpec = 
         timed = f"measured on {device.type} at batch {tb}" + (f", scaled x{scale:.2f} by FLOPs" if tb != batch else "")
         workspace = int(workspace * scale)
     else:  # events placed by cumulative FLOPs at the device's rate
-        rate = (total_flops / max(1e-9, fw + bw) * (batch / tb)) if real is not None else device_flops(device)
+        rate = flops_rate or ((total_flops / max(1e-9, fw + bw) * (batch / tb)) if real is not None
+                              else device_flops(device))
         pack_t = [f / rate for f in fake.pack_t]
         use_t = {i: f / rate for i, f in fake.use_t.items()}
         forward_s = fake.t_backward / rate if fake.t_backward else total_flops / 3 / rate
@@ -598,7 +602,8 @@ def plan(profiles: Dict[str, StepProfile], target: int, link_bps: float, thresho
 
 def profile_variants(workload: Workload, batch: int, device: Union[str, torch.device] = "cpu",
                      time_batch: Optional[int] = None,
-                     variants: Sequence[RecomputeSpec] = RECOMPUTE_VARIANTS) -> Dict[str, StepProfile]:
+                     variants: Sequence[RecomputeSpec] = RECOMPUTE_VARIANTS,
+                     flops_rate: Optional[float] = None) -> Dict[str, StepProfile]:
     """One profile per recompute variant (the optimizer state is measured once); ``None`` always included."""
     variants = [None] + [v for v in variants if v]
     out: Dict[str, StepProfile] = {}
@@ -606,7 +611,7 @@ def profile_variants(workload: Workload, batch: int, device: Union[str, torch.de
     for r in variants:
         key = _rkey(r)
         if key not in out:
-            out[key] = profile_workload(workload, batch, r, device, time_batch, opt_bytes)
+            out[key] = profile_workload(workload, batch, r, device, time_batch, opt_bytes, flops_rate)
     base = out[_rkey(None)]
     for key, prof in out.items():
         if key != "none":
@@ -645,8 +650,10 @@ class BatchSizes:
     """Sizes at any batch from fake runs at batch 1 and 2: every saved tensor of these models is affine
     in the batch (``a + b * batch``); when the two runs do not line up, each batch gets its own fake run."""
 
-    def __init__(self, workload: Workload, recompute: RecomputeSpec, optimizer_bytes: int) -> None:
+    def __init__(self, workload: Workload, recompute: RecomputeSpec, optimizer_bytes: int,
+                 step_s_per_sample: float = 0.0) -> None:
         self.workload, self.recompute, self.optimizer_bytes = workload, recompute, optimizer_bytes
+        self.step_s_per_sample = step_s_per_sample  # times scale with the batch (FLOPs are linear in it)
         self.one = _sizes_profile(workload, 1, recompute, optimizer_bytes)
         self.two = _sizes_profile(workload, 2, recompute, optimizer_bytes)
         a, b = self.one.tensors, self.two.tensors
@@ -654,11 +661,18 @@ class BatchSizes:
 
     def at(self, batch: int) -> StepProfile:
         if not self.affine:
-            return _sizes_profile(self.workload, batch, self.recompute, self.optimizer_bytes)
-        tensors = [dataclasses.replace(y, nbytes=x.nbytes + (y.nbytes - x.nbytes) * (batch - 1))
-                   for x, y in zip(self.one.tensors, self.two.tensors)]
-        ws = self.one.workspace_bytes + (self.two.workspace_bytes - self.one.workspace_bytes) * (batch - 1)
-        return dataclasses.replace(self.two, batch=batch, tensors=tensors, workspace_bytes=ws)
+            prof = _sizes_profile(self.workload, batch, self.recompute, self.optimizer_bytes)
+        else:
+            tensors = [dataclasses.replace(y, nbytes=x.nbytes + (y.nbytes - x.nbytes) * (batch - 1))
+                       for x, y in zip(self.one.tensors, self.two.tensors)]
+            ws = self.one.workspace_bytes + (self.two.workspace_bytes - self.one.workspace_bytes) * (batch - 1)
+            prof = dataclasses.replace(self.two, batch=batch, tensors=tensors, workspace_bytes=ws)
+        scale = self.step_s_per_sample * batch  # the sizes-only profile spans a nominal 1 s step
+        if scale > 0:
+            prof.tensors = [dataclasses.replace(t, pack_s=t.pack_s * scale, use_s=t.use_s * scale if t.use_s >= 0
+                                                else t.use_s) for t in prof.tensors]
+            prof = dataclasses.replace(prof, forward_s=prof.forward_s * scale, backward_s=prof.backward_s * scale)
+        return prof
 
     def peak(self, batch: int, threshold: int, swap_all: bool, link_bps: float) -> int:
         """Device peak at ``batch``: without the engine, or with every candidate swapped."""
