@@ -110,9 +110,9 @@ def _time_batch(workload: Any, batch: int, requested: Optional[int]) -> int:
         if requested < 0:
             raise UserError(f"--time-batch: expected 0 or more, got {requested}")
         return requested
-    from lmsdp.swapping.planner import _sizes_profile
+    from lmsdp.swapping.planner import sizes_profile
 
-    saved = sum(t.nbytes for t in _sizes_profile(workload, batch, None, 0).tensors)  # one fake run
+    saved = sum(t.nbytes for t in sizes_profile(workload, batch, None, 0).tensors)  # one fake run
     return batch if saved <= (1 << 30) else 1
 
 
@@ -131,7 +131,7 @@ def plan_config(config: Any, target: int, batch: int, link: float, device: Any,
     swap = config.swap
     threshold = parse_size(swap.threshold) or 0
     configured = Settings(threshold, swap.prefetch, swap.keep_last, parse_size(swap.budget) or 0) if swap.enabled else None
-    return plan(profiles, target, link, threshold, configured)
+    return plan(profiles, target, link, threshold, configured, swap.recompute)
 
 
 # --------------------------------------------------------------------------------------- printing
@@ -141,8 +141,9 @@ def _size(n: float) -> str:
     return format_size(int(n))
 
 
-def module_rows(result: Any, depth: int) -> List[Tuple[str, int, str, str]]:
-    """(module, saved bytes, decision, why) per module at ``depth`` of the base (no recompute) profile."""
+def module_rows(result: Any, depth: int) -> List[Tuple[str, int, str, str, float, float, int]]:
+    """(module, saved bytes, decision, why, forward s, backward s, FLOPs) per module at ``depth`` of the
+    base (no recompute) profile."""
     base = result.profiles["none"]
     chosen = result.chosen
     prof = result.profile
@@ -182,8 +183,10 @@ def module_rows(result: Any, depth: int) -> List[Tuple[str, int, str, str]]:
             elif not chosen.prediction.swapped:
                 why.append("fits without swapping")
             else:
-                why.append("used early in backward or too little compute to hide a copy")
-        rows.append((key, g["bytes"], "+".join(parts), "; ".join(why)))
+                why.append("kept: the target is met without moving it (less slack than what was swapped)")
+        backward = sum(v for m, v in base.module_backward_s.items() if m in mods)
+        rows.append((key, g["bytes"], "+".join(parts), "; ".join(why), base.module_forward_s.get(key, 0.0),
+                     backward, base.module_flops.get(key, 0)))
     return rows
 
 
@@ -196,9 +199,10 @@ def render(result: Any, depth: int, name: str, out: Any = None) -> None:
       f"gradients {_size(base.grad_bytes)}, workspace {_size(base.workspace_bytes)}\n\n")
     rows = module_rows(result, depth)
     width = max([len(r[0]) for r in rows] + [6])
-    w(f"{'module':<{width}}  {'saved':>10}  {'decision':<16}  why\n")
-    for key, nbytes, decision, why in rows:
-        w(f"{key:<{width}}  {_size(nbytes):>10}  {decision:<16}  {why}\n")
+    w(f"{'module':<{width}}  {'saved':>10}  {'fwd ms':>8}  {'bwd ms':>8}  {'GFLOP':>8}  {'decision':<16}  why\n")
+    for key, nbytes, decision, why, fwd, bwd, flops in rows:
+        w(f"{key:<{width}}  {_size(nbytes):>10}  {fwd * 1e3:>8.1f}  {bwd * 1e3:>8.1f}  {flops / 1e9:>8.2f}  "
+          f"{decision:<16}  {why}\n")
     w(f"\n{'strategy':<24}  {'peak':>10}  {'saved peak':>10}  {'step':>9}  {'exposed':>9}  fits\n")
     for st in result.strategies:
         p = st.prediction
@@ -302,6 +306,16 @@ def main(argv: List[str]) -> int:
     except UserError as exc:
         print(f"lmsrun: error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
+    except BrokenPipeError:  # e.g. piped into head: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _does_not_fit(name: str, batch: int, min_peak: int, target: int) -> int:
+    """One line: what the smallest achievable peak is against the target (exit code 2)."""
+    print(f"lmsrun: error: --memory: {name} at batch {batch} needs at least {_size(min_peak)} "
+          f"(smallest achievable peak); target is {_size(target)}", file=sys.stderr, flush=True)
+    return EXIT_DOES_NOT_FIT
 
 
 def run(args: argparse.Namespace) -> int:
@@ -327,7 +341,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     import torch
 
-    from lmsdp.swapping.planner import RECOMPUTE_VARIANTS, BatchSizes, _optimizer_bytes, _rkey, max_batch
+    from lmsdp.swapping.planner import RECOMPUTE_VARIANTS, BatchSizes, optimizer_state_bytes, variant_key, max_batch
     from lmsdp.swapping.units import parse_size
 
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
@@ -335,16 +349,19 @@ def run(args: argparse.Namespace) -> int:
     link = link_bps(device, args.link_gbps)
     workload = workload_from_config(config)
     threshold = parse_size(config.swap.threshold) or 0
-    opt_bytes = _optimizer_bytes(workload)
+    opt_bytes = optimizer_state_bytes(workload)
     if batch_text in (None, "max"):  # 'max': plan the configured batch first, for the time per sample
         batch = config.train.batch_size
     result = plan_config(config, target, batch, link, device, args.time_batch, args.tflops)
+    if result.chosen is None and batch_text != "max":
+        return _does_not_fit(config.name, batch, result.min_peak, target)
     base = result.profiles["none"]
     per_sample = (base.forward_s + base.backward_s) / base.batch
-    sizes = {_rkey(r): BatchSizes(workload, r, opt_bytes, per_sample) for r in RECOMPUTE_VARIANTS}
+    sizes = {variant_key(r): BatchSizes(workload, r, opt_bytes, per_sample) for r in RECOMPUTE_VARIANTS}
     limits = {
         "no swap": max_batch(sizes["none"], target, threshold, False, link),
-        "recompute only": max(max_batch(sizes[_rkey(r)], target, threshold, False, link) for r in RECOMPUTE_VARIANTS[1:]),
+        "recompute only": max(max_batch(sizes[variant_key(r)], target, threshold, False, link)
+                              for r in RECOMPUTE_VARIANTS[1:]),
         "planned": max(max_batch(sz, target, threshold, True, link) for sz in sizes.values()),
     }
     if batch_text == "max":
@@ -353,10 +370,8 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--memory: not even batch 1 fits {_size(target)}, with every saved tensor swapped "
                             "and cheap layers recomputed")
         result = plan_config(config, target, batch, link, device, args.time_batch, args.tflops)
-    if result.chosen is None:  # one line: what it would take
-        print(f"lmsrun: error: --memory: {config.name} at batch {batch} needs at least {_size(result.min_peak)} "
-              f"(smallest achievable peak); target is {_size(target)}", file=sys.stderr, flush=True)
-        return EXIT_DOES_NOT_FIT
+        if result.chosen is None:
+            return _does_not_fit(config.name, batch, result.min_peak, target)
     render(result, args.depth, config.name)
     print("\nlargest batch that fits: " + ", ".join(f"{k} {v}" for k, v in limits.items()))
     text = document_yaml(result, config.name)

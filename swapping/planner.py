@@ -83,6 +83,7 @@ class StepProfile:
     flops: int
     module_flops: Dict[str, int]
     module_forward_s: Dict[str, float]
+    module_backward_s: Dict[str, float]  # backward compute ending at first uses of the module's tensors
     recomputed: List[str]            # original names of modules run again in backward
     timed: str                       # how times were obtained (for the report)
 
@@ -239,7 +240,7 @@ def _fake_profile(workload: Workload, batch: int, recompute: RecomputeSpec
     return rec, by_module, params, grads, names
 
 
-def _optimizer_bytes(workload: Workload) -> int:
+def optimizer_state_bytes(workload: Workload) -> int:
     """Optimizer state after one step of a tiny stand-in: the state per parameter byte is what counts."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -314,9 +315,21 @@ def profile_workload(workload: Workload, batch: int, recompute: RecomputeSpec = 
     rank = {idx: r for r, idx in enumerate(fake.order)}
     tensors = [SavedTensor(n, _strip(m), p, use_t.get(i, -1.0), rank.get(i, -1))
                for i, (n, m, p) in enumerate(zip(fake.sizes, fake.modules, pack_t))]
-    opt_bytes = _optimizer_bytes(workload) if optimizer_bytes is None else optimizer_bytes
+    opt_bytes = optimizer_state_bytes(workload) if optimizer_bytes is None else optimizer_bytes
     return StepProfile(batch, recompute, tensors, forward_s, backward_s, params, grads, opt_bytes, workspace,
-                       total_flops, {k: v for k, v in flops_by_module.items() if k}, module_forward_s, names, timed)
+                       total_flops, {k: v for k, v in flops_by_module.items() if k}, module_forward_s,
+                       backward_by_module(tensors), names, timed)
+
+
+def backward_by_module(tensors: Sequence[SavedTensor]) -> Dict[str, float]:
+    """Backward compute per module: the time before each first use goes to the module that saved the
+    tensor used (autograd reads a node's saved tensors when it runs that node's backward)."""
+    out: Dict[str, float] = {}
+    last = 0.0
+    for t in sorted((t for t in tensors if t.use_rank >= 0), key=lambda t: t.use_rank):
+        out[t.module] = out.get(t.module, 0.0) + max(0.0, t.use_s - last)
+        last = max(last, t.use_s)
+    return out
 
 
 def device_flops(device: torch.device) -> float:
@@ -510,10 +523,10 @@ class PlanResult:
 
     @property
     def profile(self) -> Optional[StepProfile]:
-        return self.profiles.get(_rkey(self.chosen.recompute)) if self.chosen else None
+        return self.profiles.get(variant_key(self.chosen.recompute)) if self.chosen else None
 
 
-def _rkey(recompute: RecomputeSpec) -> str:
+def variant_key(recompute: RecomputeSpec) -> str:
     return "none" if not recompute else (recompute if isinstance(recompute, str) else ",".join(recompute))
 
 
@@ -521,7 +534,7 @@ def recompute_label(recompute: RecomputeSpec) -> str:
     """Short name of a recompute variant for tables."""
     if recompute == RECOMPUTE_VARIANTS[2]:
         return "all cheap"
-    return _rkey(recompute)
+    return variant_key(recompute)
 
 
 def plan_swaps(profile: StepProfile, target: int, link_bps: float, threshold: int) -> Tuple[Settings, Prediction]:
@@ -567,22 +580,22 @@ def plan_swaps(profile: StepProfile, target: int, link_bps: float, threshold: in
 
 
 def plan(profiles: Dict[str, StepProfile], target: int, link_bps: float, threshold: int,
-         config_settings: Optional[Settings] = None) -> PlanResult:
+         config_settings: Optional[Settings] = None, config_recompute: RecomputeSpec = None) -> PlanResult:
     """Compare strategies on the profiled variants and pick the fastest one that fits ``target``."""
     base = profiles["none"]
     rows: List[Strategy] = []
 
     def row(name: str, recompute: RecomputeSpec, settings: Settings) -> Strategy:
-        pred = predict(profiles[_rkey(recompute)], settings, link_bps)
+        pred = predict(profiles[variant_key(recompute)], settings, link_bps)
         st = Strategy(name, recompute, settings, pred, pred.peak_device_bytes <= target)
         rows.append(st)
         return st
 
     row("no swap", None, Settings(threshold, 0, enabled=False))
     if config_settings is not None:
-        row("configured", None, config_settings)
+        row("configured", config_recompute if variant_key(config_recompute) in profiles else None, config_settings)
     for r in RECOMPUTE_VARIANTS[1:]:
-        if _rkey(r) in profiles:
+        if variant_key(r) in profiles:
             row(f"recompute {recompute_label(r)}", r, Settings(threshold, 0, enabled=False))
     settings, _ = plan_swaps(base, target, link_bps, threshold)
     row("swap only", None, settings)
@@ -607,12 +620,12 @@ def profile_variants(workload: Workload, batch: int, device: Union[str, torch.de
     """One profile per recompute variant (the optimizer state is measured once); ``None`` always included."""
     variants = [None] + [v for v in variants if v]
     out: Dict[str, StepProfile] = {}
-    opt_bytes = _optimizer_bytes(workload)
+    opt_bytes = optimizer_state_bytes(workload)
     for r in variants:
-        key = _rkey(r)
+        key = variant_key(r)
         if key not in out:
             out[key] = profile_workload(workload, batch, r, device, time_batch, opt_bytes, flops_rate)
-    base = out[_rkey(None)]
+    base = out[variant_key(None)]
     for key, prof in out.items():
         if key != "none":
             _align_times(prof, base)
@@ -634,7 +647,7 @@ def _align_times(prof: StepProfile, base: StepProfile) -> None:
     prof.timed = base.timed + f"; +{extra * 1e3:.1f} ms recompute"
 
 
-def _sizes_profile(workload: Workload, batch: int, recompute: RecomputeSpec, optimizer_bytes: int) -> StepProfile:
+def sizes_profile(workload: Workload, batch: int, recompute: RecomputeSpec, optimizer_bytes: int) -> StepProfile:
     """Sizes and order only (a fake run; times are FLOP fractions of a nominal 1 s step)."""
     fake, flops, params, grads, names = _fake_profile(workload, batch, recompute)
     rank = {idx: r for r, idx in enumerate(fake.order)}
@@ -643,7 +656,7 @@ def _sizes_profile(workload: Workload, batch: int, recompute: RecomputeSpec, opt
                for i, (n, m, p) in enumerate(zip(fake.sizes, fake.modules, fake.pack_t))]
     fw = fake.t_backward / total if fake.t_backward else 1 / 3
     return StepProfile(batch, recompute, tensors, fw, 1 - fw, params, grads, optimizer_bytes,
-                       2 * max(fake.sizes, default=0), int(total), {}, {}, names, "sizes only")
+                       2 * max(fake.sizes, default=0), int(total), {}, {}, {}, names, "sizes only")
 
 
 class BatchSizes:
@@ -654,14 +667,14 @@ class BatchSizes:
                  step_s_per_sample: float = 0.0) -> None:
         self.workload, self.recompute, self.optimizer_bytes = workload, recompute, optimizer_bytes
         self.step_s_per_sample = step_s_per_sample  # times scale with the batch (FLOPs are linear in it)
-        self.one = _sizes_profile(workload, 1, recompute, optimizer_bytes)
-        self.two = _sizes_profile(workload, 2, recompute, optimizer_bytes)
+        self.one = sizes_profile(workload, 1, recompute, optimizer_bytes)
+        self.two = sizes_profile(workload, 2, recompute, optimizer_bytes)
         a, b = self.one.tensors, self.two.tensors
         self.affine = len(a) == len(b) and all(x.module == y.module and x.use_rank == y.use_rank for x, y in zip(a, b))
 
     def at(self, batch: int) -> StepProfile:
         if not self.affine:
-            prof = _sizes_profile(self.workload, batch, self.recompute, self.optimizer_bytes)
+            prof = sizes_profile(self.workload, batch, self.recompute, self.optimizer_bytes)
         else:
             tensors = [dataclasses.replace(y, nbytes=x.nbytes + (y.nbytes - x.nbytes) * (batch - 1))
                        for x, y in zip(self.one.tensors, self.two.tensors)]
@@ -735,5 +748,5 @@ def to_json(doc: Dict[str, Any]) -> str:
 
 __all__ = ["Workload", "SavedTensor", "StepProfile", "Settings", "Prediction", "Strategy", "PlanResult",
            "profile_workload", "profile_variants", "predict", "plan", "plan_swaps", "policy_for",
-           "max_batch", "BatchSizes", "link_bandwidth", "device_flops", "plan_document", "policy_from_document",
+           "max_batch", "BatchSizes", "backward_by_module", "sizes_profile", "optimizer_state_bytes", "variant_key", "recompute_label", "link_bandwidth", "device_flops", "plan_document", "policy_from_document",
            "RECOMPUTE_VARIANTS"]

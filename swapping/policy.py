@@ -10,13 +10,13 @@ holds every decision, so the rules can change without touching the copy paths:
   back after the first use of ``seq`` (``None``: at forward end); the engine starts up to ``prefetch``;
 * ``step_end(order, handles)``: learn from the step's first-use order.
 
-Two policies are registered: ``threshold`` (the size / budget / keep_last rules configured by hand) and
+Two policies exist: ``threshold`` (the size / budget / keep_last rules configured by hand) and
 ``plan`` (a per-tensor keep/swap decision made by ``swapping.planner`` for a memory target).
 """
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Deque, Dict, Iterable, List, Optional, Sequence
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import SwapEngine, _Handle
@@ -136,10 +136,6 @@ class PlanPolicy(SwapPolicy):
 
     def describe(self) -> str:
         return f"plan (swap {len(self.swap)} of {len(self.sizes)} saved tensors, prefetch={self.prefetch})"
-
-
-PolicyFactory = Callable[..., SwapPolicy]
-POLICIES: Dict[str, Any] = {ThresholdPolicy.name: ThresholdPolicy, PlanPolicy.name: PlanPolicy}
 
 
 def threshold_policy(config: Any) -> ThresholdPolicy:
