@@ -183,7 +183,8 @@ def _strip(name: str) -> str:
 
 
 def _run_step(workload: Workload, model: nn.Module, batch: int, device: torch.device, rec: _Recorder,
-              module_s: Dict[str, float], sync: Callable[[], None]) -> Tuple[float, float]:
+              module_s: Dict[str, float], sync: Callable[[], None],
+              after_forward: Callable[[], None] = lambda: None) -> Tuple[float, float]:
     inputs, targets = workload.make_batch(batch)
     inputs, targets = inputs.to(device), targets.to(device)
     hooks = rec.module_hooks(model, module_s)
@@ -196,6 +197,7 @@ def _run_step(workload: Workload, model: nn.Module, batch: int, device: torch.de
             loss = workload.loss(model(inputs), targets)
         sync()
         forward = rec.clock() - rec.t_forward
+        after_forward()
         rec.t_backward = rec.clock()
         loss.backward()
         sync()
@@ -215,29 +217,34 @@ def _apply(model: nn.Module, recompute: RecomputeSpec) -> nn.Module:
 
 
 def _fake_profile(workload: Workload, batch: int, recompute: RecomputeSpec
-                  ) -> Tuple[_Recorder, Dict[str, int], int, int, List[str]]:
-    """Sizes, order, modules and FLOPs at ``batch`` without memory or compute."""
+                  ) -> Tuple[_Recorder, Dict[str, int], Dict[str, int], int, int, List[str]]:
+    """Sizes, order, modules and FLOPs (per module: forward + backward, and forward alone; '' = the
+    step) at ``batch`` without memory or compute."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
     rec = _Recorder(lambda: float(counter.get_total_flops()))
+    forward_counts: Dict[str, Any] = {}
+
+    def snapshot() -> None:  # the counter attributes backward FLOPs to modules too: keep forward apart
+        forward_counts.update({k: int(sum(v.values())) for k, v in counter.get_flop_counts().items()})
+
     with FakeTensorMode(allow_non_fake_inputs=True):
         torch.manual_seed(0)
         model = _apply(workload.build_model(), recompute)
         params = sum(p.nbytes for p in model.parameters())
         grads = sum(p.nbytes for p in model.parameters() if p.requires_grad)
         with counter:
-            _run_step(workload, model, batch, torch.device("cpu"), rec, {}, lambda: None)
+            _run_step(workload, model, batch, torch.device("cpu"), rec, {}, lambda: None, snapshot)
         names = recomputed_names(model)
-    by_module: Dict[str, int] = {}
+    by_module: Dict[str, int] = {}   # forward + backward FLOPs per module
     for key, ops in counter.get_flop_counts().items():
-        if key == "Global":
-            continue
-        _root, _, rest = key.partition(".")
-        by_module[_strip(rest)] = int(sum(ops.values()))
+        if key != "Global":
+            by_module[_strip(key.partition(".")[2])] = int(sum(ops.values()))
     by_module[""] = int(counter.get_total_flops())
-    return rec, by_module, params, grads, names
+    forward = {_strip(k.partition(".")[2]): v for k, v in forward_counts.items() if k != "Global"}
+    return rec, by_module, forward, params, grads, names
 
 
 def optimizer_state_bytes(workload: Workload) -> int:
@@ -264,7 +271,7 @@ def profile_workload(workload: Workload, batch: int, recompute: RecomputeSpec = 
     (default: ``batch``; 0: no real run, times from FLOPs at ``flops_rate`` FLOP/s, default the device's
     measured matmul rate: how a CPU machine plans for a GPU it does not have)."""
     device = torch.device(device)
-    fake, flops_by_module, params, grads, names = _fake_profile(workload, batch, recompute)
+    fake, flops_by_module, forward_flops, params, grads, names = _fake_profile(workload, batch, recompute)
     total_flops = max(1, flops_by_module.get("", 0))
     tb = batch if time_batch is None else time_batch
     if flops_rate:
@@ -308,7 +315,7 @@ def profile_workload(workload: Workload, batch: int, recompute: RecomputeSpec = 
         use_t = {i: f / rate for i, f in fake.use_t.items()}
         forward_s = fake.t_backward / rate if fake.t_backward else total_flops / 3 / rate
         backward_s = total_flops / rate - forward_s
-        module_forward_s = {k: v / rate for k, v in flops_by_module.items() if k}
+        module_forward_s = {k: v / rate for k, v in forward_flops.items()}
         timed = f"from FLOPs at {rate / 1e9:.1f} GFLOP/s ({device.type})"
     if not workspace:  # CPU / no measurement: a layer's output and its gradient, the largest of them
         workspace = 2 * max(fake.sizes, default=0)
@@ -649,7 +656,7 @@ def _align_times(prof: StepProfile, base: StepProfile) -> None:
 
 def sizes_profile(workload: Workload, batch: int, recompute: RecomputeSpec, optimizer_bytes: int) -> StepProfile:
     """Sizes and order only (a fake run; times are FLOP fractions of a nominal 1 s step)."""
-    fake, flops, params, grads, names = _fake_profile(workload, batch, recompute)
+    fake, flops, _forward, params, grads, names = _fake_profile(workload, batch, recompute)
     rank = {idx: r for r, idx in enumerate(fake.order)}
     total = max(1.0, float(flops.get("", 1)))
     tensors = [SavedTensor(n, m, p / total, fake.use_t.get(i, -1.0) / total, rank.get(i, -1))
