@@ -210,7 +210,7 @@ def render(result: Any, depth: int, name: str, out: Any = None) -> None:
           f"{p.step_s * 1e3:>7.1f}ms  {p.exposed_s * 1e3:>7.1f}ms  {'yes' if st.fits else 'no'}\n")
 
 
-def document_yaml(result: Any, config_name: str) -> str:
+def document_yaml(result: Any, config_name: str, path: Optional[str] = None) -> str:
     """The chosen settings as a ``swap:`` section plus the per-tensor plan ``swap.plan: FILE`` reads."""
     import yaml
 
@@ -218,11 +218,12 @@ def document_yaml(result: Any, config_name: str) -> str:
 
     doc = plan_document(result)
     st = result.chosen
-    section = {"enabled": st.settings.enabled, "threshold": st.settings.threshold,
-               "prefetch": st.settings.prefetch, "recompute": st.recompute, "memory_target": result.target}
+    section = {"enabled": True, "threshold": st.settings.threshold,
+               "prefetch": st.settings.prefetch, "recompute": st.recompute, "memory_target": result.target,
+               "plan": path or "auto"}
     head = (f"# lmsrun plan for {config_name}: predicted peak {_size(doc['predicted_peak_bytes'])}, "
             f"step {doc['predicted_step_s'] * 1e3:.1f} ms at batch {result.batch}.\n"
-            "# Use it with swap.plan: <this file>, or copy the swap: settings into the config.\n")
+            "# Use it with --set swap.plan=<this file>, or copy the swap: section into the config.\n")
     return head + yaml.safe_dump({"swap": section, "plan": doc}, sort_keys=False, default_flow_style=None, width=120)
 
 
@@ -256,7 +257,7 @@ def plan_for_job(config: Any, backend: Any, device: Any) -> Optional[JobPlan]:
     from lmsdp.swapping.planner import policy_from_document
 
     mode = config.swap.plan
-    if mode == "none" or not config.swap.enabled:
+    if mode == "none":
         return None
     if mode == "auto":
         doc: Optional[Dict[str, Any]] = None
@@ -282,8 +283,8 @@ def plan_for_job(config: Any, backend: Any, device: Any) -> Optional[JobPlan]:
     assert doc is not None
     swap = doc["swap"]
     swap_config = dataclasses.replace(config.swap, threshold=int(swap["threshold"]), prefetch=int(swap["prefetch"]),
-                                      recompute=swap["recompute"], enabled=bool(swap["enabled"]))
-    return JobPlan(swap_config, policy_from_document(doc) if swap["enabled"] else None, doc)
+                                      recompute=swap["recompute"], enabled=True)  # a plan implies the engine
+    return JobPlan(swap_config, policy_from_document(doc), doc)
 
 
 def plan_log_line(plan: JobPlan, step: int, record: Dict[str, Any]) -> str:
@@ -374,7 +375,7 @@ def run(args: argparse.Namespace) -> int:
             return _does_not_fit(config.name, batch, result.min_peak, target)
     render(result, args.depth, config.name)
     print("\nlargest batch that fits: " + ", ".join(f"{k} {v}" for k, v in limits.items()))
-    text = document_yaml(result, config.name)
+    text = document_yaml(result, config.name, args.write)
     if args.write:
         try:
             os.makedirs(os.path.dirname(os.path.abspath(args.write)), exist_ok=True)

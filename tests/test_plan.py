@@ -189,6 +189,29 @@ def test_swap_plan_auto_trains_bit_exact_vs_engine_off(tmp_path, capfd):
     assert predicted == measured
 
 
+def test_plan_auto_without_swaps_still_runs_the_engine_for_its_accounting(tmp_path, capfd):
+    """A target met without swapping: the plan swaps nothing, and the job's accounting equals the prediction."""
+    config = _write_config(tmp_path)
+    auto = load_config(config, ["swap.enabled=false", "swap.plan=auto", "swap.memory_target=1GiB"])
+    assert run_worker(auto) == 0
+    records = [json.loads(line) for line in open(tmp_path / "out" / "metrics.rank0.jsonl")]
+    assert all(r["swap_out_bytes"] == 0 and r["peak_saved_bytes"] > 0 for r in records)
+    log = [line for line in capfd.readouterr().err.splitlines() if line.startswith("[lmsdp] plan step")]
+    predicted, measured = log[-1].split("predicted ")[1].split(",")[0], log[-1].split("measured ")[1].split(";")[0]
+    assert predicted == measured
+
+
+def test_batch_max_plans_the_largest_batch_and_one_more_does_not_fit(tmp_path, capsys):
+    config = _write_config(tmp_path)
+    flags = ["--memory", "3MiB", "--link-gbps", "8", "--time-batch", "0"]
+    assert plan_main([config, *flags, "--batch", "max"]) == 0
+    out = capsys.readouterr().out
+    largest = int(out.split("largest batch that fits:")[1].split("planned ")[1].split()[0])
+    assert f"batch {largest}, memory target 3.0 MiB" in out.splitlines()[0]
+    assert plan_main([config, *flags, "--batch", str(largest + 1)]) == 2
+    assert "needs at least" in capsys.readouterr().err
+
+
 @pytest.mark.integration
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed")
 def test_swap_plan_auto_gives_every_rank_rank0s_plan(tmp_path):
