@@ -263,9 +263,14 @@ def plan_for_job(config: Any, backend: Any, device: Any) -> Optional[JobPlan]:
         doc: Optional[Dict[str, Any]] = None
         error = ""
         if backend.rank == 0:
-            try:
-                target = default_target(config, device, None)
-                result = plan_config(config, target, config.train.batch_size, link_bps(device, None), device)
+            import torch
+
+            try:  # planning builds and runs models: the job's RNG streams must not notice
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    target = default_target(config, device, None)
+                    result = plan_config(config, target, config.train.batch_size, link_bps(device, None), device)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
                 if result.chosen is None:
                     error = (f"swap.memory_target: batch {config.train.batch_size} needs at least "
                              f"{_size(result.min_peak)} (smallest achievable peak); target is {_size(target)}")

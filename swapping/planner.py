@@ -100,8 +100,9 @@ class _Recorder:
     """saved_tensors_hooks pair that mirrors the engine's candidate filter and dedupe, with module
     attribution from forward pre/post hooks and a clock (wall time or cumulative FLOPs)."""
 
-    def __init__(self, clock: Callable[[], float]) -> None:
+    def __init__(self, clock: Callable[[], float], device: Optional[torch.device] = None) -> None:
         self.clock = clock
+        self.device = device  # real runs: only tensors on the job's device are candidates, as in the engine
         self.stack: List[str] = []
         self.keys: Dict[tuple, int] = {}
         self.keep: List[torch.Tensor] = []
@@ -117,6 +118,8 @@ class _Recorder:
         if self.backward_started:
             return (None, t)
         if t.layout != torch.strided or (t.requires_grad and t.is_leaf) or t.numel() == 0:
+            return (None, t)
+        if self.device is not None and t.device != self.device:
             return (None, t)
         base = t._base
         if base is not None and base.requires_grad and base.is_leaf:
@@ -283,13 +286,13 @@ def profile_workload(workload: Workload, batch: int, recompute: RecomputeSpec = 
         sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
         torch.manual_seed(0)
         model = _apply(workload.build_model().to(device), recompute)
-        real = _Recorder(time.perf_counter)
+        real = _Recorder(time.perf_counter, device)
         _run_step(workload, model, tb, device, real, {}, sync)  # warm-up (allocator, kernels, lazy init)
         model.zero_grad(set_to_none=True)
         runs = []
         for _ in range(3):  # the median of three timed steps: one slowed by a busy machine does not count
             model.zero_grad(set_to_none=True)
-            rec, mod_s = _Recorder(time.perf_counter), {}
+            rec, mod_s = _Recorder(time.perf_counter, device), {}
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
                 base = torch.cuda.memory_allocated(device)

@@ -103,9 +103,14 @@ def test_planner_never_picks_a_plan_over_the_target(tmp_path, name):
     assert pred.peak_device_bytes > low - 1  # nothing fits: the smallest peak is reported, not a fit
 
 
-def _write_config(tmp_path, name: str = "resnet18", *extra: str) -> str:
-    raw = {"name": "plan_test", "model": {"name": name, "kwargs": {"width": 8, "num_classes": 10, "stem": "cifar"}},
-           "data": {"shape": [3, 16, 16], "samples": 64},
+RESNET = {"name": "resnet18", "kwargs": {"width": 8, "num_classes": 10, "stem": "cifar"}}
+GPT_DROPOUT = {"name": "gpt", "kwargs": {"vocab": 64, "seq_len": 16, "layers": 2, "width": 32, "heads": 4,
+                                         "dropout": 0.1}}
+
+
+def _write_config(tmp_path, model=RESNET) -> str:
+    data = {"shape": [3, 16, 16], "samples": 64} if model["name"] == "resnet18" else {"samples": 64}
+    raw = {"name": "plan_test", "model": model, "data": data,
            "train": {"steps": 3, "batch_size": 4, "progress": False, "output_dir": str(tmp_path / "out"),
                      "deterministic": True, "log_every": 1},
            "swap": {"enabled": True, "threshold": "4KiB", "transport": "loopback"},
@@ -174,10 +179,12 @@ def _final_state(out: str) -> dict:
     return state["model"]
 
 
-def test_swap_plan_auto_trains_bit_exact_vs_engine_off(tmp_path, capfd):
-    config = _write_config(tmp_path)
+@pytest.mark.parametrize("model, target", [(RESNET, "1.8MiB"), (GPT_DROPOUT, "520KiB")], ids=["resnet18", "gpt-dropout"])
+def test_swap_plan_auto_trains_bit_exact_vs_engine_off(tmp_path, capfd, model, target):
+    """Planning on rank 0 runs models of its own: the job's RNG (dropout) must be as if it had not."""
+    config = _write_config(tmp_path, model)
     off = load_config(config, ["swap.enabled=false", f"train.output_dir={tmp_path}/off"])
-    auto = load_config(config, ["swap.plan=auto", "swap.memory_target=1.8MiB", f"train.output_dir={tmp_path}/auto"])
+    auto = load_config(config, ["swap.plan=auto", f"swap.memory_target={target}", f"train.output_dir={tmp_path}/auto"])
     assert run_worker(off) == 0 and run_worker(auto) == 0
     a, b = _final_state(f"{tmp_path}/off"), _final_state(f"{tmp_path}/auto")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
