@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--link-gbps", type=float, metavar="X", help="device<->host link in GB/s "
                         "(default: measured: pinned copies on a GPU, host copies for the CPU loopback transport)")
     parser.add_argument("--tflops", type=float, metavar="X", help="compute rate of the device the job will run on, "
-                        "in TFLOP/s: times from FLOPs instead of a timed step (plan for a GPU from a machine without one)")
+                        "in TFLOP/s: times from FLOPs instead of a timed step (plan for a GPU from a machine "
+                        "without one)")
     parser.add_argument("--time-batch", type=int, metavar="N", help="batch of the real step that is timed "
                         "(default: the planned batch if its saved tensors take <= 1 GiB, else 1; 0: FLOPs only)")
     parser.add_argument("--depth", type=int, default=2, metavar="D", help="module name depth of the table (default 2)")
@@ -130,7 +131,8 @@ def plan_config(config: Any, target: int, batch: int, link: float, device: Any,
     profiles = profile_variants(workload, batch, device, tb, variants, tflops * 1e12 if tflops else None)
     swap = config.swap
     threshold = parse_size(swap.threshold) or 0
-    configured = Settings(threshold, swap.prefetch, swap.keep_last, parse_size(swap.budget) or 0) if swap.enabled else None
+    configured = (Settings(threshold, swap.prefetch, swap.keep_last, parse_size(swap.budget) or 0)
+                  if swap.enabled else None)
     return plan(profiles, target, link, threshold, configured, swap.recompute)
 
 
@@ -236,7 +238,8 @@ def read_plan_file(path: str) -> Dict[str, Any]:
         doc = data["plan"]
         doc["swap"], doc["tensors"]["sizes"], doc["tensors"]["swap"]  # noqa: B018 - shape check
     except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
-        raise UserError(f"swap.plan: {path} is not a plan file from 'lmsrun plan --write' ({type(exc).__name__})") from None
+        raise UserError(f"swap.plan: {path} is not a plan file from 'lmsrun plan --write' "
+                        f"({type(exc).__name__})") from None
     return doc
 
 
@@ -300,7 +303,8 @@ def plan_log_line(plan: JobPlan, step: int, record: Dict[str, Any]) -> str:
             f"{_size(doc['predicted_peak_bytes'])}")
     if record.get("max_memory_allocated"):
         line += f", measured {_size(record['max_memory_allocated'])}"
-    return line + f"; step predicted {doc['predicted_step_s'] * 1e3:.1f} ms, measured {record['step_time_s'] * 1e3:.1f} ms"
+    return line + (f"; step predicted {doc['predicted_step_s'] * 1e3:.1f} ms, "
+                   f"measured {record['step_time_s'] * 1e3:.1f} ms")
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -392,5 +396,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         st = result.chosen
         print(f"\nchosen: swap.threshold={st.settings.threshold} swap.prefetch={st.settings.prefetch} "
-              f"swap.recompute={st.recompute} ({len(st.prediction.swapped)} tensors swapped; --write FILE keeps the plan)")
+              f"swap.recompute={st.recompute} ({len(st.prediction.swapped)} tensors swapped; "
+              "--write FILE keeps the plan)")
     return 0

@@ -31,9 +31,11 @@ class SwapConfig:
         "choices": ("auto", "cuda", "loopback"),
         "help": "cuda (streams, pinned memory) or loopback (CPU worker thread; tests); auto picks by device"})
     plan: str = field(default="none", metadata={
-        "help": "none: the threshold/budget/keep_last rules above; auto: rank 0 profiles one step at job start and "
-                "plans keep/swap/recompute for memory_target (all ranks get its plan); or a plan file from 'lmsrun plan --write'"})
+        "help": "none: the threshold/budget/keep_last rules above; auto: rank 0 profiles one step at job start "
+                "and plans keep/swap/recompute for memory_target (all ranks get its plan); or a plan file "
+                "from 'lmsrun plan --write'"})
     memory_target: Optional[int] = field(default=None, metadata={
-        "unit": "bytes", "help": "device memory the planned step must fit (plan: auto); default on a GPU: its total memory"})
+        "unit": "bytes",
+        "help": "device memory the planned step must fit (plan: auto); default on a GPU: its total memory"})
     trace: Optional[str] = field(default=None, metadata={
         "help": "write chrome-trace JSON of compute / swap-out / swap-in spans to this path"})

@@ -6,13 +6,14 @@ Built on ``torch.autograd.graph.saved_tensors_hooks``:
   the policy's ``threshold`` bytes) becomes a *candidate* handle, and the policy (``policy.py``) decides
   whether and when it is swapped: by default the last ``keep_last`` candidates stay pending and, when a
   newer one arrives, the oldest pending one is swapped out if the resident saved bytes exceed
-  ``budget``; a planner's policy swaps the tensors its plan lists. Swap-out copies the tensor's storage span (so views and odd strides come back bit-exact)
-  into a pooled host buffer on the transport's swap-out stream; the device tensor is released only
-  once the copy has completed (record_stream on CUDA, the worker's reference on loopback).
+  ``budget``; a planner's policy swaps the tensors its plan lists. Swap-out copies the tensor's storage
+  span (so views and odd strides come back bit-exact) into a pooled host buffer on the transport's
+  swap-out stream; the device tensor is released only once the copy has completed (record_stream on
+  CUDA, the worker's reference on loopback).
 * unpack: a prefetched handle waits on its event; one not yet requested is copied at once (a stall).
   Each unpack starts swap-ins for the next ``prefetch`` swapped handles the policy names: in the order
-  learned on the first step (Capuchin); before that, reverse pack order. Once the learned forward length is reached,
-  the first handles of the learned order are prefetched already at the end of forward.
+  learned on the first step (Capuchin); before that, reverse pack order. Once the learned forward length
+  is reached, the first handles of the learned order are prefetched already at the end of forward.
 * the same tensor saved several times (same storage, geometry and version) is one handle; in-place
   modification after saving raises autograd's usual error (hooks disable autograd's own check).
 """

@@ -759,6 +759,7 @@ def to_json(doc: Dict[str, Any]) -> str:
 
 
 __all__ = ["Workload", "SavedTensor", "StepProfile", "Settings", "Prediction", "Strategy", "PlanResult",
-           "profile_workload", "profile_variants", "predict", "plan", "plan_swaps", "policy_for",
-           "max_batch", "BatchSizes", "backward_by_module", "sizes_profile", "optimizer_state_bytes", "variant_key", "recompute_label", "link_bandwidth", "device_flops", "plan_document", "policy_from_document",
+           "profile_workload", "profile_variants", "predict", "plan", "plan_swaps", "policy_for", "max_batch",
+           "BatchSizes", "backward_by_module", "sizes_profile", "optimizer_state_bytes", "variant_key",
+           "recompute_label", "link_bandwidth", "device_flops", "plan_document", "policy_from_document",
            "RECOMPUTE_VARIANTS"]
