@@ -286,8 +286,9 @@ def profile_workload(workload: Workload, batch: int, recompute: RecomputeSpec = 
         sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
         torch.manual_seed(0)
         model = _apply(workload.build_model().to(device), recompute)
-        real = _Recorder(time.perf_counter, device)
-        _run_step(workload, model, tb, device, real, {}, sync)  # warm-up (allocator, kernels, lazy init)
+        for _ in range(2):  # warm-up: allocator, kernel caches and lazy init take a step or two
+            _run_step(workload, model, tb, device, _Recorder(time.perf_counter, device), {}, sync)
+            model.zero_grad(set_to_none=True)
         model.zero_grad(set_to_none=True)
         runs = []
         for _ in range(3):  # the median of three timed steps: one slowed by a busy machine does not count
