@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import warnings
 from typing import Any, Dict, List, NoReturn, Optional, Tuple
 
 from .errors import UserError
@@ -288,6 +289,10 @@ def plan_for_job(config: Any, backend: Any, device: Any) -> Optional[JobPlan]:
             raise UserError(error)
     else:
         doc = read_plan_file(mode)
+        if int(doc.get("batch", 0)) != config.train.batch_size and backend.rank == 0:
+            warnings.warn(f"lmsdp plan: {mode} was made for batch {doc.get('batch')}, this job runs batch "
+                          f"{config.train.batch_size}; tensors that do not match the plan stay on the device",
+                          RuntimeWarning, stacklevel=2)
     assert doc is not None
     swap = doc["swap"]
     swap_config = dataclasses.replace(config.swap, threshold=int(swap["threshold"]), prefetch=int(swap["prefetch"]),
@@ -303,8 +308,11 @@ def plan_log_line(plan: JobPlan, step: int, record: Dict[str, Any]) -> str:
             f"{_size(doc['predicted_peak_bytes'])}")
     if record.get("max_memory_allocated"):
         line += f", measured {_size(record['max_memory_allocated'])}"
-    return line + (f"; step predicted {doc['predicted_step_s'] * 1e3:.1f} ms, "
-                   f"measured {record['step_time_s'] * 1e3:.1f} ms")
+    line += f"; step predicted {doc['predicted_step_s'] * 1e3:.1f} ms, measured {record['step_time_s'] * 1e3:.1f} ms"
+    if plan.policy.mismatches:
+        line += (f"; {plan.policy.mismatches} saved tensors so far did not match the plan and stayed on the device "
+                 "(plan again for this model and batch)")
+    return line
 
 
 # ------------------------------------------------------------------------------------------- main

@@ -138,6 +138,11 @@ def test_lmsrun_plan_prints_tables_and_writes_a_plan_the_job_meets(tmp_path, cap
     assert all(r["peak_saved_bytes"] == plan["predicted_peak_saved_bytes"] for r in records)
     assert all(r["swapped_tensors"] == len(plan["tensors"]["swap"]) for r in records)
     assert records[0]["stalls"] == 0  # the plan carries the first-use order: step 1 prefetches right
+    # the same plan on another batch: a warning at start, unmatched tensors stay, and the log says so
+    other = load_config(config, [f"swap.plan={out_file}", "train.batch_size=2", f"train.output_dir={tmp_path}/b2"])
+    with pytest.warns(RuntimeWarning, match="was made for batch 4, this job runs batch 2"):
+        assert run_worker(other) == 0
+    assert "did not match the plan and stayed on the device" in capsys.readouterr().err
 
 
 def test_model_that_cannot_fit_is_one_line_exit_2(tmp_path):
@@ -179,7 +184,8 @@ def _final_state(out: str) -> dict:
     return state["model"]
 
 
-@pytest.mark.parametrize("model, target", [(RESNET, "1.8MiB"), (GPT_DROPOUT, "520KiB")], ids=["resnet18", "gpt-dropout"])
+@pytest.mark.parametrize("model, target", [(RESNET, "1.8MiB"), (GPT_DROPOUT, "520KiB")],
+                         ids=["resnet18", "gpt-dropout"])
 def test_swap_plan_auto_trains_bit_exact_vs_engine_off(tmp_path, capfd, model, target):
     """Planning on rank 0 runs models of its own: the job's RNG (dropout) must be as if it had not."""
     config = _write_config(tmp_path, model)
