@@ -273,6 +273,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .tune import main as tune_main
 
         return tune_main(argv[1:])
+    if argv[:1] == ["plan"]:
+        from .plan import main as plan_main
+
+        return plan_main(argv[1:])
     script: Optional[List[str]] = None
     if "--" in argv:
         cut = argv.index("--")

@@ -201,6 +201,9 @@ def check_config(config: Config) -> None:
         raise ConfigError("swap.recompute: 'auto' stands alone, not inside a list")
     if config.swap.keep_last < 0 or config.swap.prefetch < 0:
         raise ConfigError("swap.prefetch and swap.keep_last must be 0 or more")
+    if config.swap.plan not in ("none", "auto") and not os.path.isfile(config.swap.plan):
+        raise ConfigError(f"swap.plan: '{config.swap.plan}' is not a file; allowed: none, auto, or a plan file "
+                          "written by 'lmsrun plan --write'")
 
 
 def resolve_factory(spec: str, path: str) -> Any:

@@ -28,8 +28,9 @@ from .checkpoint import CheckpointManager
 from .config import Config, config_to_dict, resolve_factory
 from .data import data_spec, make_batches
 from .models import build_model
-from .metrics import MetricsWriter, Progress, RunSummary
 from . import threads as module_threads
+from .metrics import MetricsWriter, Progress, RunSummary
+from .plan import plan_for_job, plan_log_line
 from .tensorboard import open_scalars
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -104,7 +105,10 @@ def run_worker(config: Config, topology: Optional[Topology] = None) -> int:
     swap_config = config.swap
     if swap_config.trace:  # one file per rank unless the path says where {rank} goes
         swap_config = dataclasses.replace(swap_config, trace=rank_path(swap_config.trace, rank, size))
-    engine = SwapEngine(swap_config, device)
+    job_plan = plan_for_job(config, backend, device)  # swap.plan: auto / FILE (None otherwise)
+    if job_plan is not None:
+        swap_config = dataclasses.replace(job_plan.swap_config, trace=swap_config.trace)
+    engine = SwapEngine(swap_config, device, policy=job_plan.policy if job_plan else None)
     model = engine.wrap_model(model)
     per_module = module_threads.attach(model, config.launch, base_threads,
                                        reduce=lambda t: backend.allreduce(t, op="sum"))
@@ -183,6 +187,8 @@ def run_worker(config: Config, topology: Optional[Topology] = None) -> int:
             if is_main:
                 summary.add(record)
                 progress.update(record)
+                if job_plan is not None and (step % train.log_every == 0 or step == start_step + 1):
+                    print(plan_log_line(job_plan, step, record), file=sys.stderr, flush=True)
             stop_now = stop_votes > 0
             if stop_now or (train.checkpoint_every and step % train.checkpoint_every == 0) or step == steps:
                 path = save(step)

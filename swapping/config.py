@@ -33,5 +33,12 @@ class SwapConfig:
         "choices": TRANSPORTS.choices(),
         "help": "how swapped bytes move: " + ", ".join(TRANSPORTS.names()) + "; auto: cuda on a CUDA device, "
                 "else loopback"})
+    plan: str = field(default="none", metadata={
+        "help": "none: the threshold/budget/keep_last rules above; auto: rank 0 profiles one step at job start "
+                "and plans keep/swap/recompute for memory_target (all ranks get its plan); or a plan file "
+                "from 'lmsrun plan --write'"})
+    memory_target: Optional[int] = field(default=None, metadata={
+        "unit": "bytes",
+        "help": "device memory the planned step must fit (plan: auto); default on a GPU: its total memory"})
     trace: Optional[str] = field(default=None, metadata={
         "help": "write chrome-trace JSON of compute / swap-out / swap-in / stall spans and the saved-bytes counter to this path ({output_dir}, {rank} are replaced)"})

@@ -3,15 +3,17 @@
 Built on ``torch.autograd.graph.saved_tensors_hooks``:
 
 * pack: a saved tensor on the engine's device (not a parameter or a view of one, plain strided, at least
-  ``threshold`` bytes) becomes a *candidate* handle. The last ``keep_last`` candidates stay pending; when
-  a newer one arrives the oldest pending one is swapped out if the resident saved bytes exceed
-  ``budget``. Swap-out copies the tensor's storage span (so views and odd strides come back bit-exact)
-  into a pooled host buffer on the transport's swap-out stream; the device tensor is released only
-  once the copy has completed (record_stream on CUDA, the worker's reference on loopback).
+  the policy's ``threshold`` bytes) becomes a *candidate* handle, and the policy (``policy.py``) decides
+  whether and when it is swapped: by default the last ``keep_last`` candidates stay pending and, when a
+  newer one arrives, the oldest pending one is swapped out if the resident saved bytes exceed
+  ``budget``; a planner's policy swaps the tensors its plan lists. Swap-out copies the tensor's storage
+  span (so views and odd strides come back bit-exact) into a pooled host buffer on the transport's
+  swap-out stream; the device tensor is released only once the copy has completed (record_stream on
+  CUDA, the worker's reference on loopback).
 * unpack: a prefetched handle waits on its event; one not yet requested is copied at once (a stall).
-  Each unpack starts swap-ins for the next ``prefetch`` swapped handles in the order learned on the
-  first step (Capuchin); before that, reverse pack order. Once the learned forward length is reached,
-  the first handles of the learned order are prefetched already at the end of forward.
+  Each unpack starts swap-ins for the next ``prefetch`` swapped handles the policy names: in the order
+  learned on the first step (Capuchin); before that, reverse pack order. Once the learned forward length
+  is reached, the first handles of the learned order are prefetched already at the end of forward.
 * the same tensor saved several times (same storage, geometry and version) is one handle; in-place
   modification after saving raises autograd's usual error (hooks disable autograd's own check).
 """
@@ -21,12 +23,12 @@ import threading
 import time
 import warnings
 import weakref
-from collections import deque
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
 from .config import SwapConfig
+from .policy import SwapPolicy, threshold_policy
 from .pool import HostPool
 from .stats import StepStats, Totals, zero_stats
 from .trace import MEMORY_COUNTER, Tracer
@@ -34,7 +36,6 @@ from .transport import LoopbackTransport, Transfer, Transport, make_transport
 from .units import format_size, parse_size
 
 _ALIGN = 512  # bytes of the first element's address alignment preserved on swap-in
-_PREFETCH_SCAN = 256  # learned-order entries scanned per unpack looking for handles to prefetch
 _STALL_SPAN_MS = 0.01  # stalls shorter than this (an already finished copy) are not drawn in the trace
 _cpu_warned = False
 
@@ -107,9 +108,13 @@ Packed = Union[_Handle, Tuple[torch.Tensor, int]]
 
 
 class SwapEngine:
-    """One per rank: wraps forward (``with engine:``), rolls over with ``step_end()``."""
+    """One per rank: wraps forward (``with engine:``), rolls over with ``step_end()``.
 
-    def __init__(self, config: SwapConfig, device: Union[torch.device, str]) -> None:
+    Decisions (what to swap, what to prefetch, what to learn) belong to ``policy``; by default the
+    ``ThresholdPolicy`` built from ``config`` (threshold, budget, keep_last, prefetch)."""
+
+    def __init__(self, config: SwapConfig, device: Union[torch.device, str],
+                 policy: Optional[SwapPolicy] = None) -> None:
         self.config = config
         device = torch.device(device)
         if device.type == "cuda" and device.index is None and torch.cuda.is_available():
@@ -117,13 +122,11 @@ class SwapEngine:
         self.device = device
         self.enabled = bool(config.enabled)
         self._device_index = -1 if device.type == "cpu" else (device.index or 0)
-        self.threshold = parse_size(config.threshold) or 0
-        self.budget = parse_size(config.budget) or 0
-        self.prefetch = max(0, int(config.prefetch))
-        self.keep_last = max(0, int(config.keep_last))
+        self.policy: SwapPolicy = policy if policy is not None else threshold_policy(config)
+        self.policy.bind(self)
+        self.threshold = self.policy.threshold  # read on the pack fast path
         self.recomputed_modules = 0
         self.totals = Totals()
-        self.learned_order: Optional[List[int]] = None
         self.last_prefetch_order: List[int] = []
         self.last_unpack_order: List[int] = []
         self.last_swapped: List[int] = []
@@ -155,8 +158,6 @@ class SwapEngine:
         self.tracer = Tracer(config.trace) if config.trace else None
         # the allocator's own figure costs a stats query per sample: only when tracing, only on CUDA
         self._sample_device = self.tracer is not None and device.type == "cuda"
-        self._learned_pos: Dict[int, int] = {}
-        self._learned_len = -1
         self._reset_step()
 
     # ------------------------------------------------------------------------------------ lifecycle
@@ -165,7 +166,6 @@ class SwapEngine:
         self._step = StepStats()
         self._phase = "idle"                     # idle -> forward -> backward -> done
         self._dedupe: Dict[tuple, Tuple[weakref.ref, Optional[weakref.ref]]] = {}
-        self._pending: Deque[_Handle] = deque()
         self._handles: List[weakref.ref] = []    # by seq
         self._order: List[int] = []              # first unpack of each handle, in order
         self._prefetch_log: List[int] = []
@@ -178,6 +178,17 @@ class SwapEngine:
         self._t_bw: Optional[float] = None
         self._mem_log = []
         self._device_log = []
+        self.policy.begin_step()
+
+    @property
+    def learned_order(self) -> Optional[List[int]]:
+        """First-use order of saved tensors in backward, as the policy learned (or was given) it."""
+        return self.policy.learned_order
+
+    @property
+    def resident_saved_bytes(self) -> int:
+        """Candidate bytes packed this step and still on the device (what budgets compare against)."""
+        return self._resident
 
     def __enter__(self) -> "SwapEngine":
         if not self.enabled:
@@ -278,12 +289,8 @@ class SwapEngine:
             h = _Handle(self, len(self._handles), t, version, nbytes)
             self._handles.append(weakref.ref(h))
             self._dedupe[key] = (weakref.ref(t), weakref.ref(h))
-            self._pending.append(h)
-            while len(self._pending) > self.keep_last:
-                old = self._pending.popleft()
-                if self._resident > self.budget and old.tensor is not None:
-                    self._swap_out(old)
-            if len(self._handles) == self._learned_len:  # forward end as learned: start the first swap-ins
+            self.policy.on_pack(h)
+            if len(self._handles) == self.policy.forward_length:  # forward end as learned: first swap-ins
                 self._prefetch_after(None)
             return h
 
@@ -298,7 +305,8 @@ class SwapEngine:
         if self._t_fw is None:
             self._t_fw = time.perf_counter()
 
-    def _swap_out(self, h: _Handle) -> None:
+    def swap_out(self, h: _Handle) -> None:
+        """Start moving resident handle ``h`` to host memory (called by the policy, under the lock)."""
         t = h.tensor
         assert t is not None
         buf = self.pool.acquire(h.span_bytes)
@@ -373,19 +381,12 @@ class SwapEngine:
                 self._device_log.append((t, torch.cuda.memory_allocated(self.device)))
 
     def _prefetch_after(self, seq: Optional[int]) -> None:
-        """Start swap-ins for the next ``prefetch`` swapped handles after ``seq`` (None: from the start)."""
-        if self.prefetch <= 0 or self._outstanding <= 0:
+        """Start swap-ins for the policy's next ``prefetch`` swapped handles after ``seq`` (None: forward end)."""
+        limit = self.policy.prefetch
+        if limit <= 0 or self._outstanding <= 0:
             return
-        learned = self.learned_order
-        if learned is not None and (seq is None or seq in self._learned_pos):
-            start = 0 if seq is None else self._learned_pos[seq] + 1
-            candidates: Any = learned[start:start + _PREFETCH_SCAN]
-        elif seq is None:
-            return
-        else:
-            candidates = range(seq - 1, max(-1, seq - 1 - _PREFETCH_SCAN), -1)
         issued = 0
-        for s in candidates:
+        for s in self.policy.prefetch_candidates(seq):
             if s >= len(self._handles):
                 continue
             other = self._handles[s]()
@@ -394,12 +395,12 @@ class SwapEngine:
             self._swap_in(other)
             self._prefetch_log.append(s)
             issued += 1
-            if issued >= self.prefetch or self._outstanding <= 0:
+            if issued >= limit or self._outstanding <= 0:
                 break
 
     def _begin_backward(self) -> None:
         self._phase = "backward"
-        self._pending.clear()  # keep_last tensors stay resident; do not pin them past their use
+        self.policy.backward_begins()
         if self._t_bw is None:
             self._t_bw = time.perf_counter()
         try:
@@ -441,12 +442,7 @@ class SwapEngine:
                 st.max_memory_allocated = int(torch.cuda.max_memory_allocated(self.device))
                 torch.cuda.reset_peak_memory_stats(self.device)
             st.finish()
-            if self._order and (self.learned_order is None or len(self._handles) != self._learned_len):
-                self.learned_order = list(self._order)
-                self._learned_pos = {}
-                for i, s in enumerate(self._order):
-                    self._learned_pos.setdefault(s, i)
-                self._learned_len = len(self._handles)
+            self.policy.step_end(self._order, len(self._handles))
             self.last_prefetch_order = self._prefetch_log
             self.last_unpack_order = self._order
             self.last_swapped = self._swapped_log
