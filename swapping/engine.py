@@ -381,21 +381,26 @@ class SwapEngine:
                 self._device_log.append((t, torch.cuda.memory_allocated(self.device)))
 
     def _prefetch_after(self, seq: Optional[int]) -> None:
-        """Start swap-ins for the policy's next ``prefetch`` swapped handles after ``seq`` (None: forward end)."""
+        """Keep swap-ins going for the policy's next ``prefetch`` swapped handles after ``seq`` (None: forward end)."""
         limit = self.policy.prefetch
         if limit <= 0 or self._outstanding <= 0:
             return
-        issued = 0
+        # The window is the next ``limit`` swapped handles in the policy's order, counting those
+        # already on their way back: it slides by one per use instead of growing by ``limit``
+        # (issuing ``limit`` new copies per unpack brought most of a step's swapped bytes back to the
+        # device at once in backward: 61 of 72 MiB for a ResNet-18 at prefetch 2).
+        window = 0
         for s in self.policy.prefetch_candidates(seq):
             if s >= len(self._handles):
                 continue
             other = self._handles[s]()
-            if other is None or other.out_tr is None or other.in_tr is not None or other.tensor is not None:
-                continue
-            self._swap_in(other)
-            self._prefetch_log.append(s)
-            issued += 1
-            if issued >= limit or self._outstanding <= 0:
+            if other is None or other.out_tr is None or other.used:
+                continue  # gone, never swapped (resident), or already used this step
+            window += 1
+            if other.in_tr is None and other.tensor is None:
+                self._swap_in(other)
+                self._prefetch_log.append(s)
+            if window >= limit or self._outstanding <= 0:
                 break
 
     def _begin_backward(self) -> None:

@@ -122,8 +122,10 @@ def test_prefetch_follows_the_learned_order() -> None:
     try:
         s1 = step(e, groups)
         assert e.last_unpack_order == [3, 4, 5, 0, 1, 2]
-        assert e.last_prefetch_order == [2, 1, 0]  # step 1: default reverse pack order
-        assert s1["stalls"] == 3  # 3, 4, 5: reverse order guessed 2, 1, 0
+        # step 1: default reverse pack order, a window of 2: 3 stalls and brings back 2, 1; the window
+        # stays on 2, 1 (already in flight) while 4 and 5 stall, so 0 stalls too
+        assert e.last_prefetch_order == [2, 1]
+        assert s1["stalls"] == 4
         assert e.learned_order == [3, 4, 5, 0, 1, 2]
         for _ in range(2):
             s = step(e, groups)
@@ -349,3 +351,34 @@ def test_script_mode_reports_at_exit(how: str) -> None:
     assert int(fields["swapped_out"]) > 0 and fields["steps"] == "3"
     # three identical steps: the 64x32 input and the 64x256 relu and tanh outputs (each saved by two nodes)
     assert int(fields["swapped_out"]) == 3 * (64 * 32 + 2 * 64 * 256) * 4
+
+
+def test_prefetch_window_slides_instead_of_growing() -> None:
+    """At most ``prefetch`` swapped tensors are on their way back (or back and unused) at any unpack:
+    each use slides the window by one. Issuing ``prefetch`` new copies per unpack instead brought
+    most of a step's swapped bytes back to the device at once in backward."""
+    n = 12
+    for prefetch in (1, 2, 3):
+        e = engine(prefetch=prefetch)
+        try:
+            for _ in range(2):  # step 2 runs with the learned order
+                outstanding = []
+
+                def probe(grad, e=e, outstanding=outstanding):
+                    handles = [h() for h in e._handles]
+                    back = [h for h in handles if h is not None and h.in_tr is not None and not h.used]
+                    outstanding.append(len(back))
+                    return grad
+
+                with e:
+                    xs = [torch.ones(1024, requires_grad=True) for _ in range(n)]
+                    ys = [(x * 2).exp() for x in xs]  # exp saves its 4 KiB result
+                    for y in ys:
+                        y.register_hook(probe)
+                    loss = sum(y.sum() for y in ys)
+                loss.backward()
+                s = e.step_end()
+            assert s["swapped_tensors"] == n and s["stalls"] == 0
+            assert max(outstanding) <= prefetch, (prefetch, outstanding)
+        finally:
+            e.close()
