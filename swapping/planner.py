@@ -472,10 +472,11 @@ def predict(profile: StepProfile, settings: Settings, link_bps: float) -> Predic
     def prefetch_after(i: int, now: float) -> None:
         if settings.prefetch <= 0:
             return
-        count = 0
+        count = 0  # the engine's sliding window: the next ``prefetch`` swapped tensors, issued or not
         for s in order[i:]:
-            if s in swapped and s not in issued:
-                issue(s, now)
+            if s in swapped:
+                if s not in issued:
+                    issue(s, now)
                 count += 1
                 if count >= settings.prefetch:
                     break
