@@ -13,6 +13,7 @@ from typing import Any, Dict, List
 
 from lmsdp.runtime import env as envvars
 from lmsdp.runtime.error_file import write_error
+from lmsdp.runtime.lifeline import watch_launcher
 
 from .errors import UserError
 
@@ -32,7 +33,7 @@ class EarlyStop:
     """A stop signal that arrives while the rank is still importing/building is not lost: it is
     recorded and sent again once the worker has installed its own handlers."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
 
     def __init__(self) -> None:
         self.pending: List[int] = []
@@ -57,6 +58,7 @@ class EarlyStop:
 def run_rank(config: Any, topology: Any) -> int:
     """This process is one rank: run the worker; on an exception print it with the rank and exit
     non-zero at once (no atexit hooks that could wait in a collective for ranks that are gone)."""
+    watch_launcher()  # lmsrun gone (kill -9, lost SSH session): this rank ends too
     early = EarlyStop()
     early.install()
     try:

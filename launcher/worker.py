@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import signal
 import sys
@@ -24,13 +25,14 @@ from lmsdp.runtime.chrome_trace import rank_path
 from lmsdp.swapping import SwapEngine
 
 from .checkpoint import CheckpointManager
+from .checkpoint_lock import CheckpointLock
 from .config import Config, config_to_dict, resolve_factory
 from .data import data_spec, make_batches
 from .models import build_model
 from .metrics import MetricsWriter, Progress, RunSummary
 from lmsdp.runtime.topology import Topology, detect_topology
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)  # SIGHUP: a dropped SSH session
 
 
 @dataclass
@@ -108,7 +110,44 @@ def run_worker(config: Config, topology: Optional[Topology] = None) -> int:
     amp_dtype = torch.float16 if train.amp_dtype == "float16" else torch.bfloat16
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
 
-    checkpoints = CheckpointManager(config.checkpoint_dir, config.train.keep_checkpoints)
+    checkpoints = CheckpointManager(config.checkpoint_dir, config.train.keep_checkpoints, announce=rank == 0)
+    lock = prepare_checkpoint_dir(checkpoints, model, optimizer) if rank == 0 else None
+    try:
+        return _train(config, topology, backend, model, engine, optimizer, scaler, checkpoints, device)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def prepare_checkpoint_dir(checkpoints: CheckpointManager, model: nn.Module, optimizer: Any) -> CheckpointLock:
+    """Rank 0, before training: hold the folder (one live job per folder), remove what a killed
+    save left, and make sure the next checkpoint can be written (writable, room for it)."""
+    lock = CheckpointLock(checkpoints.directory).acquire()
+    try:
+        checkpoints.clean_partial()
+        checkpoints.preflight(expected_bytes=estimate_checkpoint_bytes(model, optimizer))
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def estimate_checkpoint_bytes(model: nn.Module, optimizer: Any) -> int:
+    """Weights plus the optimizer's per-parameter state (momentum: 1 slot, Adam: 2), before any
+    state exists: the room the first checkpoint needs."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values() if torch.is_tensor(t))
+    inner = getattr(optimizer, "optimizer", optimizer)
+    slots = 2 if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)) else int(
+        any(g.get("momentum", 0) for g in getattr(inner, "param_groups", [])))
+    return weights * (1 + slots)
+
+
+def _train(config: Config, topology: Topology, backend: Any, model: nn.Module, engine: SwapEngine,
+           optimizer: Any, scaler: Any, checkpoints: CheckpointManager, device: torch.device) -> int:
+    train = config.train
+    rank, size = backend.rank, backend.size
+    use_amp = train.amp
+    amp_dtype = torch.float16 if train.amp_dtype == "float16" else torch.bfloat16
     start_step, resumed_from = 0, None
     if train.resume:
         loaded = checkpoints.load_latest()
@@ -257,7 +296,17 @@ def _write_json(path: str, data: Dict[str, Any]) -> None:
 
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, default=str)
+    with open(tmp, "w", encoding="utf-8") as handle:  # NaN/inf become null: bare NaN is not JSON
+        json.dump(_finite(data), handle, indent=2, default=str, allow_nan=False)
     os.replace(tmp, path)
 
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
