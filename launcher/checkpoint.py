@@ -176,6 +176,11 @@ class CheckpointManager:
     def preflight(self, expected_bytes: int = 0) -> None:
         """Before training: the folder can be created and written, and has room for one more
         checkpoint (the newest one's size, else ``expected_bytes``); CheckpointWriteError if not."""
+        self.check_writable()
+        self.check_space(expected_bytes)
+
+    def check_writable(self) -> None:
+        """The folder can be created and a file written into it; CheckpointWriteError if not."""
         try:
             os.makedirs(self.directory, exist_ok=True)
             fd, probe = tempfile.mkstemp(prefix=TMP_PREFIX + "probe-", dir=self.directory)
@@ -188,6 +193,9 @@ class CheckpointManager:
         except OSError as exc:
             raise CheckpointWriteError(f"checkpoint: cannot write to {self.directory}: {_cause(exc)}",
                                        hint="set train.checkpoint_dir (or --output-dir) to a writable folder") from None
+
+    def check_space(self, expected_bytes: int = 0) -> None:
+        """Room for one more checkpoint: the newest one's size, else ``expected_bytes``."""
         newest = self.candidates()[:1]
         needed = os.path.getsize(newest[0][1]) if newest else expected_bytes
         free = shutil.disk_usage(self.directory).free

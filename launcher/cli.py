@@ -303,6 +303,10 @@ def run(args: argparse.Namespace, script: Optional[List[str]]) -> int:
         from .rank import run_rank
 
         return run_rank(plan.config, detect_topology())
+    if plan.config is not None and not args.dry_run:  # refused before mpirun starts (rank 0 holds it later)
+        from .checkpoint_lock import check_free
+
+        check_free(plan.config.checkpoint_dir)
     argv, flavor, env = mpi_command(plan)
     if args.dry_run:
         print(shlex.join(argv))

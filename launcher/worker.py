@@ -32,6 +32,7 @@ from .models import build_model
 from .metrics import MetricsWriter, Progress, RunSummary
 from lmsdp.runtime.topology import Topology, detect_topology
 
+CHECKPOINT_OVERHEAD = 64 << 10  # RNG states of every rank, the config, zip records: beyond the tensors
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)  # SIGHUP: a dropped SSH session
 
 
@@ -96,10 +97,33 @@ def run_worker(config: Config, topology: Optional[Topology] = None) -> int:
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(train.seed)
 
+    checkpoints = CheckpointManager(config.checkpoint_dir, config.train.keep_checkpoints, announce=topology.rank == 0)
+    lock = claim_checkpoint_dir(checkpoints) if topology.rank == 0 else None
+    try:
+        return _build_and_train(config, topology, device, checkpoints, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def claim_checkpoint_dir(checkpoints: CheckpointManager) -> CheckpointLock:
+    """Rank 0, before anything else: the folder is writable, this job holds it (one live job per
+    folder), and what a killed save left behind is removed."""
+    checkpoints.check_writable()
+    lock = CheckpointLock(checkpoints.directory).acquire()
+    checkpoints.clean_partial()
+    return lock
+
+
+def _build_and_train(config: Config, topology: Topology, device: torch.device, checkpoints: CheckpointManager,
+                     lock: Optional[CheckpointLock]) -> int:
+    train = config.train
+    model = build_network(config).to(device)
+    if lock is not None:  # before training (and before the backend's start-up): room for a checkpoint
+        checkpoints.check_space(estimate_checkpoint_bytes(model, config.optimizer))
     backend = get_backend(config.comm, device, topology)
     rank, size = backend.rank, backend.size
     _quiet_warnings(rank)
-    model = build_network(config).to(device)
     swap_config = config.swap
     if swap_config.trace:  # one file per rank unless the path says where {rank} goes
         swap_config = dataclasses.replace(swap_config, trace=rank_path(swap_config.trace, rank, size))
@@ -110,36 +134,15 @@ def run_worker(config: Config, topology: Optional[Topology] = None) -> int:
     amp_dtype = torch.float16 if train.amp_dtype == "float16" else torch.bfloat16
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
 
-    checkpoints = CheckpointManager(config.checkpoint_dir, config.train.keep_checkpoints, announce=rank == 0)
-    lock = prepare_checkpoint_dir(checkpoints, model, optimizer) if rank == 0 else None
-    try:
-        return _train(config, topology, backend, model, engine, optimizer, scaler, checkpoints, device)
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-def prepare_checkpoint_dir(checkpoints: CheckpointManager, model: nn.Module, optimizer: Any) -> CheckpointLock:
-    """Rank 0, before training: hold the folder (one live job per folder), remove what a killed
-    save left, and make sure the next checkpoint can be written (writable, room for it)."""
-    lock = CheckpointLock(checkpoints.directory).acquire()
-    try:
-        checkpoints.clean_partial()
-        checkpoints.preflight(expected_bytes=estimate_checkpoint_bytes(model, optimizer))
-    except BaseException:
-        lock.release()
-        raise
-    return lock
+    return _train(config, topology, backend, model, engine, optimizer, scaler, checkpoints, device)
 
 
 def estimate_checkpoint_bytes(model: nn.Module, optimizer: Any) -> int:
     """Weights plus the optimizer's per-parameter state (momentum: 1 slot, Adam: 2), before any
-    state exists: the room the first checkpoint needs."""
+    state exists: the room the first checkpoint needs (``optimizer``: the optimizer: config)."""
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values() if torch.is_tensor(t))
-    inner = getattr(optimizer, "optimizer", optimizer)
-    slots = 2 if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)) else int(
-        any(g.get("momentum", 0) for g in getattr(inner, "param_groups", [])))
-    return weights * (1 + slots)
+    slots = 2 if optimizer.name in ("adam", "adamw") else int(optimizer.momentum > 0)
+    return weights * (1 + slots) + CHECKPOINT_OVERHEAD
 
 
 def _train(config: Config, topology: Topology, backend: Any, model: nn.Module, engine: SwapEngine,

@@ -42,13 +42,17 @@ def parent_death_signal(signum: int = signal.SIGTERM) -> None:
 
 
 def start_time(pid: int) -> Optional[str]:
-    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat), or None."""
+    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat); None when
+    there is no such process or it has exited (a zombie waiting for its parent to reap it)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as handle:
             data = handle.read().decode("ascii", "replace")
     except OSError:
         return None
-    return data[data.rfind(")") + 2:].split()[19]  # fields after "(comm)", 0-based from field 3
+    fields = data[data.rfind(")") + 2:].split()  # after "(comm)": field 3 (state) onwards
+    if not fields or fields[0] in ("Z", "X"):
+        return None
+    return fields[19]
 
 
 @dataclass(frozen=True)
