@@ -36,6 +36,7 @@ from .demux import Demux
 
 # SIGHUP is what a dropped SSH session sends: treated like SIGTERM (checkpoint, then stop).
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+MPIRUN_UNKNOWN_OPTION = re.compile(r"(?:Error: unknown option|unrecognized argument) \"?([^\"\s]+)")
 OMPI_FIRST = re.compile(r"Process name: \[\[\d+,\d+\],(\d+)\]")
 OMPI_EXIT = re.compile(r"Exit code:\s+(\d+)")
 OMPI_SIGNAL = re.compile(r"process rank (\d+) with PID \d+ on node \S+ exited on signal (\d+)")
@@ -221,6 +222,12 @@ class Runner:
                   f"{-returncode} ({_signame(-returncode)}); stopped all {self.job.np or len(demux.tails)} ranks; "
                   f"exit code {code}", file=sys.stderr, flush=True)
             return code
+        rejected = MPIRUN_UNKNOWN_OPTION.search(own)
+        if failure.rank is None and rejected:
+            print(f"lmsrun: error: --mpi-args: {os.path.basename(self.job.command[0])} does not know the option "
+                  f"{rejected.group(1)}; allowed: the options of '{self.job.command[0]} --help'",
+                  file=sys.stderr, flush=True)
+            return 2
         if failure.rank is None:
             if demux.own and not self.job.verbose:
                 print(own, file=sys.stderr)

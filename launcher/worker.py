@@ -26,6 +26,7 @@ from lmsdp.swapping import SwapEngine
 
 from .checkpoint import CheckpointManager
 from .checkpoint_lock import CheckpointLock
+from .input_checks import built_by_factory
 from .config import Config, config_to_dict, resolve_factory
 from .data import data_spec, make_batches
 from .models import build_model
@@ -59,10 +60,8 @@ class StopRequest:
 
 def build_network(config: Config) -> nn.Module:
     if config.model.factory:
-        model = resolve_factory(config.model.factory, "model.factory")(**config.model.kwargs)
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model.factory returned {type(model).__name__}, expected a torch.nn.Module")
-        return model
+        return built_by_factory(resolve_factory(config.model.factory, "model.factory"), config.model.kwargs,
+                                "model.factory", config.model.factory, nn.Module)
     return build_model(config.model.name, **config.model.kwargs)
 
 
