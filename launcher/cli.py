@@ -326,8 +326,10 @@ def run(args: argparse.Namespace, script: Optional[List[str]]) -> int:
         from lmsdp.runtime.topology import detect_topology
 
         from .rank import run_rank
+        from .rank_log import tee_rank_log
 
-        return run_rank(plan.config, detect_topology())
+        with tee_rank_log(args.output_dir):  # rank0.log, as the demux writes for mpirun jobs
+            return run_rank(plan.config, detect_topology())
     if plan.config is not None and not args.dry_run:  # refused before mpirun starts (rank 0 holds it later)
         from .checkpoint_lock import check_free
 

@@ -72,7 +72,8 @@ def run_rank(config: Any, topology: Any) -> int:
         if isinstance(exc, SystemExit) and exc.code in (0, None):
             raise
         write_error(exc, topology.rank)
-        traceback.print_exc()
+        if not _is_consequence(exc):
+            traceback.print_exc()
         reason = f"{type(exc).__name__}: {exc}".strip().splitlines()[0] if str(exc) else type(exc).__name__
         _die(f"[lmsdp] rank {topology.rank} failed: {reason}", 130 if isinstance(exc, KeyboardInterrupt) else 1)
     finally:
@@ -82,6 +83,15 @@ def run_rank(config: Any, topology: Any) -> int:
         # lmsrun itself returns 128+signal.
         return 0
     return code
+
+
+def _is_consequence(exc: BaseException) -> bool:
+    """A collective that failed because a peer died or hung: its traceback (25-60 lines of gloo or
+    Horovod internals) says nothing about the cause and would bury lmsrun's report, so the rank
+    prints its one ``failed`` line only (the traceback is in its error file)."""
+    from lmsdp.comm.base import CommError
+
+    return isinstance(exc, CommError)
 
 
 def _die(line: str, code: int) -> None:

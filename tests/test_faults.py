@@ -202,6 +202,10 @@ def test_sigstop_of_a_rank_ends_the_job_after_the_comm_timeout(tmp_path):
     err = run.text("err")
     assert code != 0, err
     assert "lmsrun: rank" in err, err
+    summary = err[err.index("lmsrun: rank"):].splitlines()
+    before = err[:err.index("lmsrun: rank")].splitlines()
+    assert len([line for line in summary if not line.startswith("  | ")]) <= 5, err
+    assert not any("Traceback" in line for line in before), err  # the survivor's traceback stays in its log
     tree.wait_gone()
     assert_no_leftovers(run)
 
@@ -387,3 +391,13 @@ def test_save_on_a_full_disk_is_one_line_naming_path_and_cause(small_disk):
     text = str(caught.value)
     assert "\n" not in text and "step-00000001.pt" in text and "No space left on device" in text, text
     assert os.listdir(small_disk) == []  # the partial temp file is gone
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_one_rank_in_place_writes_rank0_log(tmp_path):
+    done = subprocess.run([LMSRUN, TINY, "-np", "1", "--output-dir", str(tmp_path)], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    log = (tmp_path / "rank0.log").read_text()
+    assert "step 1/6" in log and "step 6/6" in log, log
