@@ -12,6 +12,7 @@ Rendezvous, in this order:
 """
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import time
@@ -212,7 +213,19 @@ class TorchBackend(Backend):
             self.timer.trace.close()
         if self._own_group and dist.is_initialized():
             if self._failed is None:
+                # Deterministic teardown before interpreter finalization (a gloo worker thread that
+                # drops the last reference to a Python callback while the interpreter shuts down
+                # aborts the process): every rank's collectives are done (barrier), the Work/Future
+                # objects that hold Python callables are collected, and destroying the group joins
+                # gloo's worker threads now rather than at exit.
+                try:
+                    self.barrier()
+                except Exception:  # noqa: BLE001 - a peer is gone: leave the group alone, as after a failure
+                    self._own_group = False
+                    return
+                gc.collect()
                 dist.destroy_process_group()
+                gc.collect()
             # after a failure the group is left alone: tearing it down can block on the dead peer
             self._own_group = False
 

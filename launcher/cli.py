@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import shlex
 import signal
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, NoReturn, Optional
 
 from lmsdp.runtime import env as envvars
 from lmsdp.swapping.registry import TRANSPORTS
@@ -43,7 +44,7 @@ SWAP_FLAGS = {  # flag dest -> (swap config key, environment variable, how to wr
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="lmsrun", allow_abbrev=False,
         usage="lmsrun [CONFIG] [-np N] [-H HOSTS | --hostfile F] [options] [-- COMMAND ...]",
         description="Data-parallel training with large model support: one MPI rank per GPU. "
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--threads", type=_threads, metavar="N|auto",
                         help="intra-op threads per rank (0: cores / ranks; auto: measured per module)")
     launch.add_argument("--dry-run", action="store_true", help="print the command and the resolved config, run nothing")
-    launch.add_argument("--stop-timeout", type=float, default=120.0, metavar="S",
+    launch.add_argument("--stop-timeout", type=_seconds, default=120.0, metavar="S",
                         help="after SIGINT/SIGTERM, seconds the ranks get to checkpoint before being killed")
     launch.add_argument("-v", "--verbose", action="store_true", help="show mpirun's own messages as they come")
     run = parser.add_argument_group("run")
@@ -77,6 +78,24 @@ def build_parser() -> argparse.ArgumentParser:
     swap.add_argument("--swap-recompute", metavar="KINDS", help="'auto' or a comma list, e.g. relu,batchnorm")
     swap.add_argument("--swap-transport", choices=TRANSPORTS.choices(), help="swap transport")
     return parser
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (``lmsrun: error: <flag>: <what>``), exit 2, no usage block."""
+
+    def error(self, message: str) -> "NoReturn":  # type: ignore[override]
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text!r}")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -171,6 +190,12 @@ def make_plan(args: argparse.Namespace, script: Optional[List[str]]) -> Plan:
         raise UserError("-H and --hostfile are both given: use one of them")
     if plan.hostfile and not os.path.isfile(plan.hostfile):
         raise UserError(f"--hostfile: file not found: {plan.hostfile}")
+    if (plan.hosts or plan.hostfile) and not args.dry_run:
+        from .input_checks import check_hosts_resolve
+        from .mpi_command import parse_hostfile, parse_hosts
+
+        hosts = parse_hosts(plan.hosts) if plan.hosts else parse_hostfile(plan.hostfile)  # type: ignore[arg-type]
+        check_hosts_resolve([h.name for h in hosts], "-H" if plan.hosts else f"--hostfile {plan.hostfile}")
     plan.rank_env = rank_environment(plan)
     return plan
 
@@ -319,8 +344,14 @@ def run(args: argparse.Namespace, script: Optional[List[str]]) -> int:
         from lmsdp.runtime.topology import detect_topology
 
         from .rank import run_rank
+        from .rank_log import tee_rank_log
 
-        return run_rank(plan.config, detect_topology())
+        with tee_rank_log(args.output_dir):  # rank0.log, as the demux writes for mpirun jobs
+            return run_rank(plan.config, detect_topology())
+    if plan.config is not None and not args.dry_run:  # refused before mpirun starts (rank 0 holds it later)
+        from .checkpoint_lock import check_free
+
+        check_free(plan.config.checkpoint_dir)
     argv, flavor, env = mpi_command(plan)
     if args.dry_run:
         print(shlex.join(argv))

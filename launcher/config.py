@@ -17,6 +17,7 @@ import yaml
 from lmsdp.comm.config import CommConfig
 from lmsdp.swapping.config import SwapConfig
 from .errors import ConfigError
+from .input_checks import check_config_kwargs, check_name
 from .typed_yaml import apply_override, build, config_to_dict, read_yaml, reference_rows
 from .models import MODEL_NAMES
 
@@ -165,9 +166,13 @@ def load_config(path: Optional[str], overrides: Optional[List[str]] = None) -> C
     raw: Dict[str, Any] = {}
     if path is not None:
         raw = read_yaml(path)
+    empty = path is not None and not raw
     for item in overrides or []:
         apply_override(raw, item, Config)
     config = build(Config, raw, "")
+    if empty:  # would train every default for minutes
+        raise ConfigError(f"{path}: the config is empty; expected sections such as model:, train: "
+                          "(see configs/quickstart.yaml)")
     config.source = path
     check_config(config)
     return config
@@ -175,13 +180,16 @@ def load_config(path: Optional[str], overrides: Optional[List[str]] = None) -> C
 
 def check_config(config: Config) -> None:
     """Cross-field checks that types alone cannot express."""
+    check_name(config.name)
     if config.model.factory:
-        resolve_factory(config.model.factory, "model.factory")
+        check_config_kwargs(config, resolve_factory(config.model.factory, "model.factory"))
     elif config.model.name not in MODEL_NAMES:
         close = difflib.get_close_matches(config.model.name, MODEL_NAMES, n=1)
         guess = f" (did you mean '{close[0]}'?)" if close else ""
         raise ConfigError(f"model.name: unknown model '{config.model.name}'{guess}; "
                           f"allowed: {', '.join(MODEL_NAMES)}, or set model.factory")
+    else:
+        check_config_kwargs(config, None)
     if config.data.kind == "factory":
         if not config.data.factory:
             raise ConfigError("data.factory: required when data.kind is 'factory' ('package.module:function')")

@@ -13,6 +13,7 @@ from typing import Any, Dict, List
 
 from lmsdp.runtime import env as envvars
 from lmsdp.runtime.error_file import write_error
+from lmsdp.runtime.lifeline import watch_launcher
 
 from .errors import UserError
 
@@ -32,7 +33,7 @@ class EarlyStop:
     """A stop signal that arrives while the rank is still importing/building is not lost: it is
     recorded and sent again once the worker has installed its own handlers."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
 
     def __init__(self) -> None:
         self.pending: List[int] = []
@@ -57,6 +58,7 @@ class EarlyStop:
 def run_rank(config: Any, topology: Any) -> int:
     """This process is one rank: run the worker; on an exception print it with the rank and exit
     non-zero at once (no atexit hooks that could wait in a collective for ranks that are gone)."""
+    watch_launcher()  # lmsrun gone (kill -9, lost SSH session): this rank ends too
     early = EarlyStop()
     early.install()
     try:
@@ -70,7 +72,8 @@ def run_rank(config: Any, topology: Any) -> int:
         if isinstance(exc, SystemExit) and exc.code in (0, None):
             raise
         write_error(exc, topology.rank)
-        traceback.print_exc()
+        if not _is_consequence(exc):
+            traceback.print_exc()
         reason = f"{type(exc).__name__}: {exc}".strip().splitlines()[0] if str(exc) else type(exc).__name__
         _die(f"[lmsdp] rank {topology.rank} failed: {reason}", 130 if isinstance(exc, KeyboardInterrupt) else 1)
     finally:
@@ -80,6 +83,15 @@ def run_rank(config: Any, topology: Any) -> int:
         # lmsrun itself returns 128+signal.
         return 0
     return code
+
+
+def _is_consequence(exc: BaseException) -> bool:
+    """A collective that failed because a peer died or hung: its traceback (25-60 lines of gloo or
+    Horovod internals) says nothing about the cause and would bury lmsrun's report, so the rank
+    prints its one ``failed`` line only (the traceback is in its error file)."""
+    from lmsdp.comm.base import CommError
+
+    return isinstance(exc, CommError)
 
 
 def _die(line: str, code: int) -> None:

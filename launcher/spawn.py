@@ -30,9 +30,13 @@ from typing import Dict, List, Optional, Sequence
 
 from lmsdp.runtime import env as envvars
 from lmsdp.runtime.error_file import ErrorRecord, read_errors
+from lmsdp.runtime.lifeline import Launcher, parent_death_signal
 
 from .demux import Demux
 
+# SIGHUP is what a dropped SSH session sends: treated like SIGTERM (checkpoint, then stop).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+MPIRUN_UNKNOWN_OPTION = re.compile(r"(?:Error: unknown option|unrecognized argument) \"?([^\"\s]+)")
 OMPI_FIRST = re.compile(r"Process name: \[\[\d+,\d+\],(\d+)\]")
 OMPI_EXIT = re.compile(r"Exit code:\s+(\d+)")
 OMPI_SIGNAL = re.compile(r"process rank (\d+) with PID \d+ on node \S+ exited on signal (\d+)")
@@ -91,12 +95,12 @@ class Runner:
         demux = Demux(job.flavor, job.output_dir, out, err, verbose=job.verbose)
         for rank in range(job.np if job.output_dir else 0):
             demux.open_log(rank)
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         try:
             try:
                 self.proc = subprocess.Popen(job.command, env=job.env, stdin=subprocess.DEVNULL,
                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                             start_new_session=True)
+                                             start_new_session=True, preexec_fn=parent_death_signal)
             except OSError as exc:
                 print(f"lmsrun: error: cannot start {job.command[0]}: {exc.strerror}", file=sys.stderr)
                 return 2
@@ -120,12 +124,12 @@ class Runner:
         if proc is None or proc.poll() is not None:
             return
         if len(self.signals) == 1 and self.job.graceful_signal is not None:
-            print(f"lmsrun: {signal.Signals(signum).name}: asking every rank to stop after this step "
-                  "(again to stop now)", file=sys.stderr, flush=True)
+            _say(f"lmsrun: {signal.Signals(signum).name}: asking every rank to stop after this step "
+                 "(again to stop now)")
             self._send(self.job.graceful_signal)
             self.hard_deadline = time.monotonic() + self.job.stop_timeout
-        elif len(self.signals) == 1:
-            self._send(signum)
+        elif len(self.signals) == 1:  # script mode: user scripts know SIGTERM/SIGINT, not SIGHUP
+            self._send(signal.SIGTERM if signum == signal.SIGHUP else signum)
             self.kill_deadline = time.monotonic() + 10
         else:
             self._send(signal.SIGTERM)
@@ -213,6 +217,17 @@ class Runner:
             print(f"lmsrun: error: {user_errors[0].message}", file=sys.stderr)
             return 2
         code = returncode if returncode and returncode > 0 else 128 + (-(returncode or 0)) if returncode else 1
+        if failure.rank is None and returncode is not None and returncode < 0 and self.proc is not None:
+            print(f"lmsrun: {os.path.basename(self.job.command[0])} (pid {self.proc.pid}) was killed by signal "
+                  f"{-returncode} ({_signame(-returncode)}); stopped all {self.job.np or len(demux.tails)} ranks; "
+                  f"exit code {code}", file=sys.stderr, flush=True)
+            return code
+        rejected = MPIRUN_UNKNOWN_OPTION.search(own)
+        if failure.rank is None and rejected:
+            print(f"lmsrun: error: --mpi-args: {os.path.basename(self.job.command[0])} does not know the option "
+                  f"{rejected.group(1)}; allowed: the options of '{self.job.command[0]} --help'",
+                  file=sys.stderr, flush=True)
+            return 2
         if failure.rank is None:
             if demux.own and not self.job.verbose:
                 print(own, file=sys.stderr)
@@ -264,6 +279,14 @@ class Runner:
         return failure
 
 
+def _say(line: str) -> None:
+    """A line on stderr that never raises (after SIGHUP the terminal may be gone)."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
 def _signame(signum: int) -> str:
     try:
         return signal.Signals(signum).name
@@ -275,6 +298,7 @@ def run_job(job: Job) -> int:
     """Run ``job``; returns lmsrun's exit code (the failed rank's code, or 128+signal). Without an
     ``error_dir``, a private one is made for this job (ranks on this host find it through
     ``LMSDP_ERROR_DIR``) and removed afterwards."""
+    job = dataclasses.replace(job, env={**job.env, envvars.LAUNCHER: Launcher.this_process().encode()})
     if job.error_dir is not None:
         return Runner(job).run()
     import shutil

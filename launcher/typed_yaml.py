@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from typing import Any, Dict, List, Union
@@ -28,12 +29,13 @@ def read_yaml(path: str) -> Dict[str, Any]:
         raise ConfigError(f"config path is a directory, expected a YAML file: {path}")
     try:
         with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle)
+            data = yaml.load(handle, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{where}: YAML syntax error: {problem}") from None
+        label = "" if problem.startswith("duplicate key") else "YAML syntax error: "
+        raise ConfigError(f"{where}: {label}{problem}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config {path}: {exc}") from None
     if data is None:
@@ -41,6 +43,26 @@ def read_yaml(path: str) -> Dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
     return data
+
+
+class StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (plain YAML lets the second win:
+    a second ``train:`` section would silently replace the whole first one)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Dict[Any, Any]:
+        seen: Dict[Any, Any] = {}
+        for key_node, _value in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: SafeLoader reports it
+                break
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}' (first at line {first.line + 1}); "
+                                "each key may appear once per section", key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
 
 
 def apply_override(raw: Dict[str, Any], item: str, root: Any) -> None:
@@ -104,6 +126,8 @@ def convert(value: Any, fld: "dataclasses.Field[Any]", path: str) -> Any:
         if optional:
             return None
         raise ConfigError(f"{path}: a value is required ({_allowed(inner, meta)})")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{path}: {value} is not allowed; expected a finite {_allowed(inner, meta)}")
     if meta.get("unit") == "bytes":
         try:
             return parse_size(value)
@@ -148,6 +172,8 @@ def _convert_type(value: Any, hint: Any, meta: typing.Mapping[str, Any], path: s
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {_describe(value)}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}: {value} is not allowed; expected a finite number")
         _check_min(value, meta, path)
         return float(value)
     if hint is str:

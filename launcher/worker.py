@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import signal
 import sys
@@ -25,6 +26,8 @@ from lmsdp.runtime.topology import Topology, detect_topology
 from lmsdp.swapping import SwapEngine
 
 from .checkpoint import CheckpointManager
+from .checkpoint_lock import CheckpointLock
+from .input_checks import built_by_factory
 from .config import Config, config_to_dict, resolve_factory
 from .data import data_spec, make_batches
 from .models import build_model
@@ -33,7 +36,8 @@ from .metrics import MetricsWriter, Progress, RunSummary
 from .plan import plan_for_job, plan_log_line
 from .tensorboard import open_scalars
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+CHECKPOINT_OVERHEAD = 64 << 10  # RNG states of every rank, the config, zip records: beyond the tensors
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)  # SIGHUP: a dropped SSH session
 
 
 @dataclass
@@ -59,10 +63,8 @@ class StopRequest:
 
 def build_network(config: Config) -> nn.Module:
     if config.model.factory:
-        model = resolve_factory(config.model.factory, "model.factory")(**config.model.kwargs)
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model.factory returned {type(model).__name__}, expected a torch.nn.Module")
-        return model
+        return built_by_factory(resolve_factory(config.model.factory, "model.factory"), config.model.kwargs,
+                                "model.factory", config.model.factory, nn.Module)
     return build_model(config.model.name, **config.model.kwargs)
 
 
@@ -98,10 +100,33 @@ def run_worker(config: Config, topology: Optional[Topology] = None) -> int:
     torch.manual_seed(train.seed)
 
     config = _paths_in_output_dir(config)
+    checkpoints = CheckpointManager(config.checkpoint_dir, config.train.keep_checkpoints, announce=topology.rank == 0)
+    lock = claim_checkpoint_dir(checkpoints) if topology.rank == 0 else None
+    try:
+        return _build_and_train(config, topology, device, checkpoints, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def claim_checkpoint_dir(checkpoints: CheckpointManager) -> CheckpointLock:
+    """Rank 0, before anything else: the folder is writable, this job holds it (one live job per
+    folder), and what a killed save left behind is removed."""
+    checkpoints.check_writable()
+    lock = CheckpointLock(checkpoints.directory).acquire()
+    checkpoints.clean_partial()
+    return lock
+
+
+def _build_and_train(config: Config, topology: Topology, device: torch.device, checkpoints: CheckpointManager,
+                     lock: Optional[CheckpointLock]) -> int:
+    train = config.train
+    model = build_network(config).to(device)
+    if lock is not None:  # before training (and before the backend's start-up): room for a checkpoint
+        checkpoints.check_space(estimate_checkpoint_bytes(model, config.optimizer))
     backend = get_backend(config.comm, device, topology)
     rank, size = backend.rank, backend.size
     _quiet_warnings(rank)
-    model = build_network(config).to(device)
     swap_config = config.swap
     if swap_config.trace:  # one file per rank unless the path says where {rank} goes
         swap_config = dataclasses.replace(swap_config, trace=rank_path(swap_config.trace, rank, size))
@@ -117,7 +142,23 @@ def run_worker(config: Config, topology: Optional[Topology] = None) -> int:
     amp_dtype = torch.float16 if train.amp_dtype == "float16" else torch.bfloat16
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
 
-    checkpoints = CheckpointManager(config.checkpoint_dir, config.train.keep_checkpoints)
+    return _train(config, topology, backend, model, engine, optimizer, scaler, checkpoints, device)
+
+
+def estimate_checkpoint_bytes(model: nn.Module, optimizer: Any) -> int:
+    """Weights plus the optimizer's per-parameter state (momentum: 1 slot, Adam: 2), before any
+    state exists: the room the first checkpoint needs (``optimizer``: the optimizer: config)."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values() if torch.is_tensor(t))
+    slots = 2 if optimizer.name in ("adam", "adamw") else int(optimizer.momentum > 0)
+    return weights * (1 + slots) + CHECKPOINT_OVERHEAD
+
+
+def _train(config: Config, topology: Topology, backend: Any, model: nn.Module, engine: SwapEngine,
+           optimizer: Any, scaler: Any, checkpoints: CheckpointManager, device: torch.device) -> int:
+    train = config.train
+    rank, size = backend.rank, backend.size
+    use_amp = train.amp
+    amp_dtype = torch.float16 if train.amp_dtype == "float16" else torch.bfloat16
     start_step, resumed_from = 0, None
     if train.resume:
         loaded = checkpoints.load_latest()
@@ -290,7 +331,17 @@ def _write_json(path: str, data: Dict[str, Any]) -> None:
 
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, default=str)
+    with open(tmp, "w", encoding="utf-8") as handle:  # NaN/inf become null: bare NaN is not JSON
+        json.dump(_finite(data), handle, indent=2, default=str, allow_nan=False)
     os.replace(tmp, path)
 
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

@@ -40,6 +40,8 @@ _ALL = [
                                     "mpirun hands it a pipe"),
     Variable("LMSDP_ERROR_DIR", "lmsrun", "folder where a failing rank writes rank<R>.json (type, message, "
                                           "traceback, time); lmsrun reports the earliest"),
+    Variable("LMSDP_LAUNCHER", "lmsrun", "the lmsrun process as PID:START@HOST: ranks on that host end themselves "
+                                         "within a second when it is gone (no headless job)"),
     # read by scripts/setup.sh
     Variable("LMSDP_VENV", "setup", "virtual environment scripts/setup.sh creates and fills (default: .venv)"),
     Variable("LMSDP_TORCH_SPEC", "setup", "torch requirement installed when the venv has none (default: torch==2.13.0)"),
@@ -57,6 +59,7 @@ LAUNCHED = "LMSDP_LAUNCHED"
 EXPECTED_NP = "LMSDP_EXPECTED_NP"
 TTY = "LMSDP_TTY"
 ERROR_DIR = "LMSDP_ERROR_DIR"
+LAUNCHER = "LMSDP_LAUNCHER"
 
 
 def read(name: str, env: Optional[Mapping[str, str]] = None) -> Optional[str]:

@@ -55,8 +55,10 @@ def test_override_wins_over_file(tmp_path):
     assert load_config(path, ["train.steps=9"]).train.steps == 9
 
 
-def test_empty_file_gives_defaults(tmp_path):
-    assert load_config(write(tmp_path, "")) == build(Config, {}, "")
+def test_no_file_gives_defaults_but_an_empty_file_is_an_error(tmp_path):
+    assert load_config(None) == build(Config, {}, "")
+    with pytest.raises(ConfigError, match="the config is empty"):  # it would train every default for minutes
+        load_config(write(tmp_path, "# nothing yet\n"))
 
 
 def test_reference_covers_every_key():
@@ -107,6 +109,33 @@ BAD_CONFIGS = [
     ("", ["swap.nope=1"], ["swap.nope", "unknown key"]),
     ("", ["train.steps.x=1"], ["train.steps", "not a section"]),
     (None, [], ["config file not found"]),
+    # non-finite numbers (YAML .inf / .nan) for sizes, timeouts, rates and counts
+    ("comm: {timeout_s: .inf}\n", [], ["comm.timeout_s", "finite"]),
+    ("comm: {timeout_s: .nan}\n", [], ["comm.timeout_s", "finite"]),
+    ("swap: {threshold: .inf}\n", [], ["swap.threshold", "finite", "size"]),
+    ("swap: {budget: .nan}\n", [], ["swap.budget", "finite"]),
+    ("optimizer: {lr: .nan}\n", [], ["optimizer.lr", "finite"]),
+    ("optimizer: {weight_decay: -.inf}\n", [], ["optimizer.weight_decay", "finite"]),
+    ("train: {steps: .inf}\n", [], ["train.steps", "integer"]),
+    ("data: {shape: [3, .nan, 8]}\n", [], ["data.shape[1]", "integer"]),
+    ("", ["comm.timeout_s=.nan"], ["comm.timeout_s", "finite"]),
+    # a key given twice would silently replace the first
+    ("train: {steps: 3}\nmodel: {name: resnet18}\ntrain: {batch_size: 4}\n", [], ["duplicate key 'train'", ":3:", "line 1"]),
+    ("train:\n  steps: 3\n  steps: 4\n", [], ["duplicate key 'steps'", ":3:"]),
+    # keyword arguments checked against what they are passed to
+    ("model: {name: resnet18, kwargs: {dept: 50}}\n", [], ["model.kwargs.dept", "did you mean 'depth'"]),
+    ("model: {name: gpt, kwargs: {layer: 2}}\n", [], ["model.kwargs.layer", "did you mean 'layers'"]),
+    ("optimizer: {name: adam, kwargs: {betaz: [0.9, 0.99]}}\n", [], ["optimizer.kwargs.betaz", "'betas'"]),
+    ("optimizer: {name: sgd, kwargs: {lr: 0.1}}\n", [], ["optimizer.kwargs.lr", "optimizer.lr"]),
+    ("model: {factory: 'tests.scripts.bad_factories:plain', kwargs: {widht: 3}}\n", [],
+     ["model.kwargs.widht", "did you mean 'width'"]),
+    # the job name becomes a path
+    ("name: ../../x\n", [], ["name", "'../../x'", "not allowed"]),
+    ("name: a/b\n", [], ["name", "slashes"]),
+    ("name: ''\n", [], ["name", "not allowed"]),
+    ("name: .hidden\n", [], ["name", "not allowed"]),
+    # an empty file
+    ("\n# only a comment\n", [], ["config is empty", "model:"]),
 ]
 
 

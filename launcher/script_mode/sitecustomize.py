@@ -4,7 +4,8 @@ lmsrun puts this folder first on every rank's PYTHONPATH, so Python imports this
 (``site`` imports ``sitecustomize``). It first runs the sitecustomize this one shadows (a distro's or a
 venv's); then it makes an uncaught exception in the script write this rank's error file (for
 lmsrun's report) and abort the whole MPI job when the script uses mpi4py (as ``python -m mpi4py``
-does: otherwise the other ranks wait in MPI_Finalize until they finish); and when LMSDP_SWAP=1 it
+does: otherwise the other ranks wait in MPI_Finalize until they finish); it ends the rank when
+lmsrun itself is gone (``lmsdp.runtime.lifeline``); and when LMSDP_SWAP=1 it
 switches the swap engine on for the whole process through ``lmsdp.swapping.enable_from_env()`` --
 the user's script is not edited. The engine prints its ``[lmsdp swap] ...`` line at exit.
 
@@ -66,6 +67,13 @@ def _abort_mpi_world() -> None:
         pass
 
 
+def _watch_launcher() -> None:
+    """End this rank when lmsrun is gone (kill -9, a dropped SSH session): no headless job."""
+    from lmsdp.runtime.lifeline import watch_launcher
+
+    watch_launcher()
+
+
 def _enable_swap() -> None:
     from lmsdp.runtime import env as envvars
 
@@ -76,7 +84,7 @@ def _enable_swap() -> None:
     enable_from_env()
 
 
-for _step in (_chain_previous, _record_failures, _enable_swap):
+for _step in (_chain_previous, _record_failures, _watch_launcher, _enable_swap):
     try:
         _step()
     except Exception as _exc:  # noqa: BLE001 - report, never stop the user's program from starting
