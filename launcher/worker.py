@@ -103,7 +103,7 @@ def run_worker(config: Config, topology: Optional[Topology] = None) -> int:
     checkpoints = CheckpointManager(config.checkpoint_dir, config.train.keep_checkpoints, announce=topology.rank == 0)
     lock = claim_checkpoint_dir(checkpoints) if topology.rank == 0 else None
     try:
-        return _build_and_train(config, topology, device, checkpoints, lock)
+        return _build_and_train(config, topology, device, checkpoints, lock, base_threads)
     finally:
         if lock is not None:
             lock.release()
@@ -119,7 +119,7 @@ def claim_checkpoint_dir(checkpoints: CheckpointManager) -> CheckpointLock:
 
 
 def _build_and_train(config: Config, topology: Topology, device: torch.device, checkpoints: CheckpointManager,
-                     lock: Optional[CheckpointLock]) -> int:
+                     lock: Optional[CheckpointLock], base_threads: int) -> int:
     train = config.train
     model = build_network(config).to(device)
     if lock is not None:  # before training (and before the backend's start-up): room for a checkpoint
@@ -142,7 +142,8 @@ def _build_and_train(config: Config, topology: Topology, device: torch.device, c
     amp_dtype = torch.float16 if train.amp_dtype == "float16" else torch.bfloat16
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
 
-    return _train(config, topology, backend, model, engine, optimizer, scaler, checkpoints, device)
+    return _train(config, topology, backend, model, engine, optimizer, scaler, checkpoints, device,
+                  job_plan, per_module)
 
 
 def estimate_checkpoint_bytes(model: nn.Module, optimizer: Any) -> int:
@@ -154,7 +155,8 @@ def estimate_checkpoint_bytes(model: nn.Module, optimizer: Any) -> int:
 
 
 def _train(config: Config, topology: Topology, backend: Any, model: nn.Module, engine: SwapEngine,
-           optimizer: Any, scaler: Any, checkpoints: CheckpointManager, device: torch.device) -> int:
+           optimizer: Any, scaler: Any, checkpoints: CheckpointManager, device: torch.device,
+           job_plan: Any = None, per_module: Any = None) -> int:
     train = config.train
     rank, size = backend.rank, backend.size
     use_amp = train.amp
