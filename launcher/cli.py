@@ -262,6 +262,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["slurm"]:
         return _slurm(argv[1:])
+    if argv[:1] == ["export"]:
+        from .export import main as export_main
+
+        return export_main(argv[1:])
     script: Optional[List[str]] = None
     if "--" in argv:
         cut = argv.index("--")
