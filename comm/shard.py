@@ -201,6 +201,7 @@ class ShardStrategy(Strategy):
         from torch.distributed.fsdp import fully_shard
 
         units = shard_units(model, self.config.shard_modules)
+        kinds = sorted({type(u).__name__ for u in units})  # before fully_shard renames them FSDP<class>
         self.backend.broadcast_state(model)
         kwargs = self._fsdp_kwargs()
         for unit in units:
@@ -213,7 +214,6 @@ class ShardStrategy(Strategy):
                 module.set_custom_all_gather(gather)
                 module.set_custom_reduce_scatter(scatter)
         if self.backend.rank == 0:
-            kinds = sorted({type(u).__name__ for u in units})
             info(f"comm strategy: shard over {self.backend.size} ranks, {len(units)} units "
                  f"({', '.join(kinds) or 'root only'}) + root"
                  + (", parameters and optimizer offloaded to host" if self.offload else ""))
