@@ -14,6 +14,12 @@ def check_strategy(config: Any, world_size: int) -> None:
     comm = config.comm
     if comm.strategy != "shard":
         return
+    if comm.compression != "none":
+        raise ConfigError(f"comm.compression: {comm.compression} applies to replicate's allreduce; under "
+                          "shard set comm.mixed_precision.reduce_dtype: float16 (or bfloat16) instead")
+    if comm.op != "average":
+        raise ConfigError(f"comm.op: {comm.op} is not available under shard (FSDP averages gradients); "
+                          "use average, or strategy replicate")
     import torch
 
     offload_on_gpu = comm.offload == "optimizer_and_params" and torch.cuda.is_available()
@@ -27,8 +33,11 @@ def check_strategy(config: Any, world_size: int) -> None:
 
         from .worker import build_network
 
-        with torch.device("meta"):
-            model = build_network(config)
+        try:
+            with torch.device("meta"):
+                model = build_network(config)
+        except Exception:  # noqa: BLE001 - a factory that cannot build on meta: the ranks check instead
+            return
         try:
             named_blocks(model, comm.shard_modules)
         except UserError as exc:

@@ -255,6 +255,12 @@ def test_shard_with_horovod_names_the_alternative(tmp_path):
     assert "comm.backend: horovod has no sharding" in line and "torch" in line
 
 
+@pytest.mark.parametrize("override,words", [("comm.compression=fp16", "comm.mixed_precision.reduce_dtype"),
+                                             ("comm.op=sum", "FSDP averages")])
+def test_replicate_only_comm_options_are_refused_under_shard(tmp_path, override, words):
+    assert words in _error(tmp_path, *GPT, *SHARD, override)
+
+
 def test_unknown_strategy_lists_the_registered_ones(tmp_path):
     line = _error(tmp_path, "comm.strategy=shrad")
     assert "did you mean 'shard'" in line and "replicate, shard" in line
