@@ -103,8 +103,9 @@ class ShardedCheckpointManager:
                 model_state, optim_state = get_state_dict(model, _inner(optimizer))
                 state = {"model": model_state, "optimizer": optim_state}
                 dcp.load(state, storage_reader=dcp.FileSystemReader(path))
-            except Exception as exc:  # noqa: BLE001 - any failure means: do not trust this folder
-                problem = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            except (Exception, dcp.CheckpointException) as exc:  # noqa: BLE001 - do not trust this folder
+                # (DCP's CheckpointException is a BaseException carrying every rank's failure)
+                problem = _first_line(exc)
             problems = [p for p in self.backend.allgather_object(problem) if p]
             if problems:
                 if self.backend.rank == 0:
@@ -119,6 +120,17 @@ class ShardedCheckpointManager:
     def _prune(self) -> None:
         for _, path in sharded_candidates(self.directory)[self.keep:]:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line that says something: DCP wraps each rank's error, the cause is the useful part."""
+    failures = getattr(exc, "failures", None)  # CheckpointException: {rank: WrappedException}
+    if isinstance(failures, dict) and failures:
+        inner = getattr(next(iter(failures.values())), "exc", None)
+        if isinstance(inner, BaseException):
+            exc = inner
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _fsync_dir(directory: str) -> None:

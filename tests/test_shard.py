@@ -91,7 +91,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
     root = tmp_path_factory.mktemp("shard")
     trace = [f"swap.trace={root}/gpt-shard-swap/swap.json", f"comm.timeline={root}/gpt-shard-swap/comm.json"]
     plans = {
-        "gpt-replicate": GPT, "gpt-shard": GPT + SHARD,
+        "gpt-replicate": GPT, "gpt-shard": GPT + SHARD + ["train.checkpoint_every=2"],
         "gpt-replicate-swap": GPT + SWAP, "gpt-shard-swap": GPT + SHARD + SWAP + trace,
         "resnet-replicate": RESNET, "resnet-shard": RESNET + SHARD,
     }
@@ -181,16 +181,32 @@ def test_export_consolidates_a_sharded_checkpoint(runs):
     for key in state:
         torch.testing.assert_close(state[key], replicate[key], rtol=1e-4, atol=1e-4)
     saved = sorted(p.name for p in (runs["gpt-shard"] / "checkpoints").iterdir())
-    assert saved == ["step-00000010"]
+    assert saved == ["step-00000006", "step-00000008", "step-00000010"]  # keep_checkpoints: 3, no temp left
     assert sorted(p.name for p in (runs["gpt-shard"] / "checkpoints" / "step-00000010").iterdir()) == \
         [".metadata", "__0_0.distcp", "__1_0.distcp", "lmsdp.pt"]
 
 
 @pytest.mark.integration
 @pytest.mark.mpi
+def test_damaged_sharded_checkpoint_is_skipped_for_the_previous_one(runs, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(runs["gpt-shard"], out)
+    shard = out / "checkpoints" / "step-00000010" / "__1_0.distcp"  # rank 1's part only
+    with open(shard, "r+b") as handle:
+        handle.truncate(shard.stat().st_size // 2)
+    proc = lmsrun(out, *GPT, *SHARD, "train.checkpoint_every=2", extra=("--resume",), wait=False)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "step-00000010 is damaged" in err and "Traceback" not in err
+    assert "resumed from" in err and "step-00000008 at step 8" in err
+    assert_equal_states(export(out), export(runs["gpt-shard"]))  # steps 9, 10 again: the same weights
+
+
+@pytest.mark.integration
+@pytest.mark.mpi
 @needs_mpirun
 def test_sigterm_then_resume_under_shard_is_bit_exact(tmp_path):
-    steps = 150
+    steps = 80
     reference = lmsrun(tmp_path / "ref", *GPT, *SHARD, steps=steps)
     out = tmp_path / "run"
     proc = lmsrun(out, *GPT, *SHARD, steps=steps, wait=False)
