@@ -2,19 +2,47 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, Optional
 
-from .registry import BACKENDS
+from .registry import BACKENDS, STRATEGIES
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class MixedPrecisionConfig:
+    """FSDP2's MixedPrecisionPolicy under ``strategy: shard`` (None: keep the parameters' dtype)."""
+
+    param_dtype: Optional[str] = field(default=None, metadata={
+        "choices": DTYPES, "help": "dtype parameters are all-gathered and computed in (shard only)"})
+    reduce_dtype: Optional[str] = field(default=None, metadata={
+        "choices": DTYPES, "help": "dtype gradients are reduce-scattered in (shard only; default: param_dtype)"})
 
 
 @dataclass
 class CommConfig:
-    """Which backend reduces gradients and how."""
+    """Which backend reduces gradients and how, and whether ranks replicate or shard the model."""
+
+    strategy: str = field(default="replicate", metadata={
+        "choices": STRATEGIES.names(),
+        "help": "replicate: every rank holds the whole model, gradients allreduced; shard: parameters, "
+                "gradients and optimizer state sharded across ranks (torch FSDP2, torch backend)"})
+    shard_modules: List[str] = field(default_factory=list, metadata={
+        "help": "class names of the modules sharded one by one under strategy shard (default: detected "
+                "for the zoo: transformer blocks, ResNet blocks, U-Net levels)"})
+    reshard_after_forward: bool = field(default=True, metadata={
+        "help": "shard: free gathered parameters after forward and gather again in backward (less memory, "
+                "one more all-gather)"})
+    mixed_precision: MixedPrecisionConfig = field(default_factory=MixedPrecisionConfig)
+    offload: str = field(default="none", metadata={
+        "choices": ("none", "optimizer_and_params"),
+        "help": "shard on GPU: keep sharded parameters, gradients and optimizer state (and the update) in "
+                "host memory (CPUOffloadPolicy); a no-op on CPU"})
 
     backend: str = field(default="auto", metadata={
         "choices": BACKENDS.choices(),
         "help": "auto = the first usable of " + ", ".join(BACKENDS.names()) + " (horovod: when horovod.torch "
-                "imports and the job was not started by torchrun)"})
+                "imports, the job was not started by torchrun and strategy is replicate)"})
     op: str = field(default="average", metadata={
         "choices": ("average", "sum", "adasum"), "help": "gradient reduction op"})
     compression: str = field(default="none", metadata={

@@ -9,6 +9,7 @@ from typing import Any
 from lmsdp.runtime.registry import Registry
 
 BACKENDS = Registry("comm backend")
+STRATEGIES = Registry("comm strategy")
 
 
 def horovod_available() -> bool:
@@ -20,9 +21,18 @@ def horovod_available() -> bool:
     return True
 
 
-def _horovod_usable(topology: Any) -> bool:
-    # Horovod cannot join a torchrun rendezvous; elsewhere it is the first choice when it imports.
-    return topology.source != "torchrun" and horovod_available()
+def _horovod_usable(topology: Any, strategy: str = "replicate") -> bool:
+    # Horovod cannot join a torchrun rendezvous and has no sharding; elsewhere it is the first
+    # choice when it imports.
+    return strategy_backends(strategy) is None and topology.source != "torchrun" and horovod_available()
+
+
+def strategy_backends(strategy: str) -> Any:
+    """The backends a strategy runs on (None: every backend)."""
+    return SHARDING_BACKENDS if strategy == "shard" else None
+
+
+SHARDING_BACKENDS = ("torch",)  # FSDP2 runs on torch.distributed process groups only
 
 
 BACKENDS.register("horovod", "lmsdp.comm.horovod_backend:HorovodBackend",
@@ -30,3 +40,9 @@ BACKENDS.register("horovod", "lmsdp.comm.horovod_backend:HorovodBackend",
                   usable=_horovod_usable)
 BACKENDS.register("torch", "lmsdp.comm.torch_backend:TorchBackend",
                   "torch.distributed: NCCL on GPU, gloo on CPU; bucketed allreduce as gradients become ready")
+
+STRATEGIES.register("replicate", "lmsdp.comm.replicate:ReplicateStrategy",
+                    "every rank holds the whole model and optimizer; gradients allreduced (DDP / Horovod style)")
+STRATEGIES.register("shard", "lmsdp.comm.shard:ShardStrategy",
+                    "parameters, gradients and optimizer state sharded across ranks with torch FSDP2 "
+                    "(fully_shard per block, all-gather in forward/backward, reduce-scatter of gradients)")

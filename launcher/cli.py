@@ -302,6 +302,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .plan import main as plan_main
 
         return plan_main(argv[1:])
+    if argv[:1] == ["export"]:
+        from .export import main as export_main
+
+        return export_main(argv[1:])
     script: Optional[List[str]] = None
     if "--" in argv:
         cut = argv.index("--")
@@ -325,6 +329,10 @@ def run(args: argparse.Namespace, script: Optional[List[str]]) -> int:
 
     plan = make_plan(args, script)
     topology = detect_launched()
+    if plan.config is not None:
+        from .strategy_checks import check_strategy
+
+        check_strategy(plan.config, topology.size if topology is not None else plan.np)
     if topology is not None:  # we are a rank already
         if args.np and args.np != topology.size:
             raise TopologyError(f"-np {args.np} was given but {topology.source} started {topology.size} ranks",

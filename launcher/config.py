@@ -79,6 +79,8 @@ class TrainConfig:
     amp: bool = field(default=False, metadata={"help": "mixed precision autocast (GradScaler for float16)"})
     amp_dtype: str = field(default="bfloat16", metadata={
         "choices": ("bfloat16", "float16"), "help": "autocast dtype"})
+    clip_grad_norm: float = field(default=0.0, metadata={
+        "min": 0.0, "help": "clip the global gradient norm to this before each step (0: off)"})
     deterministic: bool = field(default=False, metadata={
         "help": "torch.use_deterministic_algorithms for bit-exact reruns"})
     output_dir: str = field(default="runs/{name}", metadata={
@@ -207,6 +209,9 @@ def check_config(config: Config) -> None:
     recompute = config.swap.recompute
     if isinstance(recompute, list) and "auto" in recompute:
         raise ConfigError("swap.recompute: 'auto' stands alone, not inside a list")
+    if config.comm.strategy == "shard" and config.comm.backend == "horovod":
+        raise ConfigError("comm.backend: horovod has no sharding (comm.strategy is 'shard'); "
+                          "use comm.backend: torch (or auto, which picks torch for shard)")
     if config.swap.keep_last < 0 or config.swap.prefetch < 0:
         raise ConfigError("swap.prefetch and swap.keep_last must be 0 or more")
     if config.swap.plan not in ("none", "auto") and not os.path.isfile(config.swap.plan):

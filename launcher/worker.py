@@ -21,12 +21,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmsdp.comm import get_backend, merge_traces
+from lmsdp.comm.strategy import get_strategy
 from lmsdp.runtime.chrome_trace import rank_path
 from lmsdp.runtime.topology import Topology, detect_topology
 from lmsdp.swapping import SwapEngine
 
 from .checkpoint import CheckpointManager
 from .checkpoint_lock import CheckpointLock
+from .checkpoint_sharded import ShardedCheckpointManager
 from .input_checks import built_by_factory
 from .config import Config, config_to_dict, resolve_factory
 from .data import data_spec, make_batches
@@ -137,13 +139,15 @@ def _build_and_train(config: Config, topology: Topology, device: torch.device, c
     model = engine.wrap_model(model)
     per_module = module_threads.attach(model, config.launch, base_threads,
                                        reduce=lambda t: backend.allreduce(t, op="sum"))
-    optimizer = backend.wrap_optimizer(build_optimizer(config, model), model)
+    strategy = get_strategy(config.comm, backend)  # replicate, or shard (FSDP2): who reduces gradients
+    model = strategy.prepare_model(model)
+    optimizer = strategy.wrap_optimizer(build_optimizer(config, model), model)
     use_amp = train.amp
     amp_dtype = torch.float16 if train.amp_dtype == "float16" else torch.bfloat16
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
+    scaler = strategy.grad_scaler(device, enabled=use_amp and amp_dtype == torch.float16)
 
     return _train(config, topology, backend, model, engine, optimizer, scaler, checkpoints, device,
-                  job_plan, per_module)
+                  job_plan, per_module, strategy)
 
 
 def estimate_checkpoint_bytes(model: nn.Module, optimizer: Any) -> int:
@@ -156,23 +160,26 @@ def estimate_checkpoint_bytes(model: nn.Module, optimizer: Any) -> int:
 
 def _train(config: Config, topology: Topology, backend: Any, model: nn.Module, engine: SwapEngine,
            optimizer: Any, scaler: Any, checkpoints: CheckpointManager, device: torch.device,
-           job_plan: Any = None, per_module: Any = None) -> int:
+           job_plan: Any, per_module: Any, strategy: Any) -> int:
     train = config.train
     rank, size = backend.rank, backend.size
     use_amp = train.amp
     amp_dtype = torch.float16 if train.amp_dtype == "float16" else torch.bfloat16
+    sharded = ShardedCheckpointManager(config.checkpoint_dir, config.train.keep_checkpoints, backend) \
+        if strategy.sharded else None
     start_step, resumed_from = 0, None
     if train.resume:
-        loaded = checkpoints.load_latest()
+        loaded = sharded.load_latest(model, optimizer) if sharded else checkpoints.load_latest()
         if loaded is not None:
             resumed_from, state = loaded
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
+            if not sharded:  # a sharded checkpoint is loaded in place, shard by shard
+                model.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
             if state.get("scaler"):
                 scaler.load_state_dict(state["scaler"])
             _set_rng(state.get("rng"), rank)
             start_step = int(state["step"])
-    backend.broadcast_state(model, optimizer)
+    strategy.sync_state(model, optimizer)
 
     batches, steps_per_epoch = make_batches(config, rank, size)
     steps = total_steps(config, steps_per_epoch)
@@ -194,6 +201,10 @@ def _train(config: Config, topology: Topology, backend: Any, model: nn.Module, e
     def save(at_step: int) -> Optional[str]:
         # Rank 0 writes (all ranks hold identical state); RNG state is per rank, so each rank's goes in.
         rngs = backend.allgather_object(_get_rng())
+        if sharded:  # every rank writes its shards
+            return sharded.save(at_step, model, optimizer, {
+                "step": at_step, "scaler": scaler.state_dict() if scaler.is_enabled() else None, "rng": rngs,
+                "config": config_to_dict(config), "world_size": size})
         if not is_main:
             return None
         return checkpoints.save(at_step, {
@@ -211,10 +222,14 @@ def _train(config: Config, topology: Topology, backend: Any, model: nn.Module, e
             with _autocast(device, use_amp, amp_dtype), engine:
                 loss = compute_loss(task, model(inputs), targets)
             scaler.scale(loss).backward()
+            if train.clip_grad_norm:
+                grad_norm = strategy.clip_grad_norm(model, optimizer, train.clip_grad_norm, scaler)
             scaler.step(optimizer)
             scaler.update()
             swap_stats = engine.step_end()
-            comm_stats = backend.step_stats()
+            comm_stats = strategy.step_stats(model, optimizer)
+            if train.clip_grad_norm:
+                comm_stats["grad_norm"] = grad_norm
             # One small collective per step carries the loss and the stop flag; built on the loss's
             # device and read back once, so the step pays a single host sync.
             flag = torch.tensor([float(bool(stop.signum))], device=loss.device)
@@ -252,8 +267,8 @@ def _train(config: Config, topology: Topology, backend: Any, model: nn.Module, e
             scalars.close()
 
     if is_main:
-        totals = summary.totals({"ranks": size, "comm_backend": backend.name, **_engine_totals(engine),
-                                 **(per_module.summary() if per_module else {})})
+        totals = summary.totals({"ranks": size, "comm_backend": backend.name, "comm_strategy": strategy.name,
+                                 **_engine_totals(engine), **(per_module.summary() if per_module else {})})
         if per_module:
             per_module.write(os.path.join(config.output_dir, "threads_plan.json"))
         _write_json(os.path.join(config.output_dir, "summary.json"), totals)

@@ -2,7 +2,7 @@
 """Print or refresh the README's generated tables, so the documentation cannot drift from the code:
 
 - ``config-reference``: every config key, its type, default and meaning (from the config dataclasses);
-- ``registries``: the comm backends and swap transports registered by name;
+- ``registries``: the comm backends, comm strategies and swap transports registered by name;
 - ``environment``: every ``LMSDP_*`` variable (from ``lmsdp.runtime.env``).
 
 ``--check README.md`` exits 1 if a table is stale; ``--write README.md`` rewrites them in place."""
@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from typing import Callable, Dict
 
-from lmsdp.comm.registry import BACKENDS
+from lmsdp.comm.registry import BACKENDS, STRATEGIES
 from lmsdp.launcher.config import config_reference_rows
 from lmsdp.runtime.env import VARIABLES
 from lmsdp.swapping.registry import TRANSPORTS
@@ -31,7 +31,7 @@ def config_table() -> str:
 
 def registry_table() -> str:
     lines = ["| config key | name | what it is |", "|---|---|---|"]
-    for key, registry in (("comm.backend", BACKENDS), ("swap.transport", TRANSPORTS)):
+    for key, registry in (("comm.backend", BACKENDS), ("comm.strategy", STRATEGIES), ("swap.transport", TRANSPORTS)):
         for entry in registry.entries():
             lines.append(f"| `{key}` | `{entry.name}` | {_cell(entry.doc)} |")
     return "\n".join(lines)

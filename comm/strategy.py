@@ -1,0 +1,99 @@
+"""How data-parallel ranks hold the model: the interface every comm strategy implements (see
+``comm/registry.py`` for the registered ones) and what they share.
+
+```
+strategy = get_strategy(config, backend)     # config.strategy: replicate | shard
+model = strategy.prepare_model(model)        # before the optimizer is built
+optimizer = strategy.wrap_optimizer(build_optimizer(model), model)
+strategy.sync_state(model, optimizer)        # start, and after a (non-sharded) resume
+norm = strategy.clip_grad_norm(model, optimizer, max_norm, scaler)
+strategy.step_stats(model, optimizer)        # backend stats + this strategy's + bytes held
+```
+A strategy decides how gradients are reduced (the backend's allreduce-as-ready optimizer, or
+FSDP2's reduce-scatter) so the two never both run."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Dict, Iterable, Optional
+
+import torch
+from torch import nn
+
+from .base import Backend, unwrap_optimizer
+from .config import CommConfig
+from .registry import STRATEGIES
+
+
+class Strategy(ABC):
+    """One way of laying the model, its gradients and optimizer state out over the ranks."""
+
+    name: str = "?"
+    sharded: bool = False  # each rank holds only part of the state: checkpoints are written by all ranks
+
+    def __init__(self, config: CommConfig, backend: Backend) -> None:
+        self.config = config
+        self.backend = backend
+
+    @abstractmethod
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """The model as this strategy trains it (same object, possibly converted in place)."""
+
+    @abstractmethod
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> Any:
+        """An optimizer whose ``step()`` sees gradients reduced across ranks."""
+
+    @abstractmethod
+    def sync_state(self, model: nn.Module, optimizer: Any) -> None:
+        """Make every rank's state consistent (rank 0's, for replicas) at start and after resume."""
+
+    def grad_scaler(self, device: torch.device, enabled: bool) -> Any:
+        """The float16 loss scaler: found-inf must be agreed on by every rank."""
+        return torch.amp.GradScaler(device.type, enabled=enabled)
+
+    def clip_grad_norm(self, model: nn.Module, optimizer: Any, max_norm: float, scaler: Any) -> float:
+        """Unscale (float16 AMP) and clip the reduced gradients to ``max_norm``; returns the total norm
+        before clipping, the same on every rank."""
+        scaler.unscale_(optimizer)
+        params = [p for group in unwrap_optimizer(optimizer).param_groups for p in group["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        full = getattr(norm, "full_tensor", None)  # DTensor grads (shard) give a DTensor norm
+        return float(full() if full is not None else norm)
+
+    def step_stats(self, model: nn.Module, optimizer: Any) -> Dict[str, float]:
+        """Once per step: the backend's reduction stats, and the bytes this rank holds."""
+        return {**self.backend.step_stats(), **state_bytes(model, optimizer)}
+
+    def close(self) -> None:
+        """Release what the strategy opened (trace lanes, hooks)."""
+
+
+def get_strategy(config: CommConfig, backend: Backend) -> Strategy:
+    """The strategy ``config.strategy`` names, bound to ``backend``."""
+    return STRATEGIES.get(config.strategy).load()(config, backend)
+
+
+def _local(t: Any) -> torch.Tensor:
+    """A DTensor's local shard (or the tensor itself)."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+
+
+def _nbytes(tensors: Iterable[Optional[torch.Tensor]]) -> int:
+    total = 0
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            local = _local(t)
+            total += local.numel() * local.element_size()
+    return total
+
+
+def state_bytes(model: nn.Module, optimizer: Any) -> Dict[str, int]:
+    """Bytes of parameters, gradients and optimizer state this rank holds, measured from the tensors
+    (a DTensor counts its local shard). Tied parameters count once."""
+    params = list(model.parameters())
+    state = unwrap_optimizer(optimizer).state
+    return {
+        "param_bytes": _nbytes(params),
+        "grad_bytes": _nbytes(p.grad for p in params),
+        "optim_bytes": _nbytes(v for s in state.values() for v in s.values()),
+    }

@@ -1,0 +1,149 @@
+"""Sharded checkpoints (``comm.strategy: shard``): every rank writes its own shards with
+torch.distributed.checkpoint (DCP); same ``step-<N>`` naming, newest-valid-wins and retention as
+``launcher/checkpoint.py``, but each checkpoint is a folder.
+
+Atomic like the single-file checkpoints: all ranks write into ``.tmp-step-<N>/``; DCP's
+coordinator (rank 0) writes ``.metadata`` once every rank's files are fsynced; then rank 0 writes
+``lmsdp.pt`` (step, loss scaler, every rank's RNG state, config) and renames the folder to
+``step-<N>``. A folder without both files is never loaded; a damaged one is skipped for the next
+older one, on every rank alike (rank 0 chooses, the others follow)."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+META = "lmsdp.pt"
+DCP_METADATA = ".metadata"
+_NAME = re.compile(r"^step-(\d{8,})$")
+
+
+def is_sharded_checkpoint(path: str) -> bool:
+    """A finished sharded checkpoint folder (DCP metadata and lmsdp's own state both present)."""
+    return os.path.isfile(os.path.join(path, DCP_METADATA)) and os.path.isfile(os.path.join(path, META))
+
+
+def sharded_candidates(directory: str) -> List[Tuple[int, str]]:
+    """(step, folder) of finished sharded checkpoints, newest first."""
+    if not os.path.isdir(directory):
+        return []
+    found = []
+    for name in os.listdir(directory):
+        match = _NAME.match(name)
+        path = os.path.join(directory, name)
+        if match and is_sharded_checkpoint(path):
+            found.append((int(match.group(1)), path))
+    return sorted(found, reverse=True)
+
+
+@dataclass
+class ShardedCheckpointManager:
+    """Save/load the sharded model and optimizer of every rank; ``backend`` is the comm backend
+    (barrier and small object exchange)."""
+
+    directory: str
+    keep: int
+    backend: Any
+
+    def path_for(self, step: int) -> str:
+        return os.path.join(self.directory, f"step-{step:08d}")
+
+    def save(self, step: int, model: nn.Module, optimizer: Any, extra: Dict[str, Any]) -> str:
+        """Called on every rank. ``extra`` (step, scaler, rng of all ranks, config) goes to
+        ``lmsdp.pt`` from rank 0. Returns the folder."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        is_main = self.backend.rank == 0
+        final = self.path_for(step)
+        tmp = os.path.join(self.directory, f".tmp-step-{step:08d}")
+        if is_main:
+            os.makedirs(self.directory, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a crash mid-save
+            os.makedirs(tmp)
+        self.backend.barrier()
+        model_state, optim_state = get_state_dict(model, _inner(optimizer))
+        dcp.save({"model": model_state, "optimizer": optim_state},
+                 storage_writer=dcp.FileSystemWriter(tmp, sync_files=True))
+        if is_main:
+            meta = os.path.join(tmp, META)
+            with open(meta, "wb") as handle:
+                torch.save(extra, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            _fsync_dir(tmp)
+            if os.path.exists(final):  # the same step saved again (e.g. after a resume)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.directory)
+            self._prune()
+        self.backend.barrier()  # nobody goes on (or exits) before the folder has its final name
+        return final
+
+    def load_latest(self, model: nn.Module, optimizer: Any) -> Optional[Tuple[str, Dict[str, Any]]]:
+        """Load the newest checkpoint every rank can read into ``model``/``optimizer`` in place;
+        returns (folder, extra) or None when there is none."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        choices = self.backend.allgather_object(sharded_candidates(self.directory) if self.backend.rank == 0
+                                                else None)[0]
+        for _, path in choices:
+            problem = None
+            try:
+                extra = torch.load(os.path.join(path, META), map_location="cpu", weights_only=False)
+                if not isinstance(extra, dict) or "step" not in extra:
+                    raise ValueError(f"{META} is not lmsdp's (missing 'step')")
+                model_state, optim_state = get_state_dict(model, _inner(optimizer))
+                state = {"model": model_state, "optimizer": optim_state}
+                dcp.load(state, storage_reader=dcp.FileSystemReader(path))
+            except (Exception, dcp.CheckpointException) as exc:  # noqa: BLE001 - do not trust this folder
+                # (DCP's CheckpointException is a BaseException carrying every rank's failure)
+                problem = _first_line(exc)
+            problems = [p for p in self.backend.allgather_object(problem) if p]
+            if problems:
+                if self.backend.rank == 0:
+                    print(f"[lmsdp] warning: checkpoint {path} is damaged or incomplete ({problems[0]}); "
+                          "trying an older one", file=sys.stderr, flush=True)
+                continue
+            set_state_dict(model, _inner(optimizer), model_state_dict=state["model"],
+                           optim_state_dict=state["optimizer"])
+            return path, extra
+        return None
+
+    def _prune(self) -> None:
+        for _, path in sharded_candidates(self.directory)[self.keep:]:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line that says something: DCP wraps each rank's error, the cause is the useful part."""
+    failures = getattr(exc, "failures", None)  # CheckpointException: {rank: WrappedException}
+    if isinstance(failures, dict) and failures:
+        inner = getattr(next(iter(failures.values())), "exc", None)
+        if isinstance(inner, BaseException):
+            exc = inner
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _fsync_dir(directory: str) -> None:
+    """Make a rename inside ``directory`` durable."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _inner(optimizer: Any) -> Any:
+    return getattr(optimizer, "optimizer", optimizer)
