@@ -167,7 +167,10 @@ class CheckpointManager:
             orphan = name.endswith(DIGEST_SUFFIX) and not os.path.exists(path[: -len(DIGEST_SUFFIX)])
             if name.startswith(TMP_PREFIX) or orphan:
                 try:
-                    os.unlink(path)
+                    if os.path.isdir(path):  # a sharded save's .tmp-step-N/ folder
+                        shutil.rmtree(path)
+                    else:
+                        os.unlink(path)
                     removed.append(path)
                 except OSError:
                     pass

@@ -313,8 +313,11 @@ def test_partial_temp_files_of_a_killed_save_are_removed(tmp_path):
     manager.save(1, _state(1))
     (tmp_path / ".tmp-abc123.pt").write_bytes(b"half a checkpoint")
     (tmp_path / "step-00000009.pt.sha256").write_text("0" * 64)  # digest whose checkpoint never landed
+    (tmp_path / ".tmp-step-00000004").mkdir()  # a sharded save killed mid-write: a folder of shards
+    (tmp_path / ".tmp-step-00000004" / "__0_0.distcp").write_bytes(b"part")
     removed = manager.clean_partial()
-    assert sorted(os.path.basename(p) for p in removed) == [".tmp-abc123.pt", "step-00000009.pt.sha256"]
+    assert sorted(os.path.basename(p) for p in removed) == [".tmp-abc123.pt", ".tmp-step-00000004",
+                                                            "step-00000009.pt.sha256"]
     assert sorted(os.listdir(tmp_path)) == ["step-00000001.pt", "step-00000001.pt.sha256"]
 
 
