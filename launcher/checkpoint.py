@@ -134,7 +134,7 @@ class CheckpointManager:
                 os.fsync(handle.fileno())
             os.replace(tmp_digest, final + DIGEST_SUFFIX)
             os.replace(tmp, final)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         except (OSError, RuntimeError) as exc:
             self._discard(tmp, tmp_digest)
             cause = writer.error if writer is not None and writer.error is not None else exc
@@ -256,7 +256,8 @@ def _mib(size: int) -> str:
     return f"{size / (1 << 20):.1f} MiB"
 
 
-def _fsync_dir(directory: str) -> None:
+def fsync_dir(directory: str) -> None:
+    """Make a rename inside ``directory`` durable."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:

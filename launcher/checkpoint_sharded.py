@@ -19,6 +19,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from .checkpoint import fsync_dir
+
 META = "lmsdp.pt"
 DCP_METADATA = ".metadata"
 _NAME = re.compile(r"^step-(\d{8,})$")
@@ -77,11 +79,11 @@ class ShardedCheckpointManager:
                 torch.save(extra, handle)
                 handle.flush()
                 os.fsync(handle.fileno())
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             if os.path.exists(final):  # the same step saved again (e.g. after a resume)
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
             self._prune()
         self.backend.barrier()  # nobody goes on (or exits) before the folder has its final name
         return final
@@ -131,18 +133,6 @@ def _first_line(exc: BaseException) -> str:
             exc = inner
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _fsync_dir(directory: str) -> None:
-    """Make a rename inside ``directory`` durable."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _inner(optimizer: Any) -> Any:
