@@ -231,6 +231,7 @@ def test_second_job_on_a_held_checkpoint_folder_is_refused(tmp_path):
     assert_no_leftovers(first)
 
 
+@pytest.mark.integration
 def test_stale_lock_of_a_dead_holder_is_taken_over(tmp_path, capfd):
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys,time; from lmsdp.launcher.checkpoint_lock import CheckpointLock; "

@@ -145,6 +145,7 @@ def test_lmsrun_plan_prints_tables_and_writes_a_plan_the_job_meets(tmp_path, cap
     assert "did not match the plan and stayed on the device" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_model_that_cannot_fit_is_one_line_exit_2(tmp_path):
     config = _write_config(tmp_path)
     proc = subprocess.run([LMSRUN, "plan", config, "--memory", "64KiB", "--time-batch", "0"],

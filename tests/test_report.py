@@ -151,6 +151,7 @@ def test_runs_of_different_models_are_drawn_with_a_warning(quickstart, tmp_path)
     assert any("different models" in line for line in done.stderr.splitlines())
 
 
+@pytest.mark.integration
 def test_bad_directories_are_one_line_errors(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -256,33 +256,39 @@ def _error(tmp_path: Path, *overrides: str, np: int = 2) -> str:
     return lines[0]
 
 
+@pytest.mark.integration
 def test_shard_with_one_rank_is_a_config_error(tmp_path):
     line = _error(tmp_path, *GPT, *SHARD, np=1)
     assert "comm.strategy: shard needs 2 or more ranks" in line and "replicate" in line
 
 
+@pytest.mark.integration
 def test_shard_modules_that_match_nothing_is_a_config_error(tmp_path):
     line = _error(tmp_path, *GPT, *SHARD, "comm.shard_modules=[Blok]")
     assert "comm.shard_modules: no module of class 'Blok'" in line and "did you mean 'Block'" in line
 
 
+@pytest.mark.integration
 def test_shard_with_horovod_names_the_alternative(tmp_path):
     line = _error(tmp_path, *GPT, *SHARD, "comm.backend=horovod")
     assert "comm.backend: horovod has no sharding" in line and "torch" in line
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("override,words", [("comm.compression=fp16", "comm.mixed_precision.reduce_dtype"),
                                              ("comm.op=sum", "FSDP averages")])
 def test_replicate_only_comm_options_are_refused_under_shard(tmp_path, override, words):
     assert words in _error(tmp_path, *GPT, *SHARD, override)
 
 
+@pytest.mark.integration
 def test_unknown_strategy_lists_the_registered_ones(tmp_path):
     line = _error(tmp_path, "comm.strategy=shrad")
     assert "did you mean 'shard'" in line and "replicate, shard" in line
 
 
 # --------------------------------------------------------------------------- in-process units
+@pytest.mark.integration
 def test_export_of_a_replicated_checkpoint_and_of_nothing(tmp_path):
     from lmsdp.launcher.checkpoint import CheckpointManager
 

@@ -106,6 +106,7 @@ def mlp():
 """
 
 
+@pytest.mark.integration
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: auto has nothing to choose")
 def test_auto_trains_bit_exactly_like_the_uniform_rule(tmp_path):
     """An MLP: its GEMMs run under MKL's strict reproducibility mode (MKL_CBWR=AUTO,STRICT: the same

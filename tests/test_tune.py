@@ -54,6 +54,7 @@ def test_durations():
             parse_duration(bad)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("argv, words", [
     (["tune"], "the following arguments are required: config"),
     (["tune", QUICKSTART, "--time-budget", "soon"], "--time-budget: expected a duration"),
@@ -71,6 +72,7 @@ def test_bad_flags_are_one_line_errors(argv, words):
     assert len(lines) == 1 and lines[0].startswith("lmsrun: error: ") and words in lines[0], proc.stderr
 
 
+@pytest.mark.integration
 @pytest.mark.mpi
 def test_tune_quickstart_keeps_its_budget_explains_and_writes_a_runnable_config(tmp_path):
     budget = 30
