@@ -11,13 +11,13 @@ from typing import Any, Callable, Dict, Iterable, Optional
 
 from .errors import ConfigError, UserError
 
-NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
+NAME = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_.+ -]*[A-Za-z0-9_.+-])?$")  # a file name; inner spaces allowed
 
 
 def check_name(name: str) -> None:
     """``name`` becomes part of paths (runs/{name}): a plain file name, never ``..`` or a slash."""
     if not NAME.match(name) or name in (".", ".."):
-        raise ConfigError(f"name: {name!r} is not allowed; use letters, digits and _ . + - "
+        raise ConfigError(f"name: {name!r} is not allowed; use letters, digits, inner spaces and _ . + - "
                           "(no slashes, not starting with '.' or '-')")
 
 

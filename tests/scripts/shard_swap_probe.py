@@ -35,7 +35,7 @@ def main() -> None:
         module.register_forward_pre_hook(collect)
     engine = SwapEngine(SwapConfig(enabled=True, threshold=0, keep_last=0, prefetch=2, transport="loopback"), "cpu")
     seen, swapped, swapped_fsdp = [0], [0], [0]
-    pack, swap_out = engine._pack, engine._swap_out
+    pack, swap_out = engine._pack, engine.swap_out
 
     def spy_pack(t):
         if t.untyped_storage().data_ptr() in gathered:
@@ -48,7 +48,7 @@ def main() -> None:
             swapped_fsdp[0] += 1
         return swap_out(handle)
 
-    engine._pack, engine._swap_out = spy_pack, spy_swap_out
+    engine._pack, engine.swap_out = spy_pack, spy_swap_out
     optimizer = strategy.wrap_optimizer(torch.optim.Adam(model.parameters(), lr=1e-3), model)
     generator = torch.Generator().manual_seed(1 + backend.rank)
     for _ in range(2):
