@@ -38,6 +38,7 @@ class Demux:
         self.user_errors: List[str] = []
         self.user_errors_shown: set = set()  # rank 0's lines are already on the screen
         self.marks: List[Tuple[int, str]] = []
+        self.open_line: Dict[str, bool] = {"stdout": False, "stderr": False}  # rank 0 stopped mid-line
         if output_dir:
             os.makedirs(output_dir, exist_ok=True)
 
@@ -126,6 +127,7 @@ class Demux:
                 self._line(rank, stream, raw)
             if rank == 0:  # pass through as it comes: keeps the progress bar live
                 _write(self.out if stream == "stdout" else self.err, data)
+                self.open_line[stream] = not data.endswith((b"\n", b"\r"))
 
     def _line(self, rank: int, stream: str, raw: bytes) -> None:
         text = raw.decode("utf-8", "replace").rstrip("\r")
@@ -142,7 +144,10 @@ class Demux:
         if visible.strip():
             self.tails[rank].append(visible)
         if rank != 0:
-            _write(self.out if stream == "stdout" else self.err, f"[{rank}] {text}\n".encode("utf-8", "replace"))
+            # a line of another rank never glues onto a line rank 0 has not finished yet
+            start = "\n" if self.open_line[stream] else ""
+            self.open_line[stream] = False
+            _write(self.out if stream == "stdout" else self.err, f"{start}[{rank}] {text}\n".encode("utf-8", "replace"))
 
     def open_log(self, rank: int) -> Optional[IO[bytes]]:
         if not self.output_dir:
