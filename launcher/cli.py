@@ -24,11 +24,12 @@ import shlex
 import signal
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, NoReturn, Optional
+from typing import Any, Dict, List, Optional
 
 from lmsdp.runtime import env as envvars
 from lmsdp.swapping.registry import TRANSPORTS
 
+from .argtypes import OneLineParser, nonneg_int, positive_int
 from .errors import TopologyError, UserError
 
 SCRIPT_MODE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "script_mode")
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "With '-- COMMAND', runs your own script (e.g. a Horovod one) under the same launch.")
     parser.add_argument("config", nargs="?", help="YAML config file (optional in script mode)")
     launch = parser.add_argument_group("launch (override the config's launch: section; as in horovodrun)")
-    launch.add_argument("-np", "--num-proc", dest="np", type=_positive, metavar="N",
+    launch.add_argument("-np", "--num-proc", dest="np", type=positive_int, metavar="N",
                         help="number of ranks, one per GPU (default: launch.np, or 1)")
     launch.add_argument("-H", "--hosts", metavar="HOST:SLOTS,..", help="hosts and their slots, e.g. n1:4,n2:4")
     launch.add_argument("--hostfile", metavar="FILE", help="Open MPI / horovodrun hostfile ('host slots=N')")
@@ -71,21 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output-dir", metavar="DIR", help="train.output_dir, and rank<R>.log files of each rank's output")
     swap = parser.add_argument_group("swap engine (config mode: swap.*; script mode: LMSDP_SWAP_* for every rank)")
     swap.add_argument("--swap-threshold", metavar="SIZE", help="smallest saved tensor swapped, e.g. 1MiB")
-    swap.add_argument("--swap-prefetch", type=_nonneg, metavar="N", help="swap-ins started ahead")
-    swap.add_argument("--swap-keep-last", type=_nonneg, metavar="K", help="last K saved tensors never swapped")
+    swap.add_argument("--swap-prefetch", type=nonneg_int, metavar="N", help="swap-ins started ahead")
+    swap.add_argument("--swap-keep-last", type=nonneg_int, metavar="K", help="last K saved tensors never swapped")
     swap.add_argument("--swap-budget", metavar="SIZE", help="saved bytes kept on the device before swapping")
     swap.add_argument("--swap-host-limit", metavar="SIZE", help="cap on pinned host memory")
     swap.add_argument("--swap-recompute", metavar="KINDS", help="'auto' or a comma list, e.g. relu,batchnorm")
     swap.add_argument("--swap-transport", choices=TRANSPORTS.choices(), help="swap transport")
     return parser
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line (``lmsrun: error: <flag>: <what>``), exit 2, no usage block."""
-
-    def error(self, message: str) -> "NoReturn":  # type: ignore[override]
-        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
-        sys.exit(2)
 
 
 def _seconds(text: str) -> float:
@@ -98,25 +91,8 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _positive(text: str) -> int:
-    value = _nonneg(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def _threads(text: str) -> Any:
-    return "auto" if text == "auto" else _nonneg(text)
-
-
-def _nonneg(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 or more, got {text!r}")
-    return value
+    return "auto" if text == "auto" else nonneg_int(text)
 
 
 # --------------------------------------------------------------------------------------------

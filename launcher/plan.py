@@ -15,23 +15,18 @@ import dataclasses
 import os
 import sys
 import warnings
-from typing import Any, Dict, List, NoReturn, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
+from lmsdp.swapping.units import format_size, parse_size
+
+from .argtypes import OneLineParser
 from .errors import UserError
 
 EXIT_DOES_NOT_FIT = 2
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (``lmsrun: error: ...``, exit 2) instead of usage + message."""
-
-    def error(self, message: str) -> "NoReturn":  # type: ignore[override]
-        print(f"lmsrun: error: {message}; see 'lmsrun plan --help'", file=sys.stderr, flush=True)
-        sys.exit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lmsrun plan", allow_abbrev=False,
+    parser = OneLineParser(prog="lmsrun plan", allow_abbrev=False,
                                      description="Predict peak memory and step time; choose what to keep, swap "
                                                  "and recompute for a memory target.")
     parser.add_argument("config", help="YAML config file")
@@ -78,8 +73,6 @@ def workload_from_config(config: Any) -> Any:
 
 
 def default_target(config: Any, device: Any, flag: Optional[str]) -> int:
-    from lmsdp.swapping.units import parse_size
-
     if flag is not None:
         try:
             value = parse_size(flag)
@@ -122,7 +115,6 @@ def plan_config(config: Any, target: int, batch: int, link: float, device: Any,
                 time_batch: Optional[int] = None, tflops: Optional[float] = None) -> Any:
     """Profile the job's step at ``batch`` and plan it for ``target`` device bytes."""
     from lmsdp.swapping.planner import RECOMPUTE_VARIANTS, Settings, plan, profile_variants
-    from lmsdp.swapping.units import parse_size
 
     workload = workload_from_config(config)
     variants = list(RECOMPUTE_VARIANTS)
@@ -138,12 +130,6 @@ def plan_config(config: Any, target: int, batch: int, link: float, device: Any,
 
 
 # --------------------------------------------------------------------------------------- printing
-def _size(n: float) -> str:
-    from lmsdp.swapping.units import format_size
-
-    return format_size(int(n))
-
-
 def module_rows(result: Any, depth: int) -> List[Tuple[str, int, str, str, float, float, int]]:
     """(module, saved bytes, decision, why, forward s, backward s, FLOPs) per module at ``depth`` of the
     base (no recompute) profile."""
@@ -176,7 +162,7 @@ def module_rows(result: Any, depth: int) -> List[Tuple[str, int, str, str, float
             parts.append("swap")
             gap = min(base.forward_s - t.pack_s + max(0.0, t.use_s) for t in swapped)
             moved = sum(t.nbytes for t in swapped)
-            why.append(f"{_size(moved)} out+in {2 * moved / result.link_bps * 1e3:.1f} ms, "
+            why.append(f"{format_size(moved)} out+in {2 * moved / result.link_bps * 1e3:.1f} ms, "
                        f">= {gap * 1e3:.1f} ms of compute to hide it")
         kept = sum(1 for t in base.tensors if t.module in mods) - len(swapped)
         if not parts or (kept > 0 and not n_re):
@@ -196,20 +182,20 @@ def module_rows(result: Any, depth: int) -> List[Tuple[str, int, str, str, float
 def render(result: Any, depth: int, name: str, out: Any = None) -> None:
     base = result.profiles["none"]
     w = (out or sys.stdout).write
-    w(f"# {name}: batch {result.batch}, memory target {_size(result.target)}, link {result.link_bps / 1e9:.1f} GB/s; "
+    w(f"# {name}: batch {result.batch}, memory target {format_size(result.target)}, link {result.link_bps / 1e9:.1f} GB/s; "
       f"times {base.timed}\n")
-    w(f"# fixed: parameters {_size(base.param_bytes)}, optimizer state {_size(base.optimizer_bytes)}, "
-      f"gradients {_size(base.grad_bytes)}, workspace {_size(base.workspace_bytes)}\n\n")
+    w(f"# fixed: parameters {format_size(base.param_bytes)}, optimizer state {format_size(base.optimizer_bytes)}, "
+      f"gradients {format_size(base.grad_bytes)}, workspace {format_size(base.workspace_bytes)}\n\n")
     rows = module_rows(result, depth)
     width = max([len(r[0]) for r in rows] + [6])
     w(f"{'module':<{width}}  {'saved':>10}  {'fwd ms':>8}  {'bwd ms':>8}  {'GFLOP':>8}  {'decision':<16}  why\n")
     for key, nbytes, decision, why, fwd, bwd, flops in rows:
-        w(f"{key:<{width}}  {_size(nbytes):>10}  {fwd * 1e3:>8.1f}  {bwd * 1e3:>8.1f}  {flops / 1e9:>8.2f}  "
+        w(f"{key:<{width}}  {format_size(nbytes):>10}  {fwd * 1e3:>8.1f}  {bwd * 1e3:>8.1f}  {flops / 1e9:>8.2f}  "
           f"{decision:<16}  {why}\n")
     w(f"\n{'strategy':<24}  {'peak':>10}  {'saved peak':>10}  {'step':>9}  {'exposed':>9}  fits\n")
     for st in result.strategies:
         p = st.prediction
-        w(f"{st.name:<24}  {_size(p.peak_device_bytes):>10}  {_size(p.peak_saved_bytes):>10}  "
+        w(f"{st.name:<24}  {format_size(p.peak_device_bytes):>10}  {format_size(p.peak_saved_bytes):>10}  "
           f"{p.step_s * 1e3:>7.1f}ms  {p.exposed_s * 1e3:>7.1f}ms  {'yes' if st.fits else 'no'}\n")
 
 
@@ -224,7 +210,7 @@ def document_yaml(result: Any, config_name: str, path: Optional[str] = None) -> 
     section = {"enabled": True, "threshold": st.settings.threshold,
                "prefetch": st.settings.prefetch, "recompute": st.recompute, "memory_target": result.target,
                "plan": path or "auto"}
-    head = (f"# lmsrun plan for {config_name}: predicted peak {_size(doc['predicted_peak_bytes'])}, "
+    head = (f"# lmsrun plan for {config_name}: predicted peak {format_size(doc['predicted_peak_bytes'])}, "
             f"step {doc['predicted_step_s'] * 1e3:.1f} ms at batch {result.batch}.\n"
             "# Use it with --set swap.plan=<this file>, or copy the swap: section into the config.\n")
     return head + yaml.safe_dump({"swap": section, "plan": doc}, sort_keys=False, default_flow_style=None, width=120)
@@ -277,7 +263,7 @@ def plan_for_job(config: Any, backend: Any, device: Any) -> Optional[JobPlan]:
                     torch.cuda.empty_cache()
                 if result.chosen is None:
                     error = (f"swap.memory_target: batch {config.train.batch_size} needs at least "
-                             f"{_size(result.min_peak)} (smallest achievable peak); target is {_size(target)}")
+                             f"{format_size(result.min_peak)} (smallest achievable peak); target is {format_size(target)}")
                 else:
                     from lmsdp.swapping.planner import plan_document
 
@@ -303,11 +289,11 @@ def plan_for_job(config: Any, backend: Any, device: Any) -> Optional[JobPlan]:
 def plan_log_line(plan: JobPlan, step: int, record: Dict[str, Any]) -> str:
     """Predicted next to measured, for rank 0's log every ``log_every`` steps."""
     doc = plan.document
-    line = (f"[lmsdp] plan step {step}: saved peak predicted {_size(doc['predicted_peak_saved_bytes'])}, "
-            f"measured {_size(record.get('peak_saved_bytes', 0))}; device peak predicted "
-            f"{_size(doc['predicted_peak_bytes'])}")
+    line = (f"[lmsdp] plan step {step}: saved peak predicted {format_size(doc['predicted_peak_saved_bytes'])}, "
+            f"measured {format_size(record.get('peak_saved_bytes', 0))}; device peak predicted "
+            f"{format_size(doc['predicted_peak_bytes'])}")
     if record.get("max_memory_allocated"):
-        line += f", measured {_size(record['max_memory_allocated'])}"
+        line += f", measured {format_size(record['max_memory_allocated'])}"
     line += f"; step predicted {doc['predicted_step_s'] * 1e3:.1f} ms, measured {record['step_time_s'] * 1e3:.1f} ms"
     if plan.policy.mismatches:
         line += (f"; {plan.policy.mismatches} saved tensors so far did not match the plan and stayed on the device "
@@ -331,8 +317,8 @@ def main(argv: List[str]) -> int:
 
 def _does_not_fit(name: str, batch: int, min_peak: int, target: int) -> int:
     """One line: what the smallest achievable peak is against the target (exit code 2)."""
-    print(f"lmsrun: error: --memory: {name} at batch {batch} needs at least {_size(min_peak)} "
-          f"(smallest achievable peak); target is {_size(target)}", file=sys.stderr, flush=True)
+    print(f"lmsrun: error: --memory: {name} at batch {batch} needs at least {format_size(min_peak)} "
+          f"(smallest achievable peak); target is {format_size(target)}", file=sys.stderr, flush=True)
     return EXIT_DOES_NOT_FIT
 
 
@@ -360,7 +346,6 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from lmsdp.swapping.planner import RECOMPUTE_VARIANTS, BatchSizes, optimizer_state_bytes, variant_key, max_batch
-    from lmsdp.swapping.units import parse_size
 
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     target = default_target(config, device, args.memory)
@@ -385,7 +370,7 @@ def run(args: argparse.Namespace) -> int:
     if batch_text == "max":
         batch = limits["planned"]
         if batch == 0:
-            raise UserError(f"--memory: not even batch 1 fits {_size(target)}, with every saved tensor swapped "
+            raise UserError(f"--memory: not even batch 1 fits {format_size(target)}, with every saved tensor swapped "
                             "and cheap layers recomputed")
         result = plan_config(config, target, batch, link, device, args.time_batch, args.tflops)
         if result.chosen is None:

@@ -21,9 +21,11 @@ import ctypes
 import dataclasses
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
@@ -86,6 +88,20 @@ class Runner:
         self.seen: Dict[int, object] = {}
 
     def run(self) -> int:
+        """Run the job to its end. Its ranks get lmsrun as their lifeline (``LMSDP_LAUNCHER``) and, unless
+        the job names one, a private error folder (``LMSDP_ERROR_DIR``) removed afterwards."""
+        env = {**self.job.env, envvars.LAUNCHER: Launcher.this_process().encode()}
+        if self.job.error_dir is not None:
+            self.job = dataclasses.replace(self.job, env=env)
+            return self._run()
+        error_dir = tempfile.mkdtemp(prefix="lmsdp-errors-")
+        try:
+            self.job = dataclasses.replace(self.job, error_dir=error_dir, env={**env, envvars.ERROR_DIR: error_dir})
+            return self._run()
+        finally:
+            shutil.rmtree(error_dir, ignore_errors=True)
+
+    def _run(self) -> int:
         job = self.job
         become_subreaper()
         out = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else sys.stdout
@@ -295,18 +311,5 @@ def _signame(signum: int) -> str:
 
 
 def run_job(job: Job) -> int:
-    """Run ``job``; returns lmsrun's exit code (the failed rank's code, or 128+signal). Without an
-    ``error_dir``, a private one is made for this job (ranks on this host find it through
-    ``LMSDP_ERROR_DIR``) and removed afterwards."""
-    job = dataclasses.replace(job, env={**job.env, envvars.LAUNCHER: Launcher.this_process().encode()})
-    if job.error_dir is not None:
-        return Runner(job).run()
-    import shutil
-    import tempfile
-
-    error_dir = tempfile.mkdtemp(prefix="lmsdp-errors-")
-    try:
-        job = dataclasses.replace(job, error_dir=error_dir, env={**job.env, envvars.ERROR_DIR: error_dir})
-        return Runner(job).run()
-    finally:
-        shutil.rmtree(error_dir, ignore_errors=True)
+    """Run ``job``; returns lmsrun's exit code (the failed rank's code, or 128+signal)."""
+    return Runner(job).run()

@@ -30,7 +30,6 @@ import argparse
 import contextlib
 import io
 import json
-import math
 import os
 import re
 import shutil
@@ -40,9 +39,10 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from .argtypes import OneLineParser, positive_int
 from .errors import UserError
 
 MARGIN = 0.05  # a setting must beat the best by this much (measured, or predicted) to be kept / tried
@@ -594,35 +594,18 @@ def parse_duration(text: str) -> float:
     return value
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with lmsrun's one-line error format."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lmsrun tune", allow_abbrev=False,
+    parser = OneLineParser(prog="lmsrun tune", allow_abbrev=False,
                      description="Choose ranks, threads, inter-op threads, batch and binding by short "
                                  "measured trials (real launches) inside a time budget.")
     parser.add_argument("config", help="YAML config to tune")
     parser.add_argument("--time-budget", type=parse_duration, default=120.0, metavar="DURATION",
                         help="wall time for all trials, e.g. 120s, 5m (default 120s)")
     parser.add_argument("--write", metavar="FILE", help="write the config with the chosen values to FILE")
-    parser.add_argument("--trial-steps", type=_positive, default=6, metavar="N",
+    parser.add_argument("--trial-steps", type=positive_int, default=6, metavar="N",
                         help="steps per trial, the first --warmup not counted (default 6)")
     parser.add_argument("--warmup", type=int, default=2, metavar="N", help="warm-up steps per trial (default 2)")
-    parser.add_argument("--max-batch", type=_positive, metavar="N", help="largest batch per rank to try")
+    parser.add_argument("--max-batch", type=positive_int, metavar="N", help="largest batch per rank to try")
     parser.add_argument("--exhaustive", action="store_true", help="measure the whole space (reference sweep)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for every trial (repeatable)")

@@ -1,0 +1,35 @@
+"""What every ``lmsrun`` subcommand's flags share: a parser whose errors are one line (``lmsrun:
+error: <flag>: <what>``, exit 2, no usage block) and the integer types its flags use."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import NoReturn
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, exit 2, pointing at the command's --help."""
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        print(f"lmsrun: error: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
