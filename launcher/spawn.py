@@ -233,7 +233,9 @@ class Runner:
             print(f"lmsrun: error: {user_errors[0].message}", file=sys.stderr)
             return 2
         code = returncode if returncode and returncode > 0 else 128 + (-(returncode or 0)) if returncode else 1
-        if failure.rank is None and returncode is not None and returncode < 0 and self.proc is not None:
+        # mpirun itself killed by a signal is the cause: what its ranks wrote after losing it (a broken
+        # pipe, a dead peer) is a consequence, even when it reached an error file first
+        if returncode is not None and returncode < 0 and self.proc is not None:
             print(f"lmsrun: {os.path.basename(self.job.command[0])} (pid {self.proc.pid}) was killed by signal "
                   f"{-returncode} ({_signame(-returncode)}); stopped all {self.job.np or len(demux.tails)} ranks; "
                   f"exit code {code}", file=sys.stderr, flush=True)
