@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from typing import List, Optional, Tuple
 
 from .base import CommError
+
+EXIT_GRACE_S = 1.0  # how long a failed collective waits for a departing local peer to be gone
 
 
 def pid_alive(pid: int) -> bool:
@@ -34,6 +37,11 @@ def peer_error(backend: str, what: str, exc: BaseException, rank: int, size: int
     """CommError naming the peer: dead local peers if any are found, else the only other rank of a
     2-rank job, else 'unknown' (a remote peer or a live but stuck one)."""
     dead = dead_peers(rank, peers) if peers else []
+    deadline = time.monotonic() + EXIT_GRACE_S
+    while peers and not dead and time.monotonic() < deadline:
+        # the library can report a lost peer a moment before that process has finished exiting
+        time.sleep(0.05)
+        dead = dead_peers(rank, peers)
     peer: Optional[int] = None
     if dead:
         peer = dead[0]
