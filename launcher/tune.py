@@ -39,7 +39,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .argtypes import OneLineParser, positive_int
@@ -72,6 +72,8 @@ class Trial:
     wall_s: float = 0.0
     note: str = ""
     error: Optional[str] = None
+    rates: List[float] = field(default_factory=list)  # every measurement of this setting (re-measures too)
+    number: int = 0  # the row in tune's table where it was first measured
 
     @property
     def ok(self) -> bool:
@@ -340,7 +342,8 @@ class Tuner:
                  printer: Any) -> None:
         self.space, self.base, self.runner = space, base, runner
         self.budget_s, self.started, self.printer = budget_s, started, printer
-        self.trials: List[Trial] = []
+        self.trials: List[Trial] = []  # one per setting, in the order first measured
+        self.runs = 0  # launches, re-measures included
         self.stopped: str = ""
         self.step_model, self.batch_model = StepModel(), BatchModel()
         self.notes: Dict[str, str] = {}
@@ -351,28 +354,59 @@ class Tuner:
         walls = [t.wall_s for t in self.trials]
         return statistics.median(walls) if walls else 0.0
 
-    def measure(self, setting: Setting, predicted: Optional[float], note: str = "") -> Optional[Trial]:
-        """Run a trial unless it was run already, the budget cannot hold it, or the user stopped us."""
-        for trial in self.trials:
-            if trial.setting == setting:
-                return trial
+    def _fits_budget(self) -> bool:
+        """False (and ``stopped`` says why) when the next trial would overrun the budget."""
         if self.stopped:
-            return None
+            return False
         left = self.started + self.budget_s - SLACK_S - time.monotonic()
         estimate = self._cost_estimate()
         if self.trials and estimate > left:
             self.stopped = (f"time budget: the next trial would take ~{estimate:.0f} s, {max(left, 0):.0f} s left "
                             f"(estimated from the trials so far)")
-            return None
+            return False
+        return True
+
+    def _launch(self, setting: Setting) -> Trial:
+        self.runs += 1
         trial = self.runner.run(setting)
-        trial.predicted = predicted
-        if note and not trial.note:
-            trial.note = note
-        self.trials.append(trial)
-        self.printer(len(self.trials), trial)
+        if trial.samples_per_s is not None:
+            trial.rates = [trial.samples_per_s]
         if getattr(self.runner, "interrupted", False):
             self.stopped = "interrupted"
         return trial
+
+    def measure(self, setting: Setting, predicted: Optional[float], note: str = "") -> Optional[Trial]:
+        """Run a trial unless it was run already, the budget cannot hold it, or the user stopped us."""
+        for trial in self.trials:
+            if trial.setting == setting:
+                return trial
+        if not self._fits_budget():
+            return None
+        trial = self._launch(setting)
+        trial.predicted = predicted
+        if note and not trial.note:
+            trial.note = note
+        trial.number = self.runs
+        self.trials.append(trial)
+        self.printer(self.runs, trial)
+        return trial
+
+    def remeasure(self, trial: Trial) -> bool:
+        """Measure ``trial``'s setting once more; its figure becomes the mean of all its measurements."""
+        if not trial.ok or not self._fits_budget():
+            return False
+        again = self._launch(trial.setting)
+        again.predicted = trial.samples_per_s
+        if not again.ok:
+            again.note = again.note or "re-measure failed"
+            self.printer(self.runs, again)
+            return False
+        trial.rates.append(again.samples_per_s)  # type: ignore[arg-type]
+        trial.samples_per_s = statistics.fmean(trial.rates)
+        again.note = f"re-measure of #{trial.number}: mean of {len(trial.rates)} now " \
+                     f"{trial.samples_per_s:.1f}"
+        self.printer(self.runs, again)
+        return True
 
     def best(self, where: Any = None) -> Optional[Trial]:
         ok = [t for t in self.trials if t.ok and (where is None or where(t.setting))]
@@ -413,6 +447,19 @@ class Tuner:
         self._switch_stage("interop", lambda s: replace(s, interop=1), "inter-op threads 1")
         if not space.gpu:
             self._switch_stage("bind", lambda s: replace(s, bind="core"), "--bind-to core")
+        self._confirm_stage()
+
+    def _confirm_stage(self) -> None:
+        """Measure the best and the runner-up once more when they are within ``2 x MARGIN``: a single
+        short trial can read a lucky or unlucky figure, and the pick is then made on the means."""
+        ok = sorted((t for t in self.trials if t.ok), key=lambda t: -(t.samples_per_s or 0.0))
+        if len(ok) < 2 or ok[1].samples_per_s < ok[0].samples_per_s * (1 - 2 * MARGIN):  # type: ignore[operator]
+            return
+        for trial in ok[:2]:
+            if not self.remeasure(trial):
+                return
+        self.notes["confirm"] = (f"best two within {2 * MARGIN:.0%} of each other: each measured twice, "
+                                 f"the pick is made on the means")
 
     def _predict_step(self, n: int, t: int) -> Optional[float]:
         same = [x for x in self.trials if x.setting.batch == self.base.batch]
@@ -671,9 +718,9 @@ def run(argv: List[str]) -> int:
     if tuner.stopped:
         print(f"stopped: {tuner.stopped}")
     grid_size = len(space.grid()) * len(space.batches()) * 2 * (1 if space.gpu else 2)
-    print(f"best: #{tuner.trials.index(pick) + 1}  {pick.setting.np} rank(s) x {pick.setting.threads} thread(s), "
+    print(f"best: #{pick.number}  {pick.setting.np} rank(s) x {pick.setting.threads} thread(s), "
           f"inter-op {pick.setting.interop or 'default'}, batch {pick.setting.batch}, --bind-to {pick.setting.bind}: "
-          f"{pick.samples_per_s:.1f} samples/s  ({len(tuner.trials)} trials of a {grid_size}-setting space, "
+          f"{pick.samples_per_s:.1f} samples/s  ({tuner.runs} trials of a {grid_size}-setting space, "
           f"{time.monotonic() - started:.0f} s)")
     print("why:")
     for line in explain(tuner, pick, base, space, batch_source):
@@ -689,9 +736,9 @@ def run(argv: List[str]) -> int:
 
 def _write_json(path: str, tuner: Tuner, pick: Trial, grid_size: int) -> None:
     def row(t: Trial) -> Dict[str, Any]:
-        return {**t.setting.__dict__, "samples_per_s": t.samples_per_s, "predicted": t.predicted,
-                "wall_s": t.wall_s, "error": t.error, "note": t.note}
+        return {**t.setting.__dict__, "samples_per_s": t.samples_per_s, "rates": t.rates,
+                "predicted": t.predicted, "wall_s": t.wall_s, "error": t.error, "note": t.note}
 
     with open(path, "w", encoding="utf-8") as handle:
         json.dump({"trials": [row(t) for t in tuner.trials], "pick": row(pick), "space_size": grid_size,
-                   "stopped": tuner.stopped}, handle, indent=1)
+                   "runs": tuner.runs, "stopped": tuner.stopped}, handle, indent=1)

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from lmsdp.launcher.config import load_config
-from lmsdp.launcher.tune import BatchModel, Setting, Space, StepModel, Trial, parse_duration
+from lmsdp.launcher.tune import BatchModel, Setting, Space, StepModel, Trial, Tuner, choose, parse_duration
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LMSRUN = os.path.join(os.path.dirname(sys.executable), "lmsrun")
@@ -96,3 +96,40 @@ def test_tune_quickstart_keeps_its_budget_explains_and_writes_a_runnable_config(
                           "--output-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     assert (tmp_path / "run" / "summary.json").exists()
+
+
+class _ScriptedRunner:
+    """Stands in for the trial launcher in tests of the search logic only (the real launches are
+    tested below): each setting reads the next figure of its list."""
+
+    def __init__(self, figures):
+        self.figures = {k: list(v) for k, v in figures.items()}
+        self.launched = []
+
+    def run(self, setting):
+        self.launched.append(setting)
+        return Trial(setting, samples_per_s=self.figures[(setting.np, setting.threads)].pop(0), wall_s=0.01)
+
+
+def test_confirm_stage_picks_on_the_mean_when_the_best_two_are_close():
+    # 1x2 reads lucky once (110) and then 80; 2x1 reads 100 twice: the mean decides for 2x1
+    runner = _ScriptedRunner({(2, 1): [100.0, 100.0], (1, 2): [110.0, 80.0], (1, 1): [40.0]})
+    base = Setting(2, 1, 0, 16, "none")
+    tuner = Tuner(Space(2, [1, 2], 16, 16), base, runner, budget_s=600, started=time.monotonic(),
+                  printer=lambda *_: None)
+    for setting in (base, Setting(1, 2, 0, 16, "none"), Setting(1, 1, 0, 16, "none")):
+        tuner.measure(setting, None)
+    tuner._confirm_stage()
+    pick = choose(tuner)
+    assert (pick.setting.np, pick.setting.threads) == (2, 1)
+    assert pick.rates == [100.0, 100.0] and tuner.runs == 5
+    assert "each measured twice" in tuner.notes["confirm"]
+
+
+def test_confirm_stage_is_skipped_when_the_best_is_clear():
+    runner = _ScriptedRunner({(2, 1): [100.0], (1, 2): [60.0]})
+    tuner = Tuner(Space(2, [1, 2], 16, 16), Setting(2, 1, 0, 16), runner, 600, time.monotonic(), lambda *_: None)
+    tuner.measure(Setting(2, 1, 0, 16), None)
+    tuner.measure(Setting(1, 2, 0, 16), None)
+    tuner._confirm_stage()
+    assert tuner.runs == 2 and "confirm" not in tuner.notes
