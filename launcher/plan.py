@@ -100,6 +100,26 @@ def link_bps(device: Any, gbps: Optional[float]) -> float:
     return link_bandwidth(device)
 
 
+def largest_batch(config: Any) -> Tuple[Optional[int], str]:
+    """The largest batch per rank the planner predicts to fit the device (the GPU's memory or
+    ``swap.memory_target``), with every candidate swapped when ``swap.enabled``; None on CPU without a
+    memory target (then nothing bounds the batch but host memory). The second value says why."""
+    import torch
+
+    from lmsdp.swapping.planner import BatchSizes, max_batch, optimizer_state_bytes
+
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type != "cuda" and not config.swap.memory_target:
+        return None, "no device memory bounds it on CPU (set swap.memory_target to bound it)"
+    target = default_target(config, device, None)
+    workload = workload_from_config(config)
+    sizes = BatchSizes(workload, config.swap.recompute or None, optimizer_state_bytes(workload))
+    threshold = parse_size(config.swap.threshold) or 0
+    largest = max_batch(sizes, target, threshold, bool(config.swap.enabled), link_bps(device, None))
+    swap = "every candidate swapped" if config.swap.enabled else "swap off"
+    return largest, f"the swap planner's largest batch for {format_size(target)} ({swap})"
+
+
 def _time_batch(workload: Any, batch: int, requested: Optional[int]) -> int:
     if requested is not None:
         if requested < 0:

@@ -176,7 +176,21 @@ class Space:
         while b <= self.max_batch:
             out.append(b)
             b *= 2
+        if out and out[-1] < self.max_batch:
+            out.append(self.max_batch)  # the largest that fits is worth a trial of its own
         return out or [self.batch0]
+
+
+def planner_ceiling(config: Any) -> Tuple[Optional[int], str]:
+    """The planner's largest batch that fits; a planner failure must not stop tuning."""
+    from .plan import largest_batch
+
+    try:
+        return largest_batch(config)
+    except UserError as exc:
+        return None, f"planner: {exc}"
+    except Exception as exc:  # noqa: BLE001 - e.g. a model the fake-tensor profile cannot run
+        return None, f"planner failed ({type(exc).__name__}: {str(exc)[:80]})"
 
 
 def make_space(config: Any, max_batch: Optional[int]) -> Tuple[Space, str]:
@@ -187,30 +201,18 @@ def make_space(config: Any, max_batch: Optional[int]) -> Tuple[Space, str]:
 
     cores = physical_cores()
     batch0 = config.train.batch_size
-    ceiling, source = planner_batch_ceiling(config)
     if max_batch is not None:
         ceiling, source = max_batch, "--max-batch"
-    elif ceiling is None:
-        ceiling, source = 4 * batch0, "4 x the config's batch (no planner installed; also stops at the first OOM)"
+    else:
+        ceiling, source = planner_ceiling(config)
+    if ceiling is None:
+        ceiling, source = 4 * batch0, f"4 x the config's batch: {source}; a failed trial (out of memory) also stops it"
+    elif ceiling < batch0:
+        source += f"; below the config's batch {batch0}, which is tried as given"
     if torch.cuda.is_available():
         gpus = torch.cuda.device_count()
         return Space(cores, [gpus], batch0, max(ceiling, batch0), gpu=True), source
     return Space(cores, list(range(1, cores + 1)), batch0, max(ceiling, batch0)), source
-
-
-def planner_batch_ceiling(config: Any) -> Tuple[Optional[int], str]:
-    """The largest batch per rank that fits, from the swap planner when it offers ``max_batch(config)``."""
-    try:
-        from lmsdp.swapping import planner  # type: ignore[attr-defined]
-    except ImportError:
-        return None, ""
-    ask = getattr(planner, "max_batch", None)
-    if not callable(ask):
-        return None, ""
-    try:
-        return int(ask(config)), "the swap planner's largest batch that fits"
-    except Exception as exc:  # noqa: BLE001 - the planner's failure must not stop tuning
-        return None, f"planner failed ({type(exc).__name__}); "
 
 
 # --------------------------------------------------------------------------------------------
@@ -550,15 +552,27 @@ def explain(tuner: Tuner, pick: Trial, base: Setting, space: Space, batch_source
         a, b, c = model.coef
         fit = (f"; fit T = {a * 1e3:.1f} + {b * 1e3:.1f}/threads + {c * 1e3:.1f} x (ranks-1) ms: "
                f"serial share {model.serial_share():.0%}")
+    def against(pred: Any) -> str:
+        """The best other setting at the pick's batch, else at the config's batch beside the pick's shape."""
+        text = rate_of(lambda x: pred(x) and x.batch == s.batch)
+        if text != "not measured" or s.batch == base.batch:
+            return text
+        mine = rate_of(lambda x: (x.np, x.threads) == (s.np, s.threads) and x.batch == base.batch)
+        return f"at batch {base.batch}: {rate_of(lambda x: pred(x) and x.batch == base.batch)} vs {mine}"
+
     if space.gpu:
         lines.append(f"launch.np = {s.np}: one rank per GPU ({s.np} GPU(s)), fixed")
     else:
-        others = rate_of(lambda x: x.np != s.np and x.batch == s.batch)
+        others = against(lambda x: x.np != s.np)
         lines.append(f"launch.np = {s.np}: best measured {rate:.1f} samples/s ({gain}); best other rank count "
                      f"{others}{fit}")
-    others = rate_of(lambda x: x.np == s.np and x.threads != s.threads and x.batch == s.batch)
-    lines.append(f"launch.threads = {s.threads}: of the rank's share of {max(1, space.cores // s.np)} core(s); "
-                 f"other counts at {s.np} rank(s): {others}")
+    share = max(1, space.cores // s.np)
+    if len(space.threads_for(s.np)) == 1:
+        lines.append(f"launch.threads = {s.threads}: the only count that fits: {space.cores} core(s) / {s.np} rank(s)")
+    else:
+        others = against(lambda x: x.np == s.np and x.threads != s.threads)
+        lines.append(f"launch.threads = {s.threads}: of the rank's share of {share} core(s); "
+                     f"other counts at {s.np} rank(s): {others}")
     same_shape = lambda x: (x.np, x.threads) == (s.np, s.threads)  # noqa: E731
     twin = _closest(ok, s, lambda x: same_shape(x) and x.interop != s.interop)
     twin_text = (f"{twin.setting.interop or 'default'} measured {twin.samples_per_s:.1f} samples/s "

@@ -133,3 +133,17 @@ def test_confirm_stage_is_skipped_when_the_best_is_clear():
     tuner.measure(Setting(1, 2, 0, 16), None)
     tuner._confirm_stage()
     assert tuner.runs == 2 and "confirm" not in tuner.notes
+
+
+def test_the_batch_ceiling_comes_from_the_planner_when_memory_bounds_it():
+    from lmsdp.launcher.plan import largest_batch
+    from lmsdp.launcher.tune import make_space
+
+    config = load_config(QUICKSTART, ["swap.memory_target=64MiB", "swap.enabled=true"])
+    largest, why = largest_batch(config)
+    space, source = make_space(config, None)
+    assert space.max_batch == largest > config.train.batch_size and "swap planner's largest batch" in source
+    assert space.batches()[-1] == largest  # the largest that fits gets a trial of its own
+    unbounded, why = make_space(load_config(QUICKSTART), None)  # CPU, no memory target: 4 x the batch
+    assert unbounded.max_batch == 4 * load_config(QUICKSTART).train.batch_size and "swap.memory_target" in why
+    assert make_space(config, 20)[0].max_batch == 20  # --max-batch wins
