@@ -3,7 +3,7 @@
     lmsrun plan CONFIG [--memory SIZE] [--batch N|max] [--link-gbps X] [--write FILE] [--set k=v ..]
 
 Builds the job's model, data, loss and optimizer exactly as a rank does (the worker's own builders),
-profiles one step (``lmsdp.swapping.planner``), and prints a per-module table (saved bytes, decision,
+profiles one step (``lmsdp.swapping.profile``), and prints a per-module table (saved bytes, decision,
 why), one row per strategy (no swap, recompute only, swap only, planned: predicted peak and step time)
 and the largest batch each approach fits. ``--write`` stores the chosen settings and the per-tensor plan
 as YAML; ``swap.plan: FILE`` runs a job with it. Also the job-start side of ``swap.plan: auto``.
@@ -53,7 +53,7 @@ def workload_from_config(config: Any) -> Any:
     """A planner ``Workload`` built with the worker's own builders (model, batches, optimizer, loss)."""
     import torch
 
-    from lmsdp.swapping.planner import Workload
+    from lmsdp.swapping.profile import Workload
 
     from .data import data_spec, make_batches
     from .worker import build_network, build_optimizer, compute_loss
@@ -91,7 +91,7 @@ def default_target(config: Any, device: Any, flag: Optional[str]) -> int:
 
 
 def link_bps(device: Any, gbps: Optional[float]) -> float:
-    from lmsdp.swapping.planner import link_bandwidth
+    from lmsdp.swapping.profile import link_bandwidth
 
     if gbps is not None:
         if gbps <= 0:
@@ -106,7 +106,8 @@ def largest_batch(config: Any) -> Tuple[Optional[int], str]:
     memory target (then nothing bounds the batch but host memory). The second value says why."""
     import torch
 
-    from lmsdp.swapping.planner import BatchSizes, max_batch, optimizer_state_bytes
+    from lmsdp.swapping.planner import BatchSizes, max_batch
+    from lmsdp.swapping.profile import optimizer_state_bytes
 
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     if device.type != "cuda" and not config.swap.memory_target:
@@ -125,7 +126,7 @@ def _time_batch(workload: Any, batch: int, requested: Optional[int]) -> int:
         if requested < 0:
             raise UserError(f"--time-batch: expected 0 or more, got {requested}")
         return requested
-    from lmsdp.swapping.planner import sizes_profile
+    from lmsdp.swapping.profile import sizes_profile
 
     saved = sum(t.nbytes for t in sizes_profile(workload, batch, None, 0).tensors)  # one fake run
     return batch if saved <= (1 << 30) else 1
@@ -134,7 +135,9 @@ def _time_batch(workload: Any, batch: int, requested: Optional[int]) -> int:
 def plan_config(config: Any, target: int, batch: int, link: float, device: Any,
                 time_batch: Optional[int] = None, tflops: Optional[float] = None) -> Any:
     """Profile the job's step at ``batch`` and plan it for ``target`` device bytes."""
-    from lmsdp.swapping.planner import RECOMPUTE_VARIANTS, Settings, plan, profile_variants
+    from lmsdp.swapping.plan_models import Settings
+    from lmsdp.swapping.planner import plan
+    from lmsdp.swapping.profile import RECOMPUTE_VARIANTS, profile_variants
 
     workload = workload_from_config(config)
     variants = list(RECOMPUTE_VARIANTS)
@@ -365,7 +368,8 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     import torch
 
-    from lmsdp.swapping.planner import RECOMPUTE_VARIANTS, BatchSizes, optimizer_state_bytes, variant_key, max_batch
+    from lmsdp.swapping.planner import BatchSizes, max_batch
+    from lmsdp.swapping.profile import RECOMPUTE_VARIANTS, optimizer_state_bytes, variant_key
 
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     target = default_target(config, device, args.memory)

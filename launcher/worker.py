@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmsdp.comm import get_backend, merge_traces
-from lmsdp.comm.strategy import get_strategy
+from lmsdp.comm.base import Backend
+from lmsdp.comm.strategy import Strategy, get_strategy
 from lmsdp.runtime.chrome_trace import rank_path
 from lmsdp.runtime.topology import Topology, detect_topology
 from lmsdp.swapping import SwapEngine
@@ -35,7 +36,7 @@ from .data import data_spec, make_batches
 from .models import build_model
 from . import threads as module_threads
 from .metrics import MetricsWriter, Progress, RunSummary
-from .plan import plan_for_job, plan_log_line
+from .plan import JobPlan, plan_for_job, plan_log_line
 from .tensorboard import open_scalars
 
 CHECKPOINT_OVERHEAD = 64 << 10  # RNG states of every rank, the config, zip records: beyond the tensors
@@ -61,6 +62,22 @@ class StopRequest:
         if self.signum and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C means: now
         self.signum = signum
+
+
+@dataclass
+class RunParts:
+    """One rank's run as ``_build_and_train`` assembled it: what the training loop drives."""
+
+    device: torch.device
+    backend: Backend                  # rank, size, allreduce, allgather, barrier
+    strategy: Strategy                # replicate or shard: who reduces gradients, who saves what
+    model: nn.Module                  # wrapped by the swap engine, then prepared by the strategy
+    optimizer: Any                    # the strategy's wrapper around the configured optimizer
+    scaler: Any                       # loss scaler (enabled for float16 AMP only)
+    engine: SwapEngine
+    checkpoints: CheckpointManager    # whole-model checkpoints, rank 0 writes (sharded: one per run in _train)
+    job_plan: Optional[JobPlan] = None                    # swap.plan: auto / FILE, else None
+    per_module: Optional[module_threads.ModuleThreads] = None  # launch.threads: auto, else None
 
 
 def build_network(config: Config) -> nn.Module:
@@ -146,8 +163,9 @@ def _build_and_train(config: Config, topology: Topology, device: torch.device, c
     amp_dtype = torch.float16 if train.amp_dtype == "float16" else torch.bfloat16
     scaler = strategy.grad_scaler(device, enabled=use_amp and amp_dtype == torch.float16)
 
-    return _train(config, topology, backend, model, engine, optimizer, scaler, checkpoints, device,
-                  job_plan, per_module, strategy)
+    parts = RunParts(device=device, backend=backend, strategy=strategy, model=model, optimizer=optimizer,
+                     scaler=scaler, engine=engine, checkpoints=checkpoints, job_plan=job_plan, per_module=per_module)
+    return _train(config, parts)
 
 
 def estimate_checkpoint_bytes(model: nn.Module, optimizer: Any) -> int:
@@ -158,9 +176,11 @@ def estimate_checkpoint_bytes(model: nn.Module, optimizer: Any) -> int:
     return weights * (1 + slots) + CHECKPOINT_OVERHEAD
 
 
-def _train(config: Config, topology: Topology, backend: Any, model: nn.Module, engine: SwapEngine,
-           optimizer: Any, scaler: Any, checkpoints: CheckpointManager, device: torch.device,
-           job_plan: Any, per_module: Any, strategy: Any) -> int:
+def _train(config: Config, parts: RunParts) -> int:
+    """The training loop over ``parts``: resume, steps, metrics, checkpoints, a clean stop, the summary."""
+    device, backend, strategy, engine = parts.device, parts.backend, parts.strategy, parts.engine
+    model, optimizer, scaler, checkpoints = parts.model, parts.optimizer, parts.scaler, parts.checkpoints
+    job_plan, per_module = parts.job_plan, parts.per_module
     train = config.train
     rank, size = backend.rank, backend.size
     use_amp = train.amp

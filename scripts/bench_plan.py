@@ -20,7 +20,9 @@ import torch
 from lmsdp.launcher.config import load_config
 from lmsdp.launcher.plan import workload_from_config
 from lmsdp.swapping import SwapConfig, SwapEngine
-from lmsdp.swapping.planner import Settings, link_bandwidth, plan_swaps, policy_for, predict, profile_workload
+from lmsdp.swapping.plan_models import Settings, predict
+from lmsdp.swapping.planner import plan_swaps, policy_for
+from lmsdp.swapping.profile import link_bandwidth, profile_workload
 
 ZOO = {  # small enough for 2 CPU cores, large enough that each step has hundreds of saved tensors
     "resnet18": ["model.kwargs={width: 16, num_classes: 10, stem: cifar}", "data.shape=[3, 32, 32]"],

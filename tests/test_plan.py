@@ -19,7 +19,9 @@ from lmsdp.launcher.plan import main as plan_main
 from lmsdp.launcher.plan import workload_from_config
 from lmsdp.launcher.worker import run_worker
 from lmsdp.swapping import SwapConfig, SwapEngine
-from lmsdp.swapping.planner import Settings, plan_swaps, policy_for, predict, profile_workload
+from lmsdp.swapping.plan_models import Settings, predict
+from lmsdp.swapping.planner import plan_swaps, policy_for
+from lmsdp.swapping.profile import profile_workload
 
 pytestmark = pytest.mark.filterwarnings("ignore:lmsdp swap")
 LMSRUN = os.path.join(os.path.dirname(sys.executable), "lmsrun")

@@ -11,7 +11,8 @@ import time
 import pytest
 
 from lmsdp.launcher.config import load_config
-from lmsdp.launcher.tune import BatchModel, Setting, Space, StepModel, Trial, Tuner, choose, parse_duration
+from lmsdp.launcher.tune import parse_duration
+from lmsdp.launcher.tune_search import BatchModel, Setting, Space, StepModel, Trial, Tuner, choose
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LMSRUN = os.path.join(os.path.dirname(sys.executable), "lmsrun")
