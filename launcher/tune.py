@@ -347,6 +347,12 @@ def run(argv: List[str]) -> int:
         raise UserError(f"--warmup: expected 0 to {args.trial_steps - 1} (fewer than --trial-steps), got {args.warmup}")
     if args.write and os.path.isdir(args.write):
         raise UserError(f"--write: {args.write} is a directory; give a file name, e.g. tuned.yaml")
+    from lmsdp.runtime.topology import detect_launched
+
+    launched = detect_launched()
+    if launched is not None:  # every rank would tune, and each trial's mpirun would nest in the job's
+        raise UserError(f"tune: this process is rank {launched.rank} of {launched.size} started by {launched.source}; "
+                        "tune launches its own trials: run 'lmsrun tune CONFIG' once, not under mpirun/srun/torchrun")
     from .config import load_config
 
     config = load_config(args.config, args.overrides)

@@ -352,7 +352,9 @@ class Tuner:
 
 
 def choose(tuner: Tuner) -> Optional[Trial]:
-    """The best trial; an inter-op or binding change counts only when it beats its twin by MARGIN."""
+    """The best trial; an inter-op or binding change counts only when it beats its twin by MARGIN in
+    every measurement (its slowest reading against the twin's fastest): a default is not given up on
+    a lucky reading."""
     best = tuner.best()
     if best is None:
         return None
@@ -360,9 +362,13 @@ def choose(tuner: Tuner) -> Optional[Trial]:
     for field_name, default in (("interop", 0), ("bind", "none")):
         if getattr(s, field_name) != default:
             twin = next((t for t in tuner.trials if t.ok and t.setting == replace(s, **{field_name: default})), None)
-            if twin is not None and best.samples_per_s < twin.samples_per_s * (1 + MARGIN):  # type: ignore[operator]
+            if twin is not None and min(_readings(best)) < max(_readings(twin)) * (1 + MARGIN):
                 best, s = twin, twin.setting
     return best
+
+
+def _readings(trial: Trial) -> List[float]:
+    return trial.rates or [trial.samples_per_s]  # type: ignore[list-item]
 
 
 __all__ = ["MARGIN", "BINDINGS", "SLACK_S", "Setting", "Trial", "least_squares", "StepModel", "BatchModel", "Space",

@@ -241,3 +241,22 @@ def test_swap_plan_auto_gives_every_rank_rank0s_plan(tmp_path):
             per_rank.append([(r["swapped_tensors"], r["swap_out_bytes"], r["peak_saved_bytes"])
                              for r in map(json.loads, handle)])
     assert per_rank[0] == per_rank[1] and per_rank[0][0][0] > 0
+
+
+def test_fake_profile_of_a_pointer_testing_model_is_quiet(recwarn):
+    """nn.TransformerEncoder's fast path reads data pointers; under the fake profile torch warns about
+    FakeTensor pointers, which says nothing to the user: the profile stays silent."""
+    import torch
+    from torch import nn
+
+    from lmsdp.swapping.profile import Workload, sizes_profile
+
+    def build() -> nn.Module:
+        layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True)
+        return nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Flatten(), nn.Linear(32 * 8, 4))
+
+    workload = Workload(build, lambda n: (torch.randn(n, 8, 32), torch.randint(0, 4, (n,))),
+                        nn.CrossEntropyLoss(), lambda m: torch.optim.Adam(m.parameters()))
+    profile = sizes_profile(workload, 2, None, 0)
+    assert profile.tensors
+    assert not [w for w in recwarn if "FakeTensor" in str(w.message)], [str(w.message) for w in recwarn]
