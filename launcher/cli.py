@@ -343,8 +343,9 @@ def run(args: argparse.Namespace, script: Optional[List[str]]) -> int:
         return _print_config(plan)
     from .spawn import Job, run_job
 
+    keep_errors_in = plan.config.output_dir if plan.config is not None else args.output_dir
     return run_job(Job(command=argv, env=env, flavor=flavor, output_dir=args.output_dir,
-                       graceful_signal=None if plan.script_mode else signal.SIGUSR1,
+                       keep_errors_in=keep_errors_in, graceful_signal=None if plan.script_mode else signal.SIGUSR1,
                        stop_timeout=args.stop_timeout, verbose=args.verbose, np=plan.np))
 
 
