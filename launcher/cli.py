@@ -31,6 +31,7 @@ from lmsdp.swapping.registry import TRANSPORTS
 
 from .argtypes import OneLineParser, nonneg_int, positive_int
 from .errors import TopologyError, UserError
+from .subcommands import dispatch, epilog
 
 SCRIPT_MODE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "script_mode")
 SWAP_FLAGS = {  # flag dest -> (swap config key, environment variable, how to write it in --set)
@@ -49,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lmsrun", allow_abbrev=False,
         usage="lmsrun [CONFIG] [-np N] [-H HOSTS | --hostfile F] [options] [-- COMMAND ...]",
         description="Data-parallel training with large model support: one MPI rank per GPU. "
-                    "With '-- COMMAND', runs your own script (e.g. a Horovod one) under the same launch.")
+                    "With '-- COMMAND', runs your own script (e.g. a Horovod one) under the same launch.",
+        epilog=epilog(), formatter_class=_ListsAsWritten)
     parser.add_argument("config", nargs="?", help="YAML config file (optional in script mode)")
     launch = parser.add_argument_group("launch (override the config's launch: section; as in horovodrun)")
     launch.add_argument("-np", "--num-proc", dest="np", type=positive_int, metavar="N",
@@ -79,6 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     swap.add_argument("--swap-recompute", metavar="KINDS", help="'auto' or a comma list, e.g. relu,batchnorm")
     swap.add_argument("--swap-transport", choices=TRANSPORTS.choices(), help="swap transport")
     return parser
+
+
+class _ListsAsWritten(argparse.HelpFormatter):
+    """Wraps one-paragraph texts (the description) but prints texts of several lines (the subcommand
+    list in the epilog) as written, so its columns stay aligned."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
 
 
 def _seconds(text: str) -> float:
@@ -264,24 +276,13 @@ def mpi_command(plan: Plan) -> tuple:
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["slurm"]:
-        return _slurm(argv[1:])
-    if argv[:1] == ["report"]:
-        from . import report
-
-        return report.main(argv[1:])
-    if argv[:1] == ["tune"]:
-        from .tune import main as tune_main
-
-        return tune_main(argv[1:])
-    if argv[:1] == ["plan"]:
-        from .plan import main as plan_main
-
-        return plan_main(argv[1:])
-    if argv[:1] == ["export"]:
-        from .export import main as export_main
-
-        return export_main(argv[1:])
+    try:
+        code = dispatch(argv)
+    except UserError as exc:
+        print(f"lmsrun: error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    if code is not None:
+        return code
     script: Optional[List[str]] = None
     if "--" in argv:
         cut = argv.index("--")
@@ -342,8 +343,9 @@ def run(args: argparse.Namespace, script: Optional[List[str]]) -> int:
         return _print_config(plan)
     from .spawn import Job, run_job
 
+    keep_errors_in = plan.config.output_dir if plan.config is not None else args.output_dir
     return run_job(Job(command=argv, env=env, flavor=flavor, output_dir=args.output_dir,
-                       graceful_signal=None if plan.script_mode else signal.SIGUSR1,
+                       keep_errors_in=keep_errors_in, graceful_signal=None if plan.script_mode else signal.SIGUSR1,
                        stop_timeout=args.stop_timeout, verbose=args.verbose, np=plan.np))
 
 
@@ -365,13 +367,6 @@ def exec_script(plan: Plan) -> int:
     env = {**os.environ, **{k: v for k, v in plan.rank_env.items()
                             if k not in (envvars.LAUNCHED, envvars.EXPECTED_NP)}}
     return exec_program(rank_program(plan), env)
-
-
-def _slurm(argv: List[str]) -> int:
-    """``lmsrun slurm ...``: generate or submit an sbatch script (launcher/slurm.py)."""
-    from . import slurm
-
-    return int(slurm.main(argv))
 
 
 if __name__ == "__main__":

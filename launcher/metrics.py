@@ -87,6 +87,25 @@ class Progress:
             self._bar = None
 
 
+# Collectives a strategy times per step (comm.strategy: shard's all-gather and reduce-scatter):
+# each step record holds <kind>_ms, <kind>_count and <kind>_bytes.
+STEP_COLLECTIVES = ("allgather", "reduce_scatter")
+
+
+def collective_totals(records: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """``<kind>_ms_total``, ``_count_total`` and ``_bytes_total`` over the run for each collective
+    some step actually ran (none under replicate, where the keys are absent or zero)."""
+    out: Dict[str, Any] = {}
+    for kind in STEP_COLLECTIVES:
+        count = sum(r.get(f"{kind}_count", 0) for r in records)
+        if not count:
+            continue
+        out[f"{kind}_ms_total"] = sum(r.get(f"{kind}_ms", 0.0) for r in records)
+        out[f"{kind}_count_total"] = count
+        out[f"{kind}_bytes_total"] = sum(r.get(f"{kind}_bytes", 0) for r in records)
+    return out
+
+
 class RunSummary:
     """Collects step records on rank 0 and renders the end-of-run table (and summary.json)."""
 
@@ -112,6 +131,7 @@ class RunSummary:
                 out["allreduce_ms_total"] = sum(r.get("allreduce_ms", 0) for r in recs)
                 out["allreduce_hidden_frac_mean"] = statistics.fmean(r.get("allreduce_hidden_frac", 0.0)
                                                                      for r in steady)
+            out.update(collective_totals(recs))
         out.update(extra or {})
         return out
 

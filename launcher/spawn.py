@@ -10,6 +10,9 @@ How it works
   A failing rank writes ``rank<R>.json`` into ``job.error_dir`` (``lmsdp.runtime.error_file``);
   lmsrun reports the earliest. Only deaths by signal, which leave no file, are read from Open MPI's
   words; a rank's ``[lmsdp] rank R failed`` line remains the fallback (ranks on other hosts).
+  A failed job's records (every rank's traceback, also the ones a surviving rank kept off its output)
+  are kept as ``<output_dir>/errors/rank<R>.json`` and the report says so; the temporary folder goes,
+  and each lmsrun first removes the folders that killed lmsruns left behind.
 - Signals: the first SIGINT/SIGTERM becomes SIGUSR1 to mpirun (config mode), which forwards it to
   every rank; the worker treats it as "stop after this step, checkpoint, exit 0". In script mode the
   signal itself is passed to mpirun (user scripts know SIGTERM/SIGINT, not SIGUSR1). A second
@@ -25,13 +28,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 from lmsdp.runtime import env as envvars
-from lmsdp.runtime.error_file import ErrorRecord, read_errors
+from lmsdp.runtime.error_file import (ErrorRecord, keep_errors, make_error_dir, read_errors,
+                                      remove_stale_error_dirs)
 from lmsdp.runtime.lifeline import Launcher, parent_death_signal
 
 from .demux import Demux
@@ -57,6 +60,7 @@ class Job:
     verbose: bool = False
     np: int = 0  # ranks, so each gets its rank<R>.log even when it prints nothing
     error_dir: Optional[str] = None  # where failing ranks write rank<R>.json (LMSDP_ERROR_DIR)
+    keep_errors_in: Optional[str] = None  # the run's output folder: a failed job's records go to <it>/errors/
 
 
 @dataclass
@@ -90,11 +94,13 @@ class Runner:
     def run(self) -> int:
         """Run the job to its end. Its ranks get lmsrun as their lifeline (``LMSDP_LAUNCHER``) and, unless
         the job names one, a private error folder (``LMSDP_ERROR_DIR``) removed afterwards."""
-        env = {**self.job.env, envvars.LAUNCHER: Launcher.this_process().encode()}
+        launcher = Launcher.this_process()
+        env = {**self.job.env, envvars.LAUNCHER: launcher.encode()}
         if self.job.error_dir is not None:
             self.job = dataclasses.replace(self.job, env=env)
             return self._run()
-        error_dir = tempfile.mkdtemp(prefix="lmsdp-errors-")
+        remove_stale_error_dirs()
+        error_dir = make_error_dir(launcher)
         try:
             self.job = dataclasses.replace(self.job, error_dir=error_dir, env={**env, envvars.ERROR_DIR: error_dir})
             return self._run()
@@ -233,12 +239,14 @@ class Runner:
             print(f"lmsrun: error: {user_errors[0].message}", file=sys.stderr)
             return 2
         code = returncode if returncode and returncode > 0 else 128 + (-(returncode or 0)) if returncode else 1
+        kept = self._keep(records)
         # mpirun itself killed by a signal is the cause: what its ranks wrote after losing it (a broken
         # pipe, a dead peer) is a consequence, even when it reached an error file first
         if returncode is not None and returncode < 0 and self.proc is not None:
             print(f"lmsrun: {os.path.basename(self.job.command[0])} (pid {self.proc.pid}) was killed by signal "
                   f"{-returncode} ({_signame(-returncode)}); stopped all {self.job.np or len(demux.tails)} ranks; "
                   f"exit code {code}", file=sys.stderr, flush=True)
+            _say(kept)
             return code
         rejected = MPIRUN_UNKNOWN_OPTION.search(own)
         if failure.rank is None and rejected:
@@ -249,6 +257,7 @@ class Runner:
         if failure.rank is None:
             if demux.own and not self.job.verbose:
                 print(own, file=sys.stderr)
+            _say(kept)
             print(f"lmsrun: the job failed (exit code {code})", file=sys.stderr, flush=True)
             return code
         if failure.signal:
@@ -263,9 +272,22 @@ class Runner:
         if tail:
             lines.append(f"lmsrun: last lines of rank {failure.rank}:")
             lines += [f"  | {line}" for line in tail[-10:]]
+        if kept:
+            lines.append(kept)
         lines.append(f"lmsrun: stopped all {self.job.np or len(demux.tails)} ranks; exit code {code}")
         print("\n".join(lines), file=sys.stderr, flush=True)
         return code
+
+    def _keep(self, records: Sequence[ErrorRecord]) -> str:
+        """Copy a failed job's error records into the run's output folder (the temporary folder is
+        removed at the end); returns the report line that says where, or ''."""
+        if not records or not self.job.keep_errors_in:
+            return ""
+        folder = keep_errors(list(records), self.job.keep_errors_in)
+        if folder is None:
+            return ""
+        names = ", ".join(f"rank{r.rank}.json" for r in sorted(records, key=lambda r: r.rank))
+        return f"lmsrun: each failed rank's traceback is kept in {folder}{os.sep}: {names}"
 
     @staticmethod
     def _failure(demux: Demux, own: str, records: Sequence[ErrorRecord] = ()) -> Failure:
@@ -298,7 +320,9 @@ class Runner:
 
 
 def _say(line: str) -> None:
-    """A line on stderr that never raises (after SIGHUP the terminal may be gone)."""
+    """A line on stderr that never raises (after SIGHUP the terminal may be gone); '' prints nothing."""
+    if not line:
+        return
     try:
         print(line, file=sys.stderr, flush=True)
     except (OSError, ValueError):

@@ -39,7 +39,8 @@ _ALL = [
     Variable("LMSDP_TTY", "lmsrun", "1 when lmsrun's stderr is a terminal: rank 0 draws the progress bar although "
                                     "mpirun hands it a pipe"),
     Variable("LMSDP_ERROR_DIR", "lmsrun", "folder where a failing rank writes rank<R>.json (type, message, "
-                                          "traceback, time); lmsrun reports the earliest"),
+                                          "traceback, time); lmsrun reports the earliest and keeps them in "
+                                          "<output_dir>/errors/ when the job fails"),
     Variable("LMSDP_LAUNCHER", "lmsrun", "the lmsrun process as PID:START@HOST: ranks on that host end themselves "
                                          "within a second when it is gone (no headless job)"),
     # read by scripts/setup.sh

@@ -1,18 +1,32 @@
 """Failures travel as files, not as words in someone else's stdout (torchelastic's ``@record`` /
 ``ChildFailedError``): a failing rank writes ``rank<R>.json`` into the job's error folder
 (``LMSDP_ERROR_DIR``, set by lmsrun), and lmsrun reports the earliest one. A rank whose stdout is
-closed, flooded or cut off by mpirun is still reported with its own exception."""
+closed, flooded or cut off by mpirun is still reported with its own exception.
+
+The folder (``/tmp/lmsdp-errors-*``) is private to one lmsrun and holds an ``owner`` file: that
+lmsrun's pid and start time (``runtime.lifeline.Launcher``). lmsrun removes it at the end; one that
+was killed (kill -9) cannot, so each lmsrun first removes the folders whose owner is gone. A failed
+job's records are copied into the run's output folder first (``keep_errors``), since a surviving
+rank's traceback (a consequence, printed as one line) exists nowhere else."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
+import stat
+import tempfile
 import time
 import traceback
 from dataclasses import asdict, dataclass
 from typing import List, Optional
 
 from . import env as envvars
+from .lifeline import Launcher
+
+ERROR_DIR_PREFIX = "lmsdp-errors-"
+OWNER_FILE = "owner"  # "pid:start_time@host" of the lmsrun that made the folder
+KEPT_SUBDIR = "errors"  # <output_dir>/errors/rank<R>.json after a failed job
 
 
 @dataclass
@@ -80,3 +94,60 @@ def read_errors(directory: Optional[str]) -> List[ErrorRecord]:
         except (OSError, ValueError, TypeError):
             continue
     return sorted(records, key=lambda r: (r.time, r.rank))
+
+
+def make_error_dir(owner: Launcher, parent: Optional[str] = None) -> str:
+    """A new private error folder with ``owner`` recorded in it (written before any rank starts)."""
+    directory = tempfile.mkdtemp(prefix=ERROR_DIR_PREFIX, dir=parent)
+    tmp = os.path.join(directory, f".{OWNER_FILE}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(owner.encode())
+    os.replace(tmp, os.path.join(directory, OWNER_FILE))
+    return directory
+
+
+def remove_stale_error_dirs(parent: Optional[str] = None) -> List[str]:
+    """Remove this user's error folders whose owner lmsrun is gone (killed before its own clean-up);
+    returns their paths. A folder is left alone when its owner is alive, on another host, or not
+    recorded (an older lmsrun's folder, or one whose owner file is being written right now)."""
+    parent = parent or tempfile.gettempdir()
+    try:
+        names = [n for n in os.listdir(parent) if n.startswith(ERROR_DIR_PREFIX)]
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        path = os.path.join(parent, name)
+        owner = _owner(path)
+        if owner is None or not owner.local() or owner.alive():
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.exists(path):
+            removed.append(path)
+    return removed
+
+
+def _owner(path: str) -> Optional[Launcher]:
+    try:
+        info = os.lstat(path)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+            return None  # a link, a file, or another user's folder: never ours to remove
+        with open(os.path.join(path, OWNER_FILE), encoding="utf-8") as handle:
+            return Launcher.decode(handle.read().strip())
+    except OSError:
+        return None
+
+
+def keep_errors(records: List[ErrorRecord], output_dir: str) -> Optional[str]:
+    """Write ``records`` as ``<output_dir>/errors/rank<R>.json`` (replacing an earlier failure's);
+    returns that folder, or None when it cannot be written."""
+    folder = os.path.join(output_dir, KEPT_SUBDIR)
+    try:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.makedirs(folder, exist_ok=True)
+        for record in records:
+            with open(os.path.join(folder, f"rank{record.rank}.json"), "w", encoding="utf-8") as handle:
+                json.dump(asdict(record), handle, indent=1)
+    except OSError:
+        return None
+    return folder

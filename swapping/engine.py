@@ -97,8 +97,12 @@ class _Handle:
                 out_tr, in_tr = self.out_tr, self.in_tr
                 eng.pool.release(self.host, lambda: out_tr.done() and (in_tr is None or in_tr.done()))
             if self.tensor is not None or self.in_tensor is not None:
-                with eng._lock:  # autograd freed the saved tensor (maybe on its device thread)
-                    eng._held_change(-self.nbytes)
+                # autograd freed the saved tensor (maybe on its device thread)
+                if eng.record_memory:  # a timeline sample: ordered with the others under the lock
+                    with eng._lock:
+                        eng._held_change(-self.nbytes)
+                else:  # nobody reads the count now; kept so that switching the timeline on starts right
+                    eng._held -= self.nbytes
             eng._live -= 1
         except Exception:  # interpreter shutdown
             pass

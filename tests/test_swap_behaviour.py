@@ -382,3 +382,32 @@ def test_prefetch_window_slides_instead_of_growing() -> None:
             assert max(outstanding) <= prefetch, (prefetch, outstanding)
         finally:
             e.close()
+
+
+def test_held_bytes_stay_right_while_nothing_records_the_timeline() -> None:
+    """Releases skip the lock while the timeline is off, yet the held count stays exact: switched on
+    after two unrecorded steps (some tensors swapped, some resident), the timeline starts from the
+    step's own packs and returns to zero once backward has freed everything."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(64, 64), nn.ReLU()) for _ in range(8)])
+    x = torch.randn(16, 64)
+    engine = SwapEngine(SwapConfig(enabled=True, threshold=1024, keep_last=2, budget=0, prefetch=1,
+                                   transport="loopback"), "cpu")
+    assert not engine.record_memory
+    for _ in range(2):
+        with engine:
+            loss = model(x).square().mean()
+        loss.backward()
+        del loss
+        stats = engine.step_end()
+    assert stats["swapped_tensors"] > 0 and engine.last_memory_timeline == []
+    engine.record_memory = True
+    with engine:
+        loss = model(x).square().mean()
+    loss.backward()
+    del loss
+    stats = engine.step_end()
+    held = [b for _, b in engine.last_memory_timeline]
+    assert held[0] > 0 and min(held) >= 0 and held[-1] == 0, held
+    assert max(held) == stats["peak_saved_bytes"]
+    engine.close()
