@@ -229,6 +229,8 @@ def _train(config: Config, topology: Topology, backend: Any, model: nn.Module, e
             comm_stats = strategy.step_stats(model, optimizer)
             if train.clip_grad_norm:
                 comm_stats["grad_norm"] = grad_norm
+            if scaler.is_enabled():  # float16: halves on a step skipped for inf/NaN gradients
+                comm_stats["loss_scale"] = scaler.get_scale()
             # One small collective per step carries the loss and the stop flag; built on the loss's
             # device and read back once, so the step pays a single host sync.
             flag = torch.tensor([float(bool(stop.signum))], device=loss.device)
