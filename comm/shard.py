@@ -152,6 +152,43 @@ def _timed_collectives(clock: CollectiveClock) -> Tuple[Any, Any]:
     return TimedAllGather(), TimedReduceScatter()
 
 
+# ----------------------------------------------------------------------------- loss scaling
+def shard_grad_scaler(device_type: str) -> Any:
+    """float16 loss scaling for FSDP2: torch's ShardedGradScaler (each rank checks its own gradient
+    shards for inf/NaN, then found-inf is all-reduced so every rank skips the same steps), fed the
+    DTensor gradients' local shards. Given the DTensors themselves, the unscale kernel wraps its
+    per-rank found-inf tensor as a *replicated* DTensor (torch warns "implicitly creating a
+    replicated DTensor"), which it is not until the all-reduce."""
+    from collections import defaultdict
+
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler, _GeneralMultiDeviceReplicator
+    from torch.distributed.tensor import DTensor
+
+    class LocalShardGradScaler(ShardedGradScaler):
+        def _unscale_grads_(self, optimizer: torch.optim.Optimizer, inv_scale: torch.Tensor,
+                            found_inf: torch.Tensor, allow_fp16: bool = True) -> Dict[torch.device, torch.Tensor]:
+            inv_scales, found_infs = _GeneralMultiDeviceReplicator(inv_scale), _GeneralMultiDeviceReplicator(found_inf)
+            shards: Dict[Tuple[torch.device, torch.dtype], List[torch.Tensor]] = defaultdict(list)
+            with torch.no_grad():
+                for group in optimizer.param_groups:
+                    for param in group["params"]:
+                        grad = param.grad
+                        if grad is None:
+                            continue
+                        local = grad.to_local() if isinstance(grad, DTensor) else grad  # the same storage
+                        if not allow_fp16 and local.dtype == torch.float16:
+                            raise ValueError("Attempting to unscale FP16 gradients.")
+                        shards[(local.device, local.dtype)].append(local)
+                for (device, _), tensors in shards.items():
+                    torch._amp_foreach_non_finite_check_and_unscale_(tensors, found_infs.get(device),
+                                                                     inv_scales.get(device))
+            if not found_infs._per_device_tensors:  # a rank without gradient shards still votes
+                found_infs.get(self._scale.device)
+            return found_infs._per_device_tensors
+
+    return LocalShardGradScaler(device_type, enabled=True)
+
+
 # ---------------------------------------------------------------------------------- strategy
 class ShardStrategy(Strategy):
     """FSDP2 over every rank; see the module docstring."""
@@ -228,10 +265,7 @@ class ShardStrategy(Strategy):
     def grad_scaler(self, device: torch.device, enabled: bool) -> Any:
         if not enabled:
             return torch.amp.GradScaler(device.type, enabled=False)
-        # found-inf of each rank's gradient shard is all-reduced, so every rank skips the same steps
-        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-
-        return ShardedGradScaler(device.type, enabled=True)
+        return shard_grad_scaler(device.type)
 
     def step_stats(self, model: nn.Module, optimizer: Any) -> Dict[str, float]:
         return {**super().step_stats(model, optimizer), **self.clock.collect()}

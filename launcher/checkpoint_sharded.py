@@ -6,7 +6,12 @@ Atomic like the single-file checkpoints: all ranks write into ``.tmp-step-<N>/``
 coordinator (rank 0) writes ``.metadata`` once every rank's files are fsynced; then rank 0 writes
 ``lmsdp.pt`` (step, loss scaler, every rank's RNG state, config) and renames the folder to
 ``step-<N>``. A folder without both files is never loaded; a damaged one is skipped for the next
-older one, on every rank alike (rank 0 chooses, the others follow)."""
+older one, on every rank alike (rank 0 chooses, the others follow).
+
+DCP reshards on load, so a folder written by N ranks loads into M ranks under shard; the
+converters at the end move state between this layout (full state, optimizer keyed by parameter
+name) and a replicate checkpoint's (``step-N.pt``: optimizer keyed by index), so either strategy
+resumes the other's checkpoints (launcher/resume.py chooses)."""
 from __future__ import annotations
 
 import os
@@ -14,7 +19,7 @@ import re
 import shutil
 import sys
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -119,6 +124,34 @@ class ShardedCheckpointManager:
             return path, extra
         return None
 
+    def load_latest_full(self, model: nn.Module, optimizer: Any) -> Optional[Tuple[str, Dict[str, Any]]]:
+        """Replicate resuming a sharded checkpoint: every rank reads the whole folder in its own process
+        (no collectives: any backend) into its full ``model``/``optimizer``; same skip-the-damaged rule."""
+        choices = self.backend.allgather_object(sharded_candidates(self.directory) if self.backend.rank == 0
+                                                else None)[0]
+        for _, path in choices:
+            problem = None
+            try:
+                extra = torch.load(os.path.join(path, META), map_location="cpu", weights_only=False)
+                if not isinstance(extra, dict) or "step" not in extra:
+                    raise ValueError(f"{META} is not lmsdp's (missing 'step')")
+                state = read_full(path)
+                model_state, optim_state = state["model"], optim_by_index(state["optimizer"], optimizer, model)
+            except BaseException as exc:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
+                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                    raise
+                problem = _first_line(exc)
+            problems = [p for p in self.backend.allgather_object(problem) if p]
+            if problems:
+                if self.backend.rank == 0:
+                    print(f"[lmsdp] warning: checkpoint {path} is damaged or incomplete ({problems[0]}); "
+                          "trying an older one", file=sys.stderr, flush=True)
+                continue
+            model.load_state_dict(model_state)
+            optimizer.load_state_dict(optim_state)
+            return path, extra
+        return None
+
     def _prune(self) -> None:
         for _, path in sharded_candidates(self.directory)[self.keep:]:
             shutil.rmtree(path, ignore_errors=True)
@@ -137,3 +170,62 @@ def _first_line(exc: BaseException) -> str:
 
 def _inner(optimizer: Any) -> Any:
     return getattr(optimizer, "optimizer", optimizer)
+
+
+# ------------------------------------------------------------- moving state between the layouts
+def read_full(path: str, keys: Tuple[str, ...] = ("model", "optimizer")) -> Dict[str, Any]:
+    """The full (unsharded) ``keys`` of a DCP folder, read in this process alone (torch's
+    dcp_to_torch_save does the same; ``dcp.load`` would fill a copy, not the dict passed)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: Dict[str, Any] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "torch.distributed is ... uninitialized": intended here
+        _load_state_dict(state, storage_reader=dcp.FileSystemReader(path),
+                         planner=_EmptyStateDictLoadPlanner(keys=set(keys)), no_dist=True)
+    missing = [key for key in keys if key not in state]
+    if missing:
+        raise ValueError(f"{path} holds no {' or '.join(missing)} state")
+    return state
+
+
+def _params_in_order(optimizer: Any, model: nn.Module) -> Iterator[Tuple[int, str]]:
+    """(index in torch's optimizer state_dict, parameter name) for every parameter the optimizer holds."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    index = 0
+    for group in _inner(optimizer).param_groups:
+        for param in group["params"]:
+            yield index, names[id(param)]
+            index += 1
+
+
+def optim_by_name(state: Dict[str, Any], optimizer: Any, model: nn.Module) -> Dict[str, Any]:
+    """A replicate checkpoint's optimizer state (``optimizer.state_dict()``: parameters by index)
+    keyed by parameter name, as ``set_state_dict`` takes it. Both strategies build the optimizer
+    over ``model.parameters()``, so index i is the i-th parameter of this optimizer."""
+    name_of = dict(_params_in_order(optimizer, model))
+    return {"state": {name_of[i]: s for i, s in state["state"].items()},
+            "param_groups": [{**g, "params": [name_of[i] for i in g["params"]]} for g in state["param_groups"]]}
+
+
+def optim_by_index(state: Dict[str, Any], optimizer: Any, model: nn.Module) -> Dict[str, Any]:
+    """The inverse: a sharded checkpoint's optimizer state (by name) for ``optimizer.load_state_dict``."""
+    index_of = {name: i for i, name in _params_in_order(optimizer, model)}
+    unknown = sorted(set(state["state"]) - set(index_of))
+    if unknown:
+        raise ValueError(f"optimizer state for parameters this model lacks: {', '.join(unknown[:3])}")
+    return {"state": {index_of[n]: s for n, s in state["state"].items()},
+            "param_groups": [{**g, "params": [index_of[n] for n in g["params"]]} for g in state["param_groups"]]}
+
+
+def load_full_into_sharded(model: nn.Module, optimizer: Any, state: Dict[str, Any]) -> None:
+    """Shard resuming a replicate checkpoint: every rank holds the full state and keeps its shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(model, _inner(optimizer), model_state_dict=state["model"],
+                   optim_state_dict=optim_by_name(state["optimizer"], optimizer, model),
+                   options=StateDictOptions(full_state_dict=True))

@@ -8,7 +8,6 @@ import argparse
 import os
 import sys
 import tempfile
-import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
 from .errors import UserError
@@ -41,20 +40,12 @@ def load_model_state(path: str) -> Dict[str, Any]:
     import torch
 
     if os.path.isdir(path):
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+        from .checkpoint_sharded import read_full
 
-        # What torch's own dcp_to_torch_save does, limited to the model: the optimizer state (2x the
-        # weights for Adam) is never read. dcp.load() would fill a copy, not ``state``.
-        state: Dict[str, Any] = {}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "torch.distributed is ... uninitialized": intended here
-            _load_state_dict(state, storage_reader=dcp.FileSystemReader(path),
-                             planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True)
-        if "model" not in state:
-            raise UserError(f"RUN_DIR: {path} holds no model state")
-        return dict(state["model"])
+        try:  # the model only: the optimizer state (2x the weights for Adam) is never read
+            return dict(read_full(path, ("model",))["model"])
+        except ValueError as exc:
+            raise UserError(f"RUN_DIR: {exc}") from None
     return dict(torch.load(path, map_location="cpu", weights_only=False)["model"])
 
 

@@ -30,6 +30,7 @@ from lmsdp.swapping import SwapEngine
 from .checkpoint import CheckpointManager
 from .checkpoint_lock import CheckpointLock
 from .checkpoint_sharded import ShardedCheckpointManager
+from .resume import resume
 from .input_checks import built_by_factory
 from .config import Config, config_to_dict, resolve_factory
 from .data import data_spec, make_batches
@@ -189,12 +190,10 @@ def _train(config: Config, parts: RunParts) -> int:
         if strategy.sharded else None
     start_step, resumed_from = 0, None
     if train.resume:
-        loaded = sharded.load_latest(model, optimizer) if sharded else checkpoints.load_latest()
+        # either kind of checkpoint, from any world size (launcher/resume.py)
+        loaded = resume(config, backend, strategy, model, optimizer, checkpoints)
         if loaded is not None:
             resumed_from, state = loaded
-            if not sharded:  # a sharded checkpoint is loaded in place, shard by shard
-                model.load_state_dict(state["model"])
-                optimizer.load_state_dict(state["optimizer"])
             if state.get("scaler"):
                 scaler.load_state_dict(state["scaler"])
             _set_rng(state.get("rng"), rank)
@@ -250,6 +249,8 @@ def _train(config: Config, parts: RunParts) -> int:
             comm_stats = strategy.step_stats(model, optimizer)
             if train.clip_grad_norm:
                 comm_stats["grad_norm"] = grad_norm
+            if scaler.is_enabled():  # float16: halves on a step skipped for inf/NaN gradients
+                comm_stats["loss_scale"] = scaler.get_scale()
             # One small collective per step carries the loss and the stop flag; built on the loss's
             # device and read back once, so the step pays a single host sync.
             flag = torch.tensor([float(bool(stop.signum))], device=loss.device)
