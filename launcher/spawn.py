@@ -90,6 +90,7 @@ class Runner:
         self.hard_deadline: Optional[float] = None
         self.kill_deadline: Optional[float] = None
         self.seen: Dict[int, object] = {}
+        self.outcome = ""  # after a failed run: why, in one line (for callers that run many jobs)
 
     def run(self) -> int:
         """Run the job to its end. Its ranks get lmsrun as their lifeline (``LMSDP_LAUNCHER``) and, unless
@@ -243,6 +244,8 @@ class Runner:
         # mpirun itself killed by a signal is the cause: what its ranks wrote after losing it (a broken
         # pipe, a dead peer) is a consequence, even when it reached an error file first
         if returncode is not None and returncode < 0 and self.proc is not None:
+            self.outcome = (f"{os.path.basename(self.job.command[0])} was killed by signal {-returncode} "
+                            f"({_signame(-returncode)})")
             print(f"lmsrun: {os.path.basename(self.job.command[0])} (pid {self.proc.pid}) was killed by signal "
                   f"{-returncode} ({_signame(-returncode)}); stopped all {self.job.np or len(demux.tails)} ranks; "
                   f"exit code {code}", file=sys.stderr, flush=True)
@@ -267,7 +270,8 @@ class Runner:
             what = f"failed: {failure.reason}"
         else:
             what = f"exited with code {failure.exit_code}"
-        lines = [f"lmsrun: rank {failure.rank} {what}"]
+        self.outcome = f"rank {failure.rank} {what}"
+        lines = [f"lmsrun: {self.outcome}"]
         tail = list(demux.tails.get(failure.rank, []))
         if tail:
             lines.append(f"lmsrun: last lines of rank {failure.rank}:")

@@ -108,11 +108,17 @@ class TrialRunner:
         trial = Trial(setting, wall_s=time.monotonic() - started)
         if runner.signals and not cut.is_set():
             self.interrupted = True  # the user's Ctrl-C / SIGTERM: stop tuning
-        trial.samples_per_s = read_samples_per_s(out_dir, self.warmup)
-        if cut.is_set():
+        if cut.is_set():  # stopped after a step at the budget: the steps it finished still count
+            trial.samples_per_s = read_samples_per_s(out_dir, self.warmup)
             trial.note = "cut at the time budget"
-        if trial.samples_per_s is None:
-            trial.error = failure_reason(out_dir, code) if not cut.is_set() else "cut at the time budget"
+            if trial.samples_per_s is None:
+                trial.error = "cut at the time budget"
+        elif code != 0:  # a rank died or failed: its finished steps are no measure of the setting
+            trial.error = "interrupted" if self.interrupted else failure_reason(out_dir, code, runner.outcome)
+        else:
+            trial.samples_per_s = read_samples_per_s(out_dir, self.warmup)
+            if trial.samples_per_s is None:
+                trial.error = f"no step after the {self.warmup} warm-up step(s) was recorded"
         return trial
 
 
@@ -166,8 +172,9 @@ def read_samples_per_s(out_dir: str, warmup: int) -> Optional[float]:
     return statistics.median(values) if values else None
 
 
-def failure_reason(out_dir: str, code: int) -> str:
-    """One line: the rank's error (out of memory spelled out), else the exit code."""
+def failure_reason(out_dir: str, code: int, outcome: str = "") -> str:
+    """One line: out of memory spelled out, else the runner's own account (``Runner.outcome``), else the
+    rank's error line, else the exit code."""
     lines: List[str] = []
     for name in ["lmsrun.log"] + sorted(f for f in os.listdir(out_dir) if f.startswith("rank")):
         try:
@@ -178,6 +185,8 @@ def failure_reason(out_dir: str, code: int) -> str:
     for line in lines:
         if "out of memory" in line.lower() or "OutOfMemoryError" in line:
             return "out of memory"
+    if outcome:
+        return outcome[:160]
     for pattern in (r"\[lmsdp\] rank \d+ failed: .*", r"lmsrun: error: .*"):
         for line in lines:
             match = re.search(pattern, line)
@@ -249,14 +258,15 @@ def explain(tuner: Tuner, pick: Trial, base: Setting, space: Space, batch_source
                 "(e.g. linearly) if the run's accuracy matters")
     lines.append(f"train.batch_size = {s.batch}: best samples/s by batch at {s.np}x{s.threads}: {seen or 'none'}; "
                  f"ceiling {space.max_batch} from {batch_source}{'; ' + note if note else ''}{glob}")
-    if not space.gpu:
+    if not space.gpu and s.np == 1:
+        lines.append("binding = none: one rank runs in place without mpirun, so there is nothing to bind")
+    elif not space.gpu:
         twin = _closest(ok, s, lambda x: same_shape(x) and x.bind != s.bind)
         other = (f"--bind-to {twin.setting.bind} measured {twin.samples_per_s:.1f} samples/s "
                  f"({twin.samples_per_s / rate - 1:+.1%}); a change is kept only beyond {MARGIN:.0%}"
                  if twin else "the other binding not measured")
         where = "launch.mpi_args" if s.bind == "core" else "binding"
-        lines.append(f"{where} = --bind-to {s.bind}: {other}"
-                     + ("; note: one rank runs in place without mpirun, so no binding applies" if s.np == 1 else ""))
+        lines.append(f"{where} = --bind-to {s.bind}: {other}")
     return lines
 
 
@@ -369,7 +379,7 @@ def run(argv: List[str]) -> int:
     print(header, flush=True)
 
     def show(index: int, trial: Trial) -> None:
-        rate = f"{trial.samples_per_s:.1f}" if trial.ok else "failed"
+        rate = f"{trial.samples_per_s:.1f}" if trial.ok else "stopped" if trial.error == "interrupted" else "failed"
         pred = f"{trial.predicted:.1f}" if trial.predicted is not None else "-"
         note = trial.error if trial.error else trial.note
         n, t, i, b, bind = trial.setting.cells()
@@ -395,7 +405,7 @@ def run(argv: List[str]) -> int:
         print(f"    {note}")
     if tuner.stopped:
         print(f"stopped: {tuner.stopped}")
-    grid_size = len(space.grid()) * len(space.batches()) * 2 * (1 if space.gpu else 2)
+    grid_size = space.size()
     print(f"best: #{pick.number}  {pick.setting.np} rank(s) x {pick.setting.threads} thread(s), "
           f"inter-op {pick.setting.interop or 'default'}, batch {pick.setting.batch}, --bind-to {pick.setting.bind}: "
           f"{pick.samples_per_s:.1f} samples/s  ({tuner.runs} trials of a {grid_size}-setting space, "

@@ -151,6 +151,14 @@ class Space:
             t *= 2
         return sorted(counts)
 
+    def bindings(self, np_: int) -> Tuple[str, ...]:
+        """One rank runs in place without mpirun, and GPU ranks are placed by the GPU: nothing to bind."""
+        return ("none",) if self.gpu or np_ == 1 else BINDINGS
+
+    def size(self) -> int:
+        """Settings in the whole space (what ``--exhaustive`` measures)."""
+        return sum(len(self.batches()) * 2 * len(self.bindings(n)) for n, _ in self.grid())
+
     def grid(self) -> List[Tuple[int, int]]:
         return [(n, t) for n in self.ranks for t in self.threads_for(n)]
 
@@ -285,7 +293,8 @@ class Tuner:
         self.step_model.fit([t for t in self.trials if same_batch(t.setting)])
         self._batch_stage()
         self._switch_stage("interop", lambda s: replace(s, interop=1), "inter-op threads 1")
-        if not space.gpu:
+        best = self.best()
+        if best is not None and len(space.bindings(best.setting.np)) > 1:
             self._switch_stage("bind", lambda s: replace(s, bind="core"), "--bind-to core")
         self._confirm_stage()
 
@@ -345,7 +354,7 @@ class Tuner:
         for n, t in self.space.grid():
             for batch in self.space.batches():
                 for interop in (0, 1):
-                    for bind in (BINDINGS if not self.space.gpu else ("none",)):
+                    for bind in self.space.bindings(n):
                         self.measure(Setting(n, t, interop, batch, bind), None)
                         if self.stopped:
                             return

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from lmsdp.launcher.config import load_config
+from tests.support import ENV, Run, assert_no_leftovers, rank_process
 from lmsdp.launcher.tune import parse_duration
 from lmsdp.launcher.tune_search import BatchModel, Setting, Space, StepModel, Trial, Tuner, choose
 
@@ -109,7 +110,8 @@ class _ScriptedRunner:
 
     def run(self, setting):
         self.launched.append(setting)
-        return Trial(setting, samples_per_s=self.figures[(setting.np, setting.threads)].pop(0), wall_s=0.01)
+        figures = self.figures[(setting.np, setting.threads)]  # the last figure repeats
+        return Trial(setting, samples_per_s=figures.pop(0) if len(figures) > 1 else figures[0], wall_s=0.01)
 
 
 def test_confirm_stage_picks_on_the_mean_when_the_best_two_are_close():
@@ -174,3 +176,78 @@ def test_tune_refuses_to_run_as_a_rank(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.startswith("lmsrun:")]
     assert lines == ["lmsrun: error: tune: this process is rank 0 of 1 started by openmpi; tune launches its own "
                      "trials: run 'lmsrun tune CONFIG' once, not under mpirun/srun/torchrun"], proc.stderr
+
+
+def test_one_rank_has_no_binding_to_try():
+    space = Space(cores=2, ranks=[1, 2], batch0=16, max_batch=64)
+    assert space.bindings(1) == ("none",) and space.bindings(2) == ("none", "core")
+    assert space.size() == 3 * 2 * 1 + 3 * 2 * 1 + 3 * 2 * 2  # 1x1, 1x2 unbound; 2x1 both bindings
+    runner = _ScriptedRunner({(1, 1): [200.0], (1, 2): [100.0], (2, 1): [90.0]})
+    tuner = Tuner(space, Setting(1, 1, 0, 16), runner, 600, time.monotonic(), lambda *_: None)
+    tuner.sweep()
+    assert tuner.runs == space.size() and all(s.bind == "none" for s in runner.launched if s.np == 1)
+
+
+def _tune_run(tmpdir: str, *extra: str) -> Run:
+    """lmsrun tune on the small quickstart with long trials, temp folders in ``tmpdir``."""
+    return Run("tune", QUICKSTART, "--time-budget", "150s", "--trial-steps", "40", "--warmup", "1", *SMALL, *extra,
+               env=dict(ENV, TMPDIR=tmpdir))
+
+
+def _short_tmpdir(tmp_path):  # Open MPI's session sockets need a short path
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="lt", dir="/tmp")
+
+
+@pytest.mark.integration
+@pytest.mark.mpi
+def test_a_trial_whose_rank_is_killed_fails_and_tuning_goes_on(tmp_path):
+    import shutil
+    import signal
+
+    tmpdir = _short_tmpdir(tmp_path)
+    run = _tune_run(tmpdir, "--max-batch", "16")
+    try:
+        run.wait_for(lambda: any(t.startswith("  1 ") for _, _, t in run.lines))  # the first trial's row
+        run.wait_for(lambda: _has_rank(run))
+        rank_process(run, 0).send_signal(signal.SIGKILL)  # the second trial's rank
+        assert run.wait(timeout=240) == 0, run.text()
+        row = next(t for _, _, t in run.lines if t.startswith("  2 "))
+        assert " failed " in row and row.endswith("rank 0 was killed by signal 9 (SIGKILL)"), run.text()
+        assert "best: #" in run.text() and "best: #2 " not in run.text()
+        assert_no_leftovers(run)
+        assert not [n for n in os.listdir(tmpdir) if n.startswith("lmsrun-tune-")]  # its trials' folder is gone
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _has_rank(run: Run) -> bool:
+    try:
+        rank_process(run, 0)
+        return True
+    except AssertionError:
+        return False
+
+
+@pytest.mark.integration
+@pytest.mark.mpi
+def test_ctrl_c_stops_tuning_with_the_best_so_far(tmp_path):
+    import shutil
+    import signal
+
+    tmpdir = _short_tmpdir(tmp_path)
+    run = _tune_run(tmpdir)
+    try:
+        run.wait_for(lambda: any(t.startswith("  1 ") for _, _, t in run.lines))
+        run.wait_for(lambda: _has_rank(run))
+        run.proc.send_signal(signal.SIGINT)
+        assert run.wait(timeout=120) == 130, run.text()
+        text = run.text()
+        row = next(t for _, _, t in run.lines if t.startswith("  2 "))
+        assert " stopped " in row and row.endswith("interrupted"), text
+        assert "stopped: interrupted" in text and "best: #1 " in text, text
+        assert_no_leftovers(run)
+        assert not [n for n in os.listdir(tmpdir) if n.startswith("lmsrun-tune-")]
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
