@@ -126,7 +126,7 @@ def test_confirm_stage_picks_on_the_mean_when_the_best_two_are_close():
     pick = choose(tuner)
     assert (pick.setting.np, pick.setting.threads) == (2, 1)
     assert pick.rates == [100.0, 100.0] and tuner.runs == 5
-    assert "each measured twice" in tuner.notes["confirm"]
+    assert tuner.notes["confirm"].startswith("re-measured #2, #1: the best read once")
 
 
 def test_confirm_stage_is_skipped_when_the_best_is_clear():
