@@ -1,7 +1,7 @@
 """``lmsrun tune CONFIG``: choose ranks per node, threads, inter-op threads, batch per rank and the
 binding by measurement, inside a time budget.
 
-    lmsrun tune CONFIG [--time-budget 120s] [--write FILE] [--trial-steps N] [--max-batch N]
+    lmsrun tune CONFIG [--time-budget 120s] [--write FILE] [--trial-steps N] [--max-batch N] [--ranks 1,2,4]
                        [--exhaustive] [--set k=v ..]
 
 Every trial is a real job: the same plan (``cli.make_plan``), command builder (``mpi_command``) and
@@ -46,8 +46,9 @@ def planner_ceiling(config: Any) -> Tuple[Optional[int], str]:
         return None, f"planner failed ({type(exc).__name__}: {str(exc)[:80]})"
 
 
-def make_space(config: Any, max_batch: Optional[int]) -> Tuple[Space, str]:
-    """The space for this machine and config; the second value says where the batch ceiling came from."""
+def make_space(config: Any, max_batch: Optional[int], ranks: Optional[List[int]] = None) -> Tuple[Space, str]:
+    """The space for this machine and config (``ranks``: the rank counts to try, default 1..cores); the
+    second value says where the batch ceiling came from."""
     from .mpi_command import physical_cores
 
     import torch
@@ -64,8 +65,23 @@ def make_space(config: Any, max_batch: Optional[int]) -> Tuple[Space, str]:
         source += f"; below the config's batch {batch0}, which is tried as given"
     if torch.cuda.is_available():
         gpus = torch.cuda.device_count()
+        if ranks:
+            raise UserError(f"--ranks: GPU runs use one rank per GPU ({gpus} here); --ranks is for CPU runs")
         return Space(cores, [gpus], batch0, max(ceiling, batch0), gpu=True), source
-    return Space(cores, list(range(1, cores + 1)), batch0, max(ceiling, batch0)), source
+    if ranks and max(ranks) > cores:
+        raise UserError(f"--ranks: {max(ranks)} ranks exceed this machine's {cores} core(s); allowed: 1 to {cores}")
+    return Space(cores, ranks or list(range(1, cores + 1)), batch0, max(ceiling, batch0)), source
+
+
+def rank_list(text: str) -> List[int]:
+    """'1,2,4,8' -> [1, 2, 4, 8] (argparse type for --ranks)."""
+    try:
+        values = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        values = []
+    if not values or values[0] < 1:
+        raise argparse.ArgumentTypeError(f"expected a comma list of positive rank counts, e.g. 1,2,4,8; got {text!r}")
+    return values
 
 
 # --------------------------------------------------------------------------------------------
@@ -335,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="steps per trial, the first --warmup not counted (default 6)")
     parser.add_argument("--warmup", type=int, default=2, metavar="N", help="warm-up steps per trial (default 2)")
     parser.add_argument("--max-batch", type=positive_int, metavar="N", help="largest batch per rank to try")
+    parser.add_argument("--ranks", type=rank_list, metavar="LIST",
+                        help="ranks per node to try on CPU, e.g. 1,2,4,8 (default: every count from 1 to the cores)")
     parser.add_argument("--exhaustive", action="store_true", help="measure the whole space (reference sweep)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for every trial (repeatable)")
@@ -366,7 +384,7 @@ def run(argv: List[str]) -> int:
     from .config import load_config
 
     config = load_config(args.config, args.overrides)
-    space, batch_source = make_space(config, args.max_batch)
+    space, batch_source = make_space(config, args.max_batch, args.ranks)
     np0 = space.ranks[0] if space.gpu else min(config.launch.np, space.cores)
     threads0 = config.launch.threads if isinstance(config.launch.threads, int) and config.launch.threads else \
         max(1, space.cores // np0)

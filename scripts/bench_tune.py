@@ -4,6 +4,7 @@ exhaustive sweep of the same space, on the zoo's ResNet and GPT (small CPU sizes
 real ``lmsrun`` run; variants are interleaved, ``--repeats`` times, and the median is reported.
 
     python scripts/bench_tune.py [--budget 60] [--repeats 3] [--steps 20] [--no-sweep] [--out FILE]
+                                 [--workloads resnet18,gpt] [--ranks 1,2,4,8,16] [--max-batch N]
 
 samples/s is the median of rank 0's per-step figures after step ``--steps // 2`` (so that auto's
 measuring steps and every warm-up are left out)."""
@@ -18,7 +19,7 @@ import sys
 import tempfile
 from typing import Dict, List
 
-LMSRUN = os.path.join(os.path.dirname(sys.executable), "lmsrun")
+LMSRUN = [sys.executable, "-m", "lmsdp.launcher.cli"]  # this interpreter's lmsrun, wherever pip put the script
 WORKLOADS: Dict[str, str] = {
     "resnet18 (w16, 32x32, b16)": """name: bench_resnet
 model: {name: resnet18, kwargs: {width: 16, num_classes: 10, stem: cifar}}
@@ -39,7 +40,7 @@ launch: {np: 2}
 
 
 def run(config: str, out: str, steps: int, extra: List[str]) -> float:
-    argv = [LMSRUN, config, "--set", f"train.steps={steps}", "--set", "train.checkpoint_every=0",
+    argv = [*LMSRUN, config, "--set", f"train.steps={steps}", "--set", "train.checkpoint_every=0",
             "--set", "train.resume=false", "--output-dir", out] + extra
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -49,10 +50,10 @@ def run(config: str, out: str, steps: int, extra: List[str]) -> float:
     return statistics.median(r["samples_per_s"] for r in records if r["step"] > steps // 2)
 
 
-def tune(config: str, workdir: str, budget: int, exhaustive: bool, tag: str) -> dict:
+def tune(config: str, workdir: str, budget: int, exhaustive: bool, tag: str, space: List[str]) -> dict:
     written, report = os.path.join(workdir, f"{tag}.yaml"), os.path.join(workdir, f"{tag}.json")
-    argv = [LMSRUN, "tune", config, "--time-budget", f"{budget}s", "--trial-steps", "4", "--warmup", "1",
-            "--write", written, "--json", report] + (["--exhaustive"] if exhaustive else [])
+    argv = [*LMSRUN, "tune", config, "--time-budget", f"{budget}s", "--trial-steps", "4", "--warmup", "1",
+            "--write", written, "--json", report] + space + (["--exhaustive"] if exhaustive else [])
     proc = subprocess.run(argv, capture_output=True, text=True)
     print(proc.stdout, file=sys.stderr)
     if proc.returncode != 0:
@@ -89,20 +90,28 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--no-sweep", action="store_true", help="skip the exhaustive sweep")
     parser.add_argument("--sweep-top", type=int, default=3, help="the sweep's best settings re-measured")
+    parser.add_argument("--ranks", help="tune's --ranks for both searches, e.g. 1,2,4,8,16 (bounds the sweep)")
+    parser.add_argument("--max-batch", type=int, help="tune's --max-batch for both searches")
+    parser.add_argument("--workloads", default=",".join(w.split()[0] for w in WORKLOADS),
+                        help="comma list of workloads to run (default: all)")
     parser.add_argument("--out", help="write the results as JSON")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="bench-tune-")
     rows, results = [], {}
+    space = (["--ranks", args.ranks] if args.ranks else []) + (["--max-batch", str(args.max_batch)] if args.max_batch else [])
+    chosen = args.workloads.split(",")
     for name, text in WORKLOADS.items():
+        if name.split()[0] not in chosen:
+            continue
         config = os.path.join(work, f"{name.split()[0]}.yaml")
         with open(config, "w") as handle:
             handle.write(text)
-        picked = tune(config, work, args.budget, False, f"{name.split()[0]}-tune")
+        picked = tune(config, work, args.budget, False, f"{name.split()[0]}-tune", space)
         variants = {"uniform rule": (config, []), "tune's pick": (picked["config"], []),
                     "threads: auto": (config, ["--set", "launch.threads=auto"])}
         sweep_top: List[str] = []
         if not args.no_sweep and name.startswith("resnet"):
-            swept = tune(config, work, 1800, True, f"{name.split()[0]}-sweep")
+            swept = tune(config, work, 1800, True, f"{name.split()[0]}-sweep", space)
             # the sweep's best is decided by re-measuring its top 3 beside tune's pick: one short trial
             # per setting can read lucky, and the reference must not be a lucky reading
             for i, row in enumerate(top_settings(swept, args.sweep_top)):

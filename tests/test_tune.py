@@ -64,6 +64,8 @@ def test_durations():
     (["tune", QUICKSTART, "--warmup", "9"], "--warmup: expected 0 to 5"),
     (["tune", QUICKSTART, "--write", "/tmp"], "--write: /tmp is a directory"),
     (["tune", QUICKSTART, "--bogus"], "unrecognized arguments: --bogus"),
+    (["tune", QUICKSTART, "--ranks", "0,2"], "--ranks: expected a comma list of positive rank counts"),
+    (["tune", QUICKSTART, "--ranks", "4096"], "--ranks: 4096 ranks exceed this machine's"),
     (["tune", QUICKSTART, "--set", "launch.threads=many"], "launch.threads: 'many' is not allowed"),
     (["tune", "missing.yaml"], "config file not found: missing.yaml"),
 ])
