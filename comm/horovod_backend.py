@@ -125,7 +125,9 @@ class HorovodBackend(Backend):
         return self._call("allreduce", self.hvd.allreduce, tensor.detach(), op=self.op(op))
 
     def allgather_object(self, obj: Any) -> List[Any]:
-        return list(self._call("allgather", self.hvd.allgather_object, obj))
+        # Horovod names the collective after type(obj) unless told: ranks passing different types (a
+        # list on rank 0, None elsewhere) then submit differently named ops and wait for each other forever
+        return list(self._call("allgather", self.hvd.allgather_object, obj, name="lmsdp.allgather_object"))
 
     def barrier(self) -> None:
         self._call("barrier", self.hvd.barrier)

@@ -138,6 +138,12 @@ def test_two_real_ranks(job: dict) -> None:
     assert job["size"] == 2 and job["local_size"] == 2 and job["_rc"] == 0, job["_log"][-2000:]
 
 
+def test_allgather_object_of_different_types_per_rank(job: dict) -> None:
+    """Horovod names an unnamed allgather_object after the object's type: a list on rank 0 and None on
+    rank 1 waited for each other forever (resume's checkpoint-kind exchange hung under Horovod)."""
+    assert job["objects"] == [["rank 0's list"], None], job["_log"][-2000:]
+
+
 def test_broadcast_makes_rank0_state_everyones(job: dict) -> None:
     b = job["broadcast"]
     assert b["before"][0] != b["before"][1]  # different weights before (else the test proves nothing)

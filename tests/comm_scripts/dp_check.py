@@ -6,6 +6,7 @@ broadcast   ranks start from different weights/optimizer state; after broadcast_
 train       K SGD steps on each rank's shard of a global batch: final params (and their sha256 per rank),
             the same run without any comm on the full batch (local reference), step_stats per step
 fp16        the same K steps with fp16 compression
+objects     allgather_object of a list on rank 0 and None on the others (different types and sizes)
 bpps        backward_passes_per_step=2: after the 1st backward nothing is reduced and grads differ across
             ranks; after the 2nd (+ synchronize) grads are identical and equal the average over ranks of
             the summed micro-batch gradients
@@ -185,7 +186,7 @@ def main() -> None:
     ap.add_argument("--result", required=True)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--batch", type=int, default=4, help="per-rank batch")
-    ap.add_argument("--sections", default="broadcast,train,fp16,bpps")
+    ap.add_argument("--sections", default="broadcast,train,fp16,bpps,objects")
     ap.add_argument("--timeout", type=float, default=10.0)
     ap.add_argument("--bucket-bytes", type=int, default=600, help="fusion threshold / bucket bytes")
     ap.add_argument("--chrome-trace", default=None)
@@ -207,6 +208,8 @@ def main() -> None:
                 out["fp16"] = train(backend, args, compression="fp16")
             elif section == "bpps":
                 out["bpps"] = bpps_section(backend, args)
+            elif section == "objects":  # ranks pass objects of different types and sizes
+                out["objects"] = backend.allgather_object(["rank 0's list"] if backend.rank == 0 else None)
             elif section == "swap":
                 from lmsdp.swapping import SwapConfig, SwapEngine
                 engine = SwapEngine(SwapConfig(enabled=True, threshold=0, prefetch=2, keep_last=0,
