@@ -61,15 +61,45 @@ def workload_from_config(config: Any) -> Any:
     task = data_spec(config).task
 
     def make_batch(n: int) -> Tuple[Any, Any]:
+        if config.data.kind == "factory":
+            return factory_batch(n)
         sized = dataclasses.replace(config, train=dataclasses.replace(config.train, batch_size=n))
         return make_batches(sized, 0, 1)[0].batch(0)
 
+    factory_batch = _FactoryBatch(config)
     amp = None
     if config.train.amp:
         amp = torch.float16 if config.train.amp_dtype == "float16" else torch.bfloat16
+    label = f"model.factory: {config.model.factory}" if config.model.factory else f"model.name: {config.model.name}"
     return Workload(build_model=lambda: build_network(config), make_batch=make_batch,
                     loss=lambda out, target: compute_loss(task, out, target),
-                    build_optimizer=lambda model: build_optimizer(config, model), autocast=amp)
+                    build_optimizer=lambda model: build_optimizer(config, model), autocast=amp, label=label)
+
+
+class _FactoryBatch:
+    """Batches of any size from the user's Dataset, for the planner: only shapes matter there.
+
+    The dataset is real data (its factory may read files or build tensors), so it is built and read
+    outside the planner's fake-tensor mode, once; a batch of ``n`` is the first sample repeated, which
+    under fake mode costs no memory and is not bounded by the dataset's length (the largest-batch search
+    goes beyond it)."""
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self.first: Optional[Tuple[Any, Any]] = None
+
+    def __call__(self, n: int) -> Tuple[Any, Any]:
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        from .data import make_batches
+
+        if self.first is None:
+            one = dataclasses.replace(self.config, train=dataclasses.replace(self.config.train, batch_size=1))
+            with unset_fake_temporarily():
+                self.first = make_batches(one, 0, 1)[0].batch(0)
+        inputs, targets = self.first
+        return (inputs.expand(n, *inputs.shape[1:]).contiguous(),
+                targets.expand(n, *targets.shape[1:]).contiguous())
 
 
 def default_target(config: Any, device: Any, flag: Optional[str]) -> int:

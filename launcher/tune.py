@@ -40,20 +40,43 @@ def planner_ceiling(config: Any) -> Tuple[Optional[int], str]:
 
     try:
         return largest_batch(config)
-    except UserError as exc:
-        return None, f"planner: {exc}"
+    except UserError as exc:  # its first clause says what is wrong; the advice after ';' is the planner's
+        return None, f"planner: {str(exc).split('; ')[0]}"
     except Exception as exc:  # noqa: BLE001 - e.g. a model the fake-tensor profile cannot run
         return None, f"planner failed ({type(exc).__name__}: {str(exc)[:80]})"
 
 
-def make_space(config: Any, max_batch: Optional[int], ranks: Optional[List[int]] = None) -> Tuple[Space, str]:
-    """The space for this machine and config (``ranks``: the rank counts to try, default 1..cores); the
-    second value says where the batch ceiling came from."""
+def local_limits() -> Tuple[int, Optional[int], str]:
+    """(cores, rank ceiling or None, where they came from) for trials on this machine: its physical
+    cores, fewer when this process is bound to fewer CPUs (a cgroup, taskset) or runs inside a Slurm
+    allocation (its CPUs on this node; its task count caps the ranks, as mpirun takes its slots from it)."""
+    from lmsdp.runtime.topology import slurm_allocation
+
     from .mpi_command import physical_cores
 
+    cores, notes = physical_cores(), []
+    try:
+        bound = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        bound = cores
+    if bound < cores:
+        cores = bound
+        notes.append(f"bound to {bound} CPU(s)")
+    allocation = slurm_allocation()
+    if allocation is None:
+        return cores, None, "; ".join(notes)
+    cores = min(cores, allocation.cpus)
+    notes.append(allocation.describe())
+    return cores, allocation.tasks, "; ".join(notes)
+
+
+def make_space(config: Any, max_batch: Optional[int], ranks: Optional[List[int]] = None) -> Tuple[Space, str]:
+    """The space for this machine and config (``ranks``: the rank counts to try, default 1 to the most
+    this machine or allocation gives); the second value says where the batch ceiling came from."""
     import torch
 
-    cores = physical_cores()
+    cores, task_ceiling, _ = local_limits()
+    most_ranks = cores if task_ceiling is None else min(cores, task_ceiling)
     batch0 = config.train.batch_size
     if max_batch is not None:
         ceiling, source = max_batch, "--max-batch"
@@ -64,13 +87,15 @@ def make_space(config: Any, max_batch: Optional[int], ranks: Optional[List[int]]
     elif ceiling < batch0:
         source += f"; below the config's batch {batch0}, which is tried as given"
     if torch.cuda.is_available():
-        gpus = torch.cuda.device_count()
+        gpus = torch.cuda.device_count() if task_ceiling is None else min(torch.cuda.device_count(), task_ceiling)
         if ranks:
             raise UserError(f"--ranks: GPU runs use one rank per GPU ({gpus} here); --ranks is for CPU runs")
         return Space(cores, [gpus], batch0, max(ceiling, batch0), gpu=True), source
-    if ranks and max(ranks) > cores:
-        raise UserError(f"--ranks: {max(ranks)} ranks exceed this machine's {cores} core(s); allowed: 1 to {cores}")
-    return Space(cores, ranks or list(range(1, cores + 1)), batch0, max(ceiling, batch0)), source
+    if ranks and max(ranks) > most_ranks:
+        raise UserError(f"--ranks: {max(ranks)} ranks exceed the {most_ranks} this machine gives "
+                        f"({cores} core(s){'' if task_ceiling is None else f', {task_ceiling} task(s)'}); "
+                        f"allowed: 1 to {most_ranks}")
+    return Space(cores, ranks or list(range(1, most_ranks + 1)), batch0, max(ceiling, batch0)), source
 
 
 def rank_list(text: str) -> List[int]:
@@ -121,7 +146,7 @@ class TrialRunner:
         runner = Runner(job)
         with _quiet(os.path.join(out_dir, "lmsrun.log")), _deadline(self.deadline) as cut:
             code = runner.run()
-        trial = Trial(setting, wall_s=time.monotonic() - started)
+        trial = Trial(setting, wall_s=time.monotonic() - started, backend=read_backend(out_dir))
         if runner.signals and not cut.is_set():
             self.interrupted = True  # the user's Ctrl-C / SIGTERM: stop tuning
         if cut.is_set():  # stopped after a step at the budget: the steps it finished still count
@@ -188,6 +213,15 @@ def read_samples_per_s(out_dir: str, warmup: int) -> Optional[float]:
     return statistics.median(values) if values else None
 
 
+def read_backend(out_dir: str) -> str:
+    """The comm backend rank 0 reported in the trial's summary.json ('' when it wrote none)."""
+    try:
+        with open(os.path.join(out_dir, "summary.json"), encoding="utf-8") as handle:
+            return str(json.load(handle).get("comm_backend", ""))
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
 def failure_reason(out_dir: str, code: int, outcome: str = "") -> str:
     """One line: out of memory spelled out, else the runner's own account (``Runner.outcome``), else the
     rank's error line, else the exit code."""
@@ -228,7 +262,7 @@ def explain(tuner: Tuner, pick: Trial, base: Setting, space: Space, batch_source
         return f"{top.samples_per_s:.1f} samples/s ({'x'.join(top.setting.cells()[:2])})"
 
     lines = []
-    gain = f"{rate / base_trial.samples_per_s - 1:+.0%} vs the uniform rule" if base_trial else ""
+    gain = f"{rate / base_trial.samples_per_s - 1:+.0%} vs the uniform rule" if base_trial else "the uniform rule not measured"
     model = tuner.step_model
     fit = ""
     if model.coef is not None:
@@ -245,6 +279,9 @@ def explain(tuner: Tuner, pick: Trial, base: Setting, space: Space, batch_source
 
     if space.gpu:
         lines.append(f"launch.np = {s.np}: one rank per GPU ({s.np} GPU(s)), fixed")
+    elif len(space.ranks) == 1:
+        lines.append(f"launch.np = {s.np}: the only rank count here ({space.cores} core(s)); measured "
+                     f"{rate:.1f} samples/s ({gain})")
     else:
         others = against(lambda x: x.np != s.np)
         lines.append(f"launch.np = {s.np}: best measured {rate:.1f} samples/s ({gain}); best other rank count "
@@ -385,11 +422,15 @@ def run(argv: List[str]) -> int:
 
     config = load_config(args.config, args.overrides)
     space, batch_source = make_space(config, args.max_batch, args.ranks)
-    np0 = space.ranks[0] if space.gpu else min(config.launch.np, space.cores)
+    _, task_ceiling, _ = local_limits()
+    most_ranks = space.cores if task_ceiling is None else min(space.cores, task_ceiling)
+    np0 = space.ranks[0] if space.gpu else min(config.launch.np, most_ranks)
     threads0 = config.launch.threads if isinstance(config.launch.threads, int) and config.launch.threads else \
         max(1, space.cores // np0)
     base = Setting(np0, threads0, config.launch.interop_threads, config.train.batch_size, "none")
     kind = "GPU: one rank per GPU" if space.gpu else "CPU"
+    limits = local_limits()[2]
+    kind += f"; {limits}, at most {space.ranks[-1]} rank(s)" if limits else ""
     print(f"lmsrun tune: {args.config} on {space.cores} core(s) ({kind}); budget {args.time_budget:.0f} s, "
           f"{args.trial_steps} steps per trial ({args.warmup} warm-up)", flush=True)
     header = f"{'#':>3} {'ranks':>5} {'thr':>4} {'interop':>7} {'batch':>5} {'bind':>4} " \
@@ -443,7 +484,8 @@ def run(argv: List[str]) -> int:
 def _write_json(path: str, tuner: Tuner, pick: Trial, grid_size: int) -> None:
     def row(t: Trial) -> Dict[str, Any]:
         return {**t.setting.__dict__, "samples_per_s": t.samples_per_s, "rates": t.rates,
-                "predicted": t.predicted, "wall_s": t.wall_s, "error": t.error, "note": t.note}
+                "predicted": t.predicted, "wall_s": t.wall_s, "error": t.error, "note": t.note,
+                "backend": t.backend}
 
     with open(path, "w", encoding="utf-8") as handle:
         json.dump({"trials": [row(t) for t in tuner.trials], "pick": row(pick), "space_size": grid_size,

@@ -57,6 +57,7 @@ class Trial:
     error: Optional[str] = None
     rates: List[float] = field(default_factory=list)  # every measurement of this setting (re-measures too)
     number: int = 0  # the row in tune's table where it was first measured
+    backend: str = ""  # the comm backend its ranks ran (their summary.json), e.g. horovod under 'auto'
 
     @property
     def ok(self) -> bool:

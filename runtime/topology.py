@@ -238,6 +238,39 @@ def _tasks_on_node(spec: str, node: int) -> Optional[int]:
     return counts[node] if node < len(counts) else counts[-1]
 
 
+@dataclass
+class Allocation:
+    """The Slurm allocation a launching process (the batch script, salloc's shell) runs in, on this
+    node: how many tasks and CPUs lmsrun may start here. mpirun inside the allocation takes its slots
+    from Slurm, so more ranks than ``tasks`` fail with 'not enough slots'."""
+
+    job_id: str
+    tasks: int
+    cpus: int
+
+    def describe(self) -> str:
+        return f"Slurm job {self.job_id}: {self.tasks} task(s), {self.cpus} CPU(s) on this node"
+
+
+def slurm_allocation(env: Optional[Env] = None) -> Optional[Allocation]:
+    """This node's share of the Slurm job this process runs in, else None (no job, or counts unknown).
+
+    Reads the job's counts, not a step's: SLURM_TASKS_PER_NODE ('2(x3),1') at SLURM_NODEID and
+    SLURM_CPUS_ON_NODE (else SLURM_JOB_CPUS_PER_NODE); cores bound by a cgroup show in the affinity too."""
+    env = os.environ if env is None else env
+    job = env.get("SLURM_JOB_ID", "").strip()
+    if not job:
+        return None
+    node = _first_int(env, ["SLURM_NODEID"], "slurm") or 0
+    tasks = _tasks_on_node(env.get("SLURM_TASKS_PER_NODE", ""), node)
+    cpus = _first_int(env, ["SLURM_CPUS_ON_NODE"], "slurm")
+    if cpus is None:
+        cpus = _tasks_on_node(env.get("SLURM_JOB_CPUS_PER_NODE", ""), node)
+    if tasks is None or cpus is None or tasks < 1 or cpus < 1:
+        return None
+    return Allocation(job, tasks, cpus)
+
+
 class PMIxEnvironment(Environment):
     """Any PMIx launcher (e.g. prterun): PMIX_RANK; size from PMIX_SIZE or the Slurm/Open MPI variables."""
 

@@ -21,6 +21,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from lmsdp.runtime.errors import UserError
+
 RecomputeSpec = Union[None, str, List[str]]
 RECOMPUTE_VARIANTS: Tuple[RecomputeSpec, ...] = (None, "auto", ["activation", "norm", "pool", "dropout"])
 
@@ -34,6 +36,26 @@ class Workload:
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     build_optimizer: Callable[[nn.Module], torch.optim.Optimizer]
     autocast: Optional[torch.dtype] = None
+    label: str = "model"  # the config key that names the model, for errors about it
+
+
+class FakeProfileError(UserError):
+    """The step cannot run on fake tensors, so the planner cannot size it (one line, no traceback)."""
+
+
+def _fake_failure(exc: Exception) -> Optional[str]:
+    """Why a fake run failed, in the user's words, when the step itself is the cause (else None)."""
+    from torch._subclasses import fake_tensor as fake
+
+    if isinstance(exc, fake.DataDependentOutputException):
+        return ("its step reads a tensor's value (.item(), .tolist(), int(t) or 'if t:' in forward or the loss), "
+                "which fake tensors do not have")
+    if isinstance(exc, fake.DynamicOutputShapeException):
+        return ("its step makes a tensor whose shape depends on values (e.g. nonzero, masked_select, boolean "
+                "indexing), which fake tensors cannot size")
+    if isinstance(exc, (fake.UnsupportedOperatorException, fake.UnsupportedFakeTensorException)):
+        return f"its step uses an operator fake tensors cannot run ({str(exc)[:60]})"
+    return None
 
 
 @dataclass
@@ -221,8 +243,16 @@ def _fake_profile(workload: Workload, batch: int, recompute: RecomputeSpec
         model = _apply(workload.build_model(), recompute)
         params = sum(p.nbytes for p in model.parameters())
         grads = sum(p.nbytes for p in model.parameters() if p.requires_grad)
-        with counter:
-            _run_step(workload, model, batch, torch.device("cpu"), rec, {}, lambda: None, snapshot)
+        try:
+            with counter:
+                _run_step(workload, model, batch, torch.device("cpu"), rec, {}, lambda: None, snapshot)
+        except Exception as exc:  # noqa: BLE001 - only the step's own fake-tensor limits become one line
+            reason = _fake_failure(exc)
+            if reason is None:
+                raise
+            raise FakeProfileError(f"{workload.label} cannot run on the planner's fake tensors: {reason}; "
+                                   "the planner needs a step that depends on shapes only (without it: "
+                                   "swap.plan: none, and a batch chosen by hand or by lmsrun tune)") from None
         names = recomputed_names(model)
     by_module: Dict[str, int] = {}   # forward + backward FLOPs per module
     for key, ops in counter.get_flop_counts().items():
@@ -413,6 +443,6 @@ def sizes_profile(workload: Workload, batch: int, recompute: RecomputeSpec, opti
                        2 * max(fake.sizes, default=0), int(total), {}, {}, {}, names, "sizes only")
 
 
-__all__ = ["RecomputeSpec", "RECOMPUTE_VARIANTS", "Workload", "SavedTensor", "StepProfile", "profile_workload",
+__all__ = ["RecomputeSpec", "RECOMPUTE_VARIANTS", "Workload", "FakeProfileError", "SavedTensor", "StepProfile", "profile_workload",
            "profile_variants", "sizes_profile", "optimizer_state_bytes", "backward_by_module", "recomputed_names",
            "variant_key", "link_bandwidth", "device_flops"]

@@ -216,3 +216,58 @@ def test_task_count_mismatch_is_a_clear_error(slurm_cluster: SlurmCluster, tmp_p
     assert "LMSDP_EXPECTED_NP" in errors[0], errors[0]
     assert re.search(r"\b2\b", errors[0]) and re.search(r"\b1\b", errors[0]), errors[0]  # wanted vs started
     assert not (run.out / "metrics.rank0.jsonl").exists()
+
+
+TUNE_JOB = """#!/bin/bash
+#SBATCH --ntasks={tasks} --output={out}/slurm-%j.out
+# what a user runs in a batch job: tune in the batch shell, then the written config, then tune as a step
+set -u
+cd {out}
+{lmsrun} tune {config} --time-budget {budget}s --trial-steps 3 --warmup 1 --write {out}/t.yaml --json {out}/tune.json {flags}
+echo "tune exit $?"
+{lmsrun} {out}/t.yaml --set train.steps=2 --set train.progress=false --output-dir {out}/run
+echo "run exit $?"
+srun {lmsrun} tune {config}
+echo "srun tune exit $?"
+"""
+TUNE_SMALL = ["model.kwargs={width: 8, num_classes: 10, stem: cifar}", "data.shape=[3, 16, 16]",
+              "swap.enabled=false", "comm.backend=torch"]
+
+
+def tune_job(cluster: SlurmCluster, out: Path, tasks: int, budget: int, *flags: str) -> "tuple[str, list, dict]":
+    """Submit TUNE_JOB with ``tasks`` tasks; returns its log, tune's trials and the written config's summary."""
+    import shlex
+
+    out.mkdir()
+    items = [*flags] + [a for item in TUNE_SMALL for a in ("--set", item)]
+    script = out / "tune.sbatch"
+    script.write_text(TUNE_JOB.format(tasks=tasks, out=out, lmsrun=LMSRUN, config=QUICKSTART, budget=budget,
+                                      flags=shlex.join(items)))
+    job_id = cluster.sbatch(str(script))
+    job = cluster.wait(job_id, timeout=budget + 180)
+    log = (out / f"slurm-{job_id}.out").read_text(errors="replace")
+    assert job.state in ("COMPLETED", "FAILED"), f"{job.state}:\n{log}"
+    assert "tune exit 0" in log and "run exit 0" in log, log
+    trials = json.loads((out / "tune.json").read_text())["trials"]
+    return log, trials, json.loads((out / "run" / "summary.json").read_text())
+
+
+def test_tune_in_a_batch_job_measures_inside_the_allocation_and_its_config_runs_there(
+        slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    log, trials, summary = tune_job(slurm_cluster, tmp_path / "two", 2, 30)
+    assert "Slurm job" in log and "2 task(s)" in log, log
+    assert any(t["np"] == 2 and t["samples_per_s"] for t in trials), log  # mpirun's 2 slots from the allocation
+    assert all(t["np"] <= 2 and not t["error"] for t in trials), log
+    assert summary["ranks"] == json.loads((tmp_path / "two" / "tune.json").read_text())["pick"]["np"]
+    # tune as the step's tasks: each refuses in one line, the step fails
+    refusals = [line for line in log.splitlines() if line.startswith("lmsrun: error: tune: this process is rank")]
+    assert len(refusals) == 2 and all("started by slurm" in line for line in refusals), log
+    assert re.search(r"srun tune exit [1-9]", log), log
+
+
+def test_tune_in_a_one_task_allocation_tries_one_rank(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    """The config asks for 2 ranks; the job has 1 task (1 CPU): mpirun -np 2 would fail 'not enough slots'."""
+    log, trials, summary = tune_job(slurm_cluster, tmp_path / "one", 1, 20, "--exhaustive", "--max-batch", "16")
+    assert "on 1 core(s)" in log and "1 task(s), 1 CPU(s) on this node, at most 1 rank(s)" in log, log
+    assert trials and all((t["np"], t["threads"]) == (1, 1) and t["samples_per_s"] for t in trials), log
+    assert summary["ranks"] == 1

@@ -65,7 +65,7 @@ def test_durations():
     (["tune", QUICKSTART, "--write", "/tmp"], "--write: /tmp is a directory"),
     (["tune", QUICKSTART, "--bogus"], "unrecognized arguments: --bogus"),
     (["tune", QUICKSTART, "--ranks", "0,2"], "--ranks: expected a comma list of positive rank counts"),
-    (["tune", QUICKSTART, "--ranks", "4096"], "--ranks: 4096 ranks exceed this machine's"),
+    (["tune", QUICKSTART, "--ranks", "4096"], "--ranks: 4096 ranks exceed the"),
     (["tune", QUICKSTART, "--set", "launch.threads=many"], "launch.threads: 'many' is not allowed"),
     (["tune", "missing.yaml"], "config file not found: missing.yaml"),
 ])
@@ -253,3 +253,46 @@ def test_ctrl_c_stops_tuning_with_the_best_so_far(tmp_path):
         assert not [n for n in os.listdir(tmpdir) if n.startswith("lmsrun-tune-")]
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _tune_and_run(tmp_path, *extra: str, prefix=(), budget: int = 40):
+    """``lmsrun tune`` on the small quickstart (--json, --write), then the written config for 2 steps;
+    both under ``prefix`` (e.g. taskset)."""
+    out, report = tmp_path / "tuned.yaml", tmp_path / "tune.json"
+    proc = subprocess.run([*prefix, LMSRUN, "tune", QUICKSTART, "--time-budget", f"{budget}s", "--trial-steps", "3",
+                           "--warmup", "1", "--max-batch", "16", "--write", str(out), "--json", str(report),
+                           *SMALL, *extra], capture_output=True, text=True, timeout=budget + 90, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    import json
+
+    trials = json.loads(report.read_text())["trials"]
+    run = subprocess.run([*prefix, LMSRUN, str(out), "--set", "train.steps=2", "--set", "train.progress=false",
+                          "--output-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return proc.stdout, trials, json.loads((tmp_path / "run" / "summary.json").read_text())
+
+
+@pytest.mark.integration
+@pytest.mark.mpi
+def test_tune_measures_horovod_trials_and_writes_a_horovod_config(tmp_path):
+    pytest.importorskip("horovod.torch")
+    text, trials, summary = _tune_and_run(tmp_path, "--set", "comm.backend=horovod")
+    ok = [t for t in trials if t["samples_per_s"]]
+    assert ok and {t["backend"] for t in ok} == {"horovod"}, text
+    assert any(t["np"] == 2 for t in ok), text  # the uniform rule of the config: 2 ranks allreducing
+    assert summary["comm_backend"] == "horovod" and "best: #" in text
+
+
+@pytest.mark.integration
+@pytest.mark.mpi
+def test_tune_keeps_to_the_cpus_it_is_bound_to(tmp_path):
+    """taskset (or a cgroup) leaves one CPU: one rank of one thread, not the machine's core count."""
+    import shutil
+
+    if not shutil.which("taskset") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs taskset and 2 CPUs")
+    cpu = min(os.sched_getaffinity(0))
+    text, trials, summary = _tune_and_run(tmp_path, "--exhaustive", prefix=("taskset", "-c", str(cpu)), budget=30)
+    assert "on 1 core(s) (CPU; bound to 1 CPU(s), at most 1 rank(s))" in text, text
+    assert trials and {(t["np"], t["threads"]) for t in trials} == {(1, 1)}, text
+    assert summary["ranks"] == 1
