@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
@@ -209,6 +210,7 @@ def check_config(config: Config) -> None:
     recompute = config.swap.recompute
     if isinstance(recompute, list) and "auto" in recompute:
         raise ConfigError("swap.recompute: 'auto' stands alone, not inside a list")
+    _check_recompute_entries(recompute)
     if config.comm.strategy == "shard" and config.comm.backend == "horovod":
         raise ConfigError("comm.backend: horovod has no sharding (comm.strategy is 'shard'); "
                           "use comm.backend: torch (or auto, which picks torch for shard)")
@@ -252,3 +254,21 @@ def config_reference_rows() -> List[tuple]:
 
 __all__ = ["Config", "ConfigError", "build", "config_to_dict", "dump_config", "load_config", "read_yaml",
            "check_config", "resolve_factory", "config_reference_rows"]
+
+
+_MODULE_NAME = re.compile(r"^(module:)?[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
+
+
+def _check_recompute_entries(recompute: Any) -> None:
+    """Each swap.recompute entry is a kind or a module name (the model, built later, checks the name)."""
+    from lmsdp.swapping.config import RECOMPUTE_KINDS
+
+    entries = [recompute] if isinstance(recompute, str) else list(recompute or [])
+    for entry in entries:
+        if entry.strip().lower() in ("auto",) + RECOMPUTE_KINDS:
+            continue
+        close = difflib.get_close_matches(entry.lower(), ("auto",) + RECOMPUTE_KINDS, n=1, cutoff=0.75)
+        if close or not _MODULE_NAME.match(entry):
+            guess = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"swap.recompute: '{entry}' is neither a kind nor a module name{guess}; allowed: auto, "
+                              + ", ".join(RECOMPUTE_KINDS) + ", or qualified module names (e.g. blocks.0.mlp)")
