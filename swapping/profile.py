@@ -476,6 +476,16 @@ def _align_times(prof: StepProfile, base: StepProfile) -> None:
     prof.timed = base.timed + f"; +{extra * 1e3:.1f} ms recompute"
 
 
+def profile_aligned(workload: Workload, base: StepProfile, recompute: RecomputeSpec,
+                    device: Union[str, torch.device] = "cpu") -> StepProfile:
+    """A recompute variant profiled by a fake run only (events at the base step's FLOP rate) and
+    aligned to the base step: what the per-module planner checks its estimate against."""
+    rate = base.flops / max(1e-12, base.forward_s + base.backward_s)
+    prof = profile_workload(workload, base.batch, recompute, device, 0, base.optimizer_bytes, rate)
+    _align_times(prof, base)
+    return prof
+
+
 def subtree_bytes(profile: StepProfile, module: str) -> int:
     """Saved bytes of ``module`` and the modules inside it."""
     return sum(t.nbytes for t in profile.tensors if t.module == module or t.module.startswith(module + "."))
@@ -495,4 +505,4 @@ def sizes_profile(workload: Workload, batch: int, recompute: RecomputeSpec, opti
 
 __all__ = ["RecomputeSpec", "RECOMPUTE_VARIANTS", "Workload", "SavedTensor", "StepProfile", "profile_workload",
            "profile_variants", "sizes_profile", "optimizer_state_bytes", "backward_by_module", "recomputed_names",
-           "variant_key", "link_bandwidth", "device_flops", "subtree_bytes", "original_names"]
+           "variant_key", "link_bandwidth", "device_flops", "subtree_bytes", "original_names", "profile_aligned"]
