@@ -112,4 +112,4 @@ def test_per_module_plan_file_trains_bit_exact_vs_no_recompute(tmp_path, capsys)
     # wrapped modules gain a 'body' level in their names; values, in order, are what must not change
     assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a.values(), b.values()))
     records = [json.loads(line) for line in open(tmp_path / "on" / "metrics.rank0.jsonl")]
-    assert all(r["swap_out_bytes"] > 0 for r in records)  # the plan ran under the engine, swaps and all
+    assert all(r["recomputed_modules"] >= len(modules) for r in records)  # the named modules did run again
