@@ -9,14 +9,14 @@ runs), from the base profile alone:
   saved becomes held;
 * recompute time: its forward again (``module_forward_s``: measured per module, or its FLOPs at the
   measured rate);
-* dropped outright when recomputing costs more than moving the freed bytes out and back in, and left
-  to the modules inside it when they free >= 90 % as much (recomputing a module brings all of its
+* left to the modules inside it when they free >= 90 % as much (recomputing a module brings all of its
   saved tensors back at once during its backward: finer segments keep that peak small).
 
 Candidates are taken greedily by recompute seconds per byte freed (ties by name); a module taken after
 one inside it replaces it. Each prefix of that order is estimated (tensors removed, recompute time
 added) and the swap planner (``planner.plan_swaps``: slack per byte) plans the rest, so recompute is
-weighed against the transfer time the swaps would expose. The fastest prefix that fits is profiled
+weighed against the transfer time the swaps would expose (a module slower to recompute than its bytes are to move is
+still taken where swapping alone cannot meet the target). The fastest prefix that fits is profiled
 exactly (a fake run with those modules wrapped); if the exact profile misses the target the next larger
 fitting prefix is tried. Deterministic: sorting keys break ties by name, and no timing is re-taken.
 """
@@ -72,8 +72,6 @@ def candidates(base: StepProfile, link_bps: float) -> List[Candidate]:
         if freed <= 0:
             continue
         cost = base.module_forward_s.get(module, 0.0)
-        if cost >= 2 * freed / link_bps:  # slower than moving its bytes out and back, even fully exposed
-            continue
         out.append(Candidate(module, freed, cost, dropped, held, subtree_bytes(base, module)))
     out = [c for c in out if not _covered(c, out)]
     return sorted(out, key=lambda c: (c.recompute_s / c.freed_bytes, c.module))
