@@ -264,11 +264,13 @@ def _check_recompute_entries(recompute: Any) -> None:
     from lmsdp.swapping.config import RECOMPUTE_KINDS
 
     entries = [recompute] if isinstance(recompute, str) else list(recompute or [])
-    for entry in entries:
+    for i, entry in enumerate(entries):
         if entry.strip().lower() in ("auto",) + RECOMPUTE_KINDS:
             continue
-        close = difflib.get_close_matches(entry.lower(), ("auto",) + RECOMPUTE_KINDS, n=1, cutoff=0.75)
-        if close or not _MODULE_NAME.match(entry):
-            guess = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"swap.recompute: '{entry}' is neither a kind nor a module name{guess}; allowed: auto, "
-                              + ", ".join(RECOMPUTE_KINDS) + ", or qualified module names (e.g. blocks.0.mlp)")
+        if ("." in entry or entry.startswith("module:")) and _MODULE_NAME.match(entry):
+            continue
+        close = difflib.get_close_matches(entry.lower(), ("auto",) + RECOMPUTE_KINDS, n=1)
+        guess = f" (did you mean '{close[0]}'?)" if close else ""
+        where = "swap.recompute" if isinstance(recompute, str) else f"swap.recompute[{i}]"
+        raise ConfigError(f"{where}: '{entry}' is not allowed{guess}; allowed: auto, " + ", ".join(RECOMPUTE_KINDS)
+                          + ", or module names: dotted paths from named_modules() (blocks.0.mlp) or module:NAME")

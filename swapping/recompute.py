@@ -13,8 +13,8 @@ Recomputation only pays where it removes saved tensors: a checkpointed run saves
 
 while a lone activation or norm would just trade its saved tensor for its input. ``auto`` therefore
 wraps runs and pool/dropout layers; an explicit list wraps every listed kind (runs merged).
-A spec may also name modules (qualified names from ``named_modules()``, e.g. ``blocks.0.mlp``; write
-``module:NAME`` for a module whose name is also a kind): each named module is wrapped as a whole, and
+A spec may also name modules (qualified names from ``named_modules()``, e.g. ``blocks.0.mlp``; a bare
+word is a kind, so a top-level module is written ``module:head``): each named module is wrapped as a whole, and
 consecutive named siblings of an ``nn.Sequential`` form one segment. The per-module planner
 (``recompute_plan``) chooses such names by cost per byte freed.
 BatchNorm recomputation uses batch statistics and updates copies of the running statistics, so they
@@ -58,8 +58,9 @@ def is_kind(entry: str) -> bool:
 
 
 def module_entry(name: str) -> str:
-    """The spec entry that names module ``name`` (prefixed only where the bare name reads as a kind)."""
-    return MODULE_PREFIX + name if is_kind(name) or name.startswith(MODULE_PREFIX) else name
+    """The spec entry that names module ``name``: a dotted path as is, a bare word with ``module:``
+    (a bare word is read as a kind)."""
+    return name if "." in name and not name.startswith(MODULE_PREFIX) else MODULE_PREFIX + name
 
 
 def split_spec(spec: Union[str, Sequence[str]]) -> Tuple[List[str], List[str]]:
@@ -69,10 +70,10 @@ def split_spec(spec: Union[str, Sequence[str]]) -> Tuple[List[str], List[str]]:
     for e in entries:
         if e.startswith(MODULE_PREFIX):
             modules.append(e[len(MODULE_PREFIX):])
-        elif is_kind(e):
-            kinds.append(e)
-        else:
+        elif "." in e:
             modules.append(e)
+        else:
+            kinds.append(e)  # unknown words fail in _kinds with the list of kinds
     return kinds, modules
 
 
