@@ -101,9 +101,10 @@ def test_per_module_plan_file_trains_bit_exact_vs_no_recompute(tmp_path, capsys)
     doc = yaml.safe_load(plan_file.read_text())
     # this target needs no recompute; run the per-module search's choice for a tight one instead
     _c, tight = _plan(tmp_path, "gpt", 16384, -0.5)  # below what swapping alone reaches
-    modules = split_spec(next(s for s in tight.strategies if s.name == PER_MODULE).recompute)[1]
+    spec = next(s for s in tight.strategies if s.name == PER_MODULE).recompute
+    modules = split_spec(spec)[1]
     assert modules
-    doc["swap"]["recompute"] = doc["plan"]["swap"]["recompute"] = modules
+    doc["swap"]["recompute"] = doc["plan"]["swap"]["recompute"] = spec
     plan_file.write_text(yaml.safe_dump(doc))
     off = load_config(config, ["swap.enabled=false", f"train.output_dir={tmp_path}/off"])
     on = load_config(config, [f"swap.plan={plan_file}", f"train.output_dir={tmp_path}/on"])
