@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
@@ -209,6 +210,7 @@ def check_config(config: Config) -> None:
     recompute = config.swap.recompute
     if isinstance(recompute, list) and "auto" in recompute:
         raise ConfigError("swap.recompute: 'auto' stands alone, not inside a list")
+    _check_recompute_entries(recompute)
     if config.comm.strategy == "shard" and config.comm.backend == "horovod":
         raise ConfigError("comm.backend: horovod has no sharding (comm.strategy is 'shard'); "
                           "use comm.backend: torch (or auto, which picks torch for shard)")
@@ -252,3 +254,23 @@ def config_reference_rows() -> List[tuple]:
 
 __all__ = ["Config", "ConfigError", "build", "config_to_dict", "dump_config", "load_config", "read_yaml",
            "check_config", "resolve_factory", "config_reference_rows"]
+
+
+_MODULE_NAME = re.compile(r"^(module:)?[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
+
+
+def _check_recompute_entries(recompute: Any) -> None:
+    """Each swap.recompute entry is a kind or a module name (the model, built later, checks the name)."""
+    from lmsdp.swapping.config import RECOMPUTE_KINDS
+
+    entries = [recompute] if isinstance(recompute, str) else list(recompute or [])
+    for i, entry in enumerate(entries):
+        if entry.strip().lower() in ("auto",) + RECOMPUTE_KINDS:
+            continue
+        if ("." in entry or entry.startswith("module:")) and _MODULE_NAME.match(entry):
+            continue
+        close = difflib.get_close_matches(entry.lower(), ("auto",) + RECOMPUTE_KINDS, n=1)
+        guess = f" (did you mean '{close[0]}'?)" if close else ""
+        where = "swap.recompute" if isinstance(recompute, str) else f"swap.recompute[{i}]"
+        raise ConfigError(f"{where}: '{entry}' is not allowed{guess}; allowed: auto, " + ", ".join(RECOMPUTE_KINDS)
+                          + ", or module names: dotted paths from named_modules() (blocks.0.mlp) or module:NAME")

@@ -167,7 +167,7 @@ def plan_config(config: Any, target: int, batch: int, link: float, device: Any,
     """Profile the job's step at ``batch`` and plan it for ``target`` device bytes."""
     from lmsdp.swapping.plan_models import Settings
     from lmsdp.swapping.planner import plan
-    from lmsdp.swapping.profile import RECOMPUTE_VARIANTS, profile_variants
+    from lmsdp.swapping.profile import RECOMPUTE_VARIANTS, profile_aligned, profile_variants
 
     workload = workload_from_config(config)
     variants = list(RECOMPUTE_VARIANTS)
@@ -179,7 +179,9 @@ def plan_config(config: Any, target: int, batch: int, link: float, device: Any,
     threshold = parse_size(swap.threshold) or 0
     configured = (Settings(threshold, swap.prefetch, swap.keep_last, parse_size(swap.budget) or 0)
                   if swap.enabled else None)
-    return plan(profiles, target, link, threshold, configured, swap.recompute)
+    base = profiles["none"]
+    return plan(profiles, target, link, threshold, configured, swap.recompute,
+                profile_spec=lambda spec: profile_aligned(workload, base, spec, device))
 
 
 # --------------------------------------------------------------------------------------- printing
@@ -245,10 +247,10 @@ def render(result: Any, depth: int, name: str, out: Any = None) -> None:
     for key, nbytes, decision, why, fwd, bwd, flops in rows:
         w(f"{key:<{width}}  {format_size(nbytes):>10}  {fwd * 1e3:>8.1f}  {bwd * 1e3:>8.1f}  {flops / 1e9:>8.2f}  "
           f"{decision:<16}  {why}\n")
-    w(f"\n{'strategy':<24}  {'peak':>10}  {'saved peak':>10}  {'step':>9}  {'exposed':>9}  fits\n")
+    w(f"\n{'strategy':<30}  {'peak':>10}  {'saved peak':>10}  {'step':>9}  {'exposed':>9}  fits\n")
     for st in result.strategies:
         p = st.prediction
-        w(f"{st.name:<24}  {format_size(p.peak_device_bytes):>10}  {format_size(p.peak_saved_bytes):>10}  "
+        w(f"{st.name:<30}  {format_size(p.peak_device_bytes):>10}  {format_size(p.peak_saved_bytes):>10}  "
           f"{p.step_s * 1e3:>7.1f}ms  {p.exposed_s * 1e3:>7.1f}ms  {'yes' if st.fits else 'no'}\n")
 
 

@@ -6,6 +6,7 @@ halfway between "everything swapped" and "nothing swapped". CPU loopback unless 
 a PNG.
 
     python scripts/bench_plan.py [--steps 7] [--png bench_plan.png] [--threads 1]
+    python scripts/bench_plan.py --recompute     # predicted step, per-kind vs per-module recompute
 """
 from __future__ import annotations
 
@@ -64,14 +65,63 @@ def measure(workload: Any, batch: int, settings: Settings, profile: Any, device:
     return stats
 
 
+RECOMPUTE_ZOO = {"resnet18": ZOO["resnet18"], "gpt": ZOO["gpt"]}
+
+
+def recompute_table(threshold: int = 1 << 20) -> None:
+    """Predicted step time of the best per-kind plan (swap only, or swap + a recompute kind rule) against
+    the per-module plan, at targets from loose to below what swapping alone reaches (a fraction of the
+    way from swap-only's smallest peak to the no-swap peak; negative: below it). Predictions only."""
+    from lmsdp.launcher.plan import plan_config
+    from lmsdp.swapping.planner import PER_MODULE
+
+    device = torch.device("cpu")
+    link = link_bandwidth(device)
+    print(f"# predicted step (ms), CPU profile, link {link / 1e9:.1f} GB/s, threshold {threshold >> 10} KiB, batch 8")
+    print(f"{'model':<9} {'target':>9} {'per-kind':>9} {'per-module':>10} {'ratio':>6}  modules")
+    for name, extra in RECOMPUTE_ZOO.items():
+        config = load_config(None, [f"model.name={name}", *extra, "train.steps=1", f"swap.threshold={threshold}"])
+        loose = plan_config(config, 1 << 40, 8, link, device)
+        base = loose.profiles["none"]
+        low = predict(base, Settings(threshold, 1, swap=list(range(len(base.candidates(threshold))))), link)
+        high = predict(base, Settings(threshold, 0, enabled=False), link).peak_device_bytes
+        for frac in (0.5, 0.2, 0.0, -0.1, -0.2):
+            target = int(low.peak_device_bytes + frac * (high - low.peak_device_bytes))
+            result = plan_config(config, target, 8, link, device)
+            rows = {s.name: s for s in result.strategies}
+            kinds = [s for n, s in rows.items() if n not in (PER_MODULE, "planned", "configured") and s.fits]
+            per_kind = [_planned_per_kind(result, target, link, threshold)] + [s.prediction.step_s for s in kinds]
+            best_kind = min((x for x in per_kind if x is not None), default=None)
+            mod = rows[PER_MODULE]
+            text_kind = f"{best_kind * 1e3:>7.1f}ms" if best_kind is not None else f"{'no fit':>9}"
+            text_mod = f"{mod.prediction.step_s * 1e3:>8.1f}ms" if mod.fits else f"{'no fit':>10}"
+            ratio = f"{mod.prediction.step_s / best_kind:>6.2f}" if mod.fits and best_kind else f"{'-':>6}"
+            names = ",".join(str(m) for m in (mod.recompute or [])) if mod.fits else ""
+            print(f"{name:<9} {target / 2**20:>7.2f}Mi {text_kind} {text_mod} {ratio}  {names[:70]}", flush=True)
+
+
+def _planned_per_kind(result: Any, target: int, link: float, threshold: int) -> Any:
+    """The fastest fitting swap plan over the per-kind variants (none, auto, all cheap)."""
+    best = None
+    for key in ("none", "auto", "activation,norm,pool,dropout"):
+        _s, pred = plan_swaps(result.profiles[key], target, link, threshold)
+        if pred.peak_device_bytes <= target and (best is None or pred.step_s < best):
+            best = pred.step_s
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recompute", action="store_true", help="per-kind vs per-module recompute table only")
     parser.add_argument("--steps", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--png", default="bench_plan.png")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", message="lmsdp swap")
     torch.set_num_threads(args.threads)
+    if args.recompute:
+        recompute_table()
+        return
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     link = link_bandwidth(device)
     threshold = 4096

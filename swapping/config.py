@@ -27,8 +27,9 @@ class SwapConfig:
     host_limit: Optional[int] = field(default=None, metadata={
         "unit": "bytes", "help": "cap on pinned host memory for swapped tensors; exceeding it is a HostMemoryLimitError"})
     recompute: Union[str, List[str], None] = field(default=None, metadata={
-        "choices": ("auto",) + RECOMPUTE_KINDS,
-        "help": "layers recomputed in backward instead of swapped: 'auto' or a list of kinds"})
+        "help": "layers recomputed in backward instead of swapped: 'auto', or a list of kinds ("
+                + ", ".join(RECOMPUTE_KINDS) + ") and/or module names from named_modules() (dotted paths, e.g. blocks.0.mlp; "
+                "module:NAME for a top-level module)"})
     transport: str = field(default="auto", metadata={
         "choices": TRANSPORTS.choices(),
         "help": "how swapped bytes move: " + ", ".join(TRANSPORTS.names()) + "; auto: cuda on a CUDA device, "

@@ -3,7 +3,8 @@ profiled step (``profile.StepProfile``), replaying the engine's rules.
 
 Memory model (``predict``): device peak = parameters + optimizer state + max(forward: resident saved
 tensors + swap-outs in flight; backward start: what stayed + the prefetch window + gradients) +
-workspace. The resident-saved part follows the engine's own accounting rule for rule (candidate =
+workspace (+ inputs that recompute checkpoints hold, + the saved tensors of the largest recomputed
+module, live again while its backward runs). The resident-saved part follows the engine's own accounting rule for rule (candidate =
 saved tensor >= threshold; bytes added at pack, removed when a swap-out starts), so it is checked
 against ``peak_saved_bytes`` exactly. Time model: step = forward + backward + recompute + exposed
 transfer, replaying the engine's overlap rules: swap-outs FIFO on one stream from the moment the policy
@@ -49,7 +50,8 @@ def predict(profile: StepProfile, settings: Settings, link_bps: float) -> Predic
     compute = profile.forward_s + profile.backward_s
     if not settings.enabled:
         peak = sum(t.nbytes for t in tensors if t.nbytes >= settings.threshold)
-        device = profile.fixed_bytes + sum(t.nbytes for t in tensors) + profile.grad_bytes + profile.workspace_bytes
+        device = (profile.fixed_bytes + sum(t.nbytes for t in tensors) + profile.grad_bytes + profile.workspace_bytes
+                  + profile.held_bytes + profile.recompute_bytes)
         return Prediction(peak, device, compute, compute, 0.0, [], 0)
     cand = profile.candidates(settings.threshold)
     sizes = [tensors[i].nbytes for i in cand]
@@ -132,8 +134,9 @@ def predict(profile: StepProfile, settings: Settings, link_bps: float) -> Predic
             stall += max(0.0, issued[s] - now)
     end_resident = sum(n for s, n in enumerate(sizes) if s not in swapped)
     non_candidates = sum(t.nbytes for t in tensors) - sum(sizes)
-    bw_peak = end_resident + window + profile.grad_bytes
-    device = profile.fixed_bytes + non_candidates + max(fw_peak, bw_peak) + profile.workspace_bytes
+    bw_peak = end_resident + window + profile.grad_bytes + profile.recompute_bytes
+    device = (profile.fixed_bytes + non_candidates + max(fw_peak, bw_peak) + profile.workspace_bytes
+              + profile.held_bytes)
     return Prediction(peak, device, compute + stall, compute, stall, sorted(swapped),
                       sum(sizes[s] for s in swapped))
 

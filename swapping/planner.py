@@ -14,14 +14,15 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .plan_models import Prediction, Settings, predict
 from .policy import PlanPolicy, SwapPolicy, ThresholdPolicy
 from .profile import RECOMPUTE_VARIANTS, RecomputeSpec, StepProfile, Workload, sizes_profile, variant_key
 
 PREFETCH_DEPTHS = (1, 2, 3, 4, 6, 8)
-PLAN_FORMAT = 1
+PLAN_FORMAT = 2   # 2: swap.recompute may list module names (plan.recompute_modules); format 1 still loads
+PER_MODULE = "planned (per-module recompute)"
 
 
 def policy_for(settings: Settings, profile: Optional[StepProfile] = None) -> SwapPolicy:
@@ -67,6 +68,8 @@ def recompute_label(recompute: RecomputeSpec) -> str:
     """Short name of a recompute variant for tables."""
     if recompute == RECOMPUTE_VARIANTS[2]:
         return "all cheap"
+    if isinstance(recompute, list) and len(recompute) > 3:
+        return f"{len(recompute)} modules"
     return variant_key(recompute)
 
 
@@ -113,8 +116,12 @@ def plan_swaps(profile: StepProfile, target: int, link_bps: float, threshold: in
 
 
 def plan(profiles: Dict[str, StepProfile], target: int, link_bps: float, threshold: int,
-         config_settings: Optional[Settings] = None, config_recompute: RecomputeSpec = None) -> PlanResult:
-    """Compare strategies on the profiled variants and pick the fastest one that fits ``target``."""
+         config_settings: Optional[Settings] = None, config_recompute: RecomputeSpec = None,
+         profile_spec: Optional[Callable[[List[str]], StepProfile]] = None) -> PlanResult:
+    """Compare strategies on the profiled variants and pick the fastest one that fits ``target``.
+    With ``profile_spec`` (profiles a list of module names exactly) recompute is also chosen per
+    module (``recompute_plan``); that row is never worse than the best per-kind plan, whose module
+    set is one of the sets it may choose."""
     base = profiles["none"]
     rows: List[Strategy] = []
 
@@ -138,12 +145,40 @@ def plan(profiles: Dict[str, StepProfile], target: int, link_bps: float, thresho
             continue
         s, _ = plan_swaps(prof, target, link_bps, threshold)
         planned.append(Strategy("", prof.recompute, s, predict(prof, s, link_bps), False))
+    if profile_spec is not None:
+        rows.append(_per_module(profiles, target, link_bps, threshold, profile_spec, planned))
     candidates = [r for r in rows if r.name != "configured"] + planned
     fitting = [c for c in candidates if c.prediction.peak_device_bytes <= target]
     min_peak = min(c.prediction.peak_device_bytes for c in candidates)
     chosen = min(fitting, key=lambda c: (c.prediction.step_s, len(c.settings.swap or []))) if fitting else None
     final = row("planned", chosen.recompute, chosen.settings) if chosen is not None else None
     return PlanResult(target, link_bps, base.batch, final, rows, min_peak, profiles)
+
+
+def _per_module(profiles: Dict[str, StepProfile], target: int, link_bps: float, threshold: int,
+                profile_spec: Callable[[List[str]], StepProfile], per_kind: List[Strategy]) -> Strategy:
+    """The per-module row: the greedy search's plan, or a per-kind variant's module set where that is faster."""
+    from .recompute import module_entry
+    from .recompute_plan import plan_modules
+
+    found = plan_modules(profiles["none"], target, link_bps, threshold, profile_spec, plan_swaps)
+    options = []
+    if found is not None:
+        spec = [module_entry(n) for n in found.modules] or None
+        options.append((spec, dataclasses.replace(found.profile, recompute=spec), found.settings, found.prediction))
+    for st in per_kind:  # the same wrapping, named module by module
+        prof = profiles[variant_key(st.recompute)]
+        spec = [module_entry(n) for n in prof.recomputed] or None
+        options.append((spec, dataclasses.replace(prof, recompute=spec), st.settings, st.prediction))
+
+    def rank(o: tuple) -> tuple:
+        fits = o[3].peak_device_bytes <= target
+        return (not fits, o[3].step_s if fits else o[3].peak_device_bytes, len(o[0] or []))
+
+    spec, prof, settings, pred = min(options, key=rank)
+    if spec:
+        profiles[variant_key(spec)] = prof
+    return Strategy(PER_MODULE, spec, settings, pred, pred.peak_device_bytes <= target)
 
 
 # ------------------------------------------------------------------------------------- largest batch
@@ -220,6 +255,7 @@ def plan_document(result: PlanResult) -> Dict[str, Any]:
         "predicted_step_s": round(st.prediction.step_s, 6), "link_gb_per_s": round(result.link_bps / 1e9, 3),
         "swap": {"enabled": True, "threshold": st.settings.threshold,
                  "prefetch": st.settings.prefetch, "recompute": st.recompute},
+        "recompute_modules": list(prof.recomputed),
         "tensors": {"sizes": [prof.tensors[i].nbytes for i in cand], "swap": planned.swap,
                     "order": list(pol.learned_order or [])},
     }
@@ -238,4 +274,4 @@ def to_json(doc: Dict[str, Any]) -> str:
 
 
 __all__ = ["Strategy", "PlanResult", "plan", "plan_swaps", "policy_for", "max_batch", "BatchSizes", "recompute_label",
-           "plan_document", "policy_from_document", "to_json", "PREFETCH_DEPTHS", "PLAN_FORMAT"]
+           "plan_document", "policy_from_document", "to_json", "PREFETCH_DEPTHS", "PLAN_FORMAT", "PER_MODULE"]

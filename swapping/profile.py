@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -67,6 +67,7 @@ class SavedTensor:
     pack_s: float        # compute seconds from forward start to this pack
     use_s: float         # compute seconds from backward start to its first use (-1: never used)
     use_rank: int        # position in the first-use order (-1: never used)
+    packers: Tuple[str, ...] = ()   # every module that saved it (autograd saves one tensor for several ops)
 
 
 @dataclass
@@ -88,6 +89,11 @@ class StepProfile:
     module_backward_s: Dict[str, float]  # backward compute ending at first uses of the module's tensors
     recomputed: List[str]            # original names of modules run again in backward
     timed: str                       # how times were obtained (for the report)
+    module_forward_flops: Dict[str, int] = field(default_factory=dict)
+    # per module called once in forward: its inputs that need grad, as (saved tensor index or -1, bytes)
+    module_inputs: Dict[str, List[Tuple[int, int]]] = field(default_factory=dict)
+    held_bytes: int = 0              # recompute segments' inputs no saved tensor holds (checkpoint keeps them)
+    recompute_bytes: int = 0         # saved bytes of the largest recomputed module, live again in its backward
 
     @property
     def fixed_bytes(self) -> int:
@@ -115,6 +121,13 @@ class _Recorder:
         self.order: List[int] = []
         self.t_forward = self.t_backward = 0.0
         self.backward_started = False
+        self.packers: List[List[str]] = []
+        self.inputs: Dict[str, List[Tuple[tuple, int]]] = {}   # module -> (key, bytes) of inputs needing grad
+        self.calls: Dict[str, int] = {}
+
+    @staticmethod
+    def key(t: torch.Tensor) -> tuple:
+        return (t.untyped_storage()._cdata, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t._version)
 
     def pack(self, t: torch.Tensor) -> Any:
         if self.backward_started:
@@ -126,9 +139,13 @@ class _Recorder:
         base = t._base
         if base is not None and base.requires_grad and base.is_leaf:
             return (None, t)
-        key = (t.untyped_storage()._cdata, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t._version)
+        key = self.key(t)
         idx = self.keys.get(key)
+        here = self.stack[-1] if self.stack else ""
+        if idx is not None and here not in self.packers[idx]:
+            self.packers[idx].append(here)
         if idx is None:
+            self.packers.append([here])
             idx = len(self.sizes)
             self.keys[key] = idx
             self.keep.append(t)  # alive until the profile ends: no storage reuse, as the engine's weakref check
@@ -150,10 +167,13 @@ class _Recorder:
     def module_hooks(self, model: nn.Module, forward_s: Dict[str, float]) -> List[Any]:
         handles, starts = [], {}
         for name, mod in model.named_modules():
-            def pre(_m: nn.Module, _a: Any, name: str = name) -> None:
+            def pre(_m: nn.Module, args: Any, name: str = name) -> None:
                 if not self.backward_started:
                     self.stack.append(name)
                     starts[name] = self.clock()
+                    self.calls[name] = self.calls.get(name, 0) + 1
+                    self.inputs[name] = [(self.key(a), a.nbytes) for a in args
+                                         if isinstance(a, torch.Tensor) and a.requires_grad and a.layout == torch.strided]
 
             def post(_m: nn.Module, _a: Any, _o: Any, name: str = name) -> None:
                 if not self.backward_started and self.stack and self.stack[-1] == name:
@@ -172,7 +192,7 @@ def recomputed_names(model: nn.Module) -> List[str]:
         if not isinstance(mod, Recompute):
             continue
         parent, _, first = path.rpartition(".")
-        body = list(mod.body) if isinstance(mod.body, nn.Sequential) and len(mod.body) > 1 else [mod.body]
+        body = list(mod.body) if mod.run > 1 else [mod.body]
         out.append(path)
         if len(body) > 1:  # the run's other slots became nn.Identity siblings right after ``first``
             parent_mod = model.get_submodule(parent) if parent else model
@@ -182,9 +202,32 @@ def recomputed_names(model: nn.Module) -> List[str]:
     return out
 
 
-def _strip(name: str) -> str:
-    """'resnet.body.0' style names inside Recompute wrappers back to the original module name."""
-    return name.replace(".body.0", "").replace(".body", "") if ".body" in name else name
+def original_names(model: nn.Module) -> Callable[[str], str]:
+    """Maps module paths of a model with Recompute wrappers back to the original module names
+    ('blocks.0.mlp.body.2' -> 'blocks.0.mlp.2'; a segment's 'x.body.1' -> the sibling after 'x')."""
+    from .recompute import Recompute
+
+    prefixes: Dict[str, str] = {}
+    for path, mod in model.named_modules():
+        if not isinstance(mod, Recompute):
+            continue
+        if mod.run > 1:
+            parent, _, first = path.rpartition(".")
+            names = list((model.get_submodule(parent) if parent else model)._modules)
+            i = names.index(first)
+            for j, sibling in enumerate(names[i:i + mod.run]):
+                prefixes[f"{path}.body.{j}"] = f"{parent}.{sibling}" if parent else sibling
+        prefixes[f"{path}.body"] = path
+    if not prefixes:
+        return lambda name: name
+    ordered = sorted(prefixes, key=len, reverse=True)
+
+    def rename(name: str) -> str:
+        for p in ordered:
+            if name == p or name.startswith(p + "."):
+                return prefixes[p] + name[len(p):]
+        return name
+    return rename
 
 
 def _run_step(workload: Workload, model: nn.Module, batch: int, device: torch.device, rec: _Recorder,
@@ -221,8 +264,32 @@ def _apply(model: nn.Module, recompute: RecomputeSpec) -> nn.Module:
     return model
 
 
+@dataclass
+class _ModuleFacts:
+    """What the fake run learns about modules (names already mapped back to the unwrapped model)."""
+
+    rename: Callable[[str], str]
+    inputs: Dict[str, List[Tuple[int, int]]]
+    held_bytes: int
+
+
+def _module_facts(rec: _Recorder, model: nn.Module) -> _ModuleFacts:
+    from .recompute import Recompute
+
+    rename = original_names(model)
+    wrappers = {path for path, m in model.named_modules() if isinstance(m, Recompute)}
+    held: Dict[tuple, int] = {}
+    for path in wrappers:  # a checkpoint keeps its inputs in its closure, out of the hooks' sight
+        for key, nbytes in rec.inputs.get(path, []):
+            if key not in rec.keys:
+                held[key] = nbytes
+    inputs = {rename(m): [(rec.keys.get(k, -1), n) for k, n in ins] for m, ins in rec.inputs.items()
+              if rec.calls.get(m) == 1 and m not in wrappers}
+    return _ModuleFacts(rename, inputs, sum(held.values()))
+
+
 def _fake_profile(workload: Workload, batch: int, recompute: RecomputeSpec
-                  ) -> Tuple[_Recorder, Dict[str, int], Dict[str, int], int, int, List[str]]:
+                  ) -> Tuple[_Recorder, Dict[str, int], Dict[str, int], int, int, List[str], _ModuleFacts]:
     """Sizes, order, modules and FLOPs (per module: forward + backward, and forward alone; '' = the
     step) at ``batch`` without memory or compute."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -254,13 +321,14 @@ def _fake_profile(workload: Workload, batch: int, recompute: RecomputeSpec
                                    "the planner needs a step that depends on shapes only (without it: "
                                    "swap.plan: none, and a batch chosen by hand or by lmsrun tune)") from None
         names = recomputed_names(model)
+        facts = _module_facts(rec, model)
     by_module: Dict[str, int] = {}   # forward + backward FLOPs per module
     for key, ops in counter.get_flop_counts().items():
         if key != "Global":
-            by_module[_strip(key.partition(".")[2])] = int(sum(ops.values()))
+            by_module[facts.rename(key.partition(".")[2])] = int(sum(ops.values()))
     by_module[""] = int(counter.get_total_flops())
-    forward = {_strip(k.partition(".")[2]): v for k, v in forward_counts.items() if k != "Global"}
-    return rec, by_module, forward, params, grads, names
+    forward = {facts.rename(k.partition(".")[2]): v for k, v in forward_counts.items() if k != "Global"}
+    return rec, by_module, forward, params, grads, names, facts
 
 
 def optimizer_state_bytes(workload: Workload) -> int:
@@ -287,7 +355,7 @@ def profile_workload(workload: Workload, batch: int, recompute: RecomputeSpec = 
     (default: ``batch``; 0: no real run, times from FLOPs at ``flops_rate`` FLOP/s, default the device's
     measured matmul rate: how a CPU machine plans for a GPU it does not have)."""
     device = torch.device(device)
-    fake, flops_by_module, forward_flops, params, grads, names = _fake_profile(workload, batch, recompute)
+    fake, flops_by_module, forward_flops, params, grads, names, facts = _fake_profile(workload, batch, recompute)
     total_flops = max(1, flops_by_module.get("", 0))
     tb = batch if time_batch is None else time_batch
     if flops_rate:
@@ -321,7 +389,7 @@ def profile_workload(workload: Workload, batch: int, recompute: RecomputeSpec = 
         scale = total_flops / max(1, fake_tb)
         pack_t, use_t = [t * scale for t in real.pack_t], {i: t * scale for i, t in real.use_t.items()}
         forward_s, backward_s = fw * scale, bw * scale
-        module_forward_s = {_strip(k): v * scale for k, v in module_s.items()}
+        module_forward_s = {facts.rename(k): v * scale for k, v in module_s.items()}
         timed = f"measured on {device.type} at batch {tb}" + (f", scaled x{scale:.2f} by FLOPs" if tb != batch else "")
         workspace = int(workspace * scale)
     else:  # events placed by cumulative FLOPs at the device's rate
@@ -335,13 +403,19 @@ def profile_workload(workload: Workload, batch: int, recompute: RecomputeSpec = 
         timed = f"from FLOPs at {rate / 1e9:.1f} GFLOP/s ({device.type})"
     if not workspace:  # CPU / no measurement: a layer's output and its gradient, the largest of them
         workspace = 2 * max(fake.sizes, default=0)
-    rank = {idx: r for r, idx in enumerate(fake.order)}
-    tensors = [SavedTensor(n, _strip(m), p, use_t.get(i, -1.0), rank.get(i, -1))
-               for i, (n, m, p) in enumerate(zip(fake.sizes, fake.modules, pack_t))]
+    tensors = _saved_tensors(fake, facts, pack_t, use_t)
     opt_bytes = optimizer_state_bytes(workload) if optimizer_bytes is None else optimizer_bytes
     return StepProfile(batch, recompute, tensors, forward_s, backward_s, params, grads, opt_bytes, workspace,
                        total_flops, {k: v for k, v in flops_by_module.items() if k}, module_forward_s,
-                       backward_by_module(tensors), names, timed)
+                       backward_by_module(tensors), names, timed, forward_flops, facts.inputs, facts.held_bytes)
+
+
+def _saved_tensors(fake: _Recorder, facts: _ModuleFacts, pack_t: Sequence[float],
+                   use_t: Dict[int, float]) -> List[SavedTensor]:
+    rank = {idx: r for r, idx in enumerate(fake.order)}
+    return [SavedTensor(n, facts.rename(m), p, use_t.get(i, -1.0), rank.get(i, -1),
+                        tuple(facts.rename(x) for x in fake.packers[i]))
+            for i, (n, m, p) in enumerate(zip(fake.sizes, fake.modules, pack_t))]
 
 
 def backward_by_module(tensors: Sequence[SavedTensor]) -> Dict[str, float]:
@@ -428,21 +502,37 @@ def _align_times(prof: StepProfile, base: StepProfile) -> None:
         if t.use_s >= 0:
             t.use_s *= bw_scale
     prof.forward_s, prof.backward_s = base.forward_s, base.backward_s + extra
+    prof.recompute_bytes = max((subtree_bytes(base, name) for name in prof.recomputed), default=0)
     prof.timed = base.timed + f"; +{extra * 1e3:.1f} ms recompute"
+
+
+def profile_aligned(workload: Workload, base: StepProfile, recompute: RecomputeSpec,
+                    device: Union[str, torch.device] = "cpu") -> StepProfile:
+    """A recompute variant profiled by a fake run only (events at the base step's FLOP rate) and
+    aligned to the base step: what the per-module planner checks its estimate against."""
+    rate = base.flops / max(1e-12, base.forward_s + base.backward_s)
+    prof = profile_workload(workload, base.batch, recompute, device, 0, base.optimizer_bytes, rate)
+    _align_times(prof, base)
+    return prof
+
+
+def subtree_bytes(profile: StepProfile, module: str) -> int:
+    """Saved bytes of ``module`` and the modules inside it."""
+    return sum(t.nbytes for t in profile.tensors if t.module == module or t.module.startswith(module + "."))
 
 
 def sizes_profile(workload: Workload, batch: int, recompute: RecomputeSpec, optimizer_bytes: int) -> StepProfile:
     """Sizes and order only (a fake run; times are FLOP fractions of a nominal 1 s step)."""
-    fake, flops, _forward, params, grads, names = _fake_profile(workload, batch, recompute)
-    rank = {idx: r for r, idx in enumerate(fake.order)}
+    fake, flops, _forward, params, grads, names, facts = _fake_profile(workload, batch, recompute)
     total = max(1.0, float(flops.get("", 1)))
-    tensors = [SavedTensor(n, m, p / total, fake.use_t.get(i, -1.0) / total, rank.get(i, -1))
-               for i, (n, m, p) in enumerate(zip(fake.sizes, fake.modules, fake.pack_t))]
+    tensors = _saved_tensors(fake, facts, [p / total for p in fake.pack_t],
+                             {i: u / total for i, u in fake.use_t.items()})
     fw = fake.t_backward / total if fake.t_backward else 1 / 3
     return StepProfile(batch, recompute, tensors, fw, 1 - fw, params, grads, optimizer_bytes,
-                       2 * max(fake.sizes, default=0), int(total), {}, {}, {}, names, "sizes only")
+                       2 * max(fake.sizes, default=0), int(total), {}, {}, {}, names, "sizes only",
+                       {}, facts.inputs, facts.held_bytes)
 
 
 __all__ = ["RecomputeSpec", "RECOMPUTE_VARIANTS", "Workload", "FakeProfileError", "SavedTensor", "StepProfile", "profile_workload",
            "profile_variants", "sizes_profile", "optimizer_state_bytes", "backward_by_module", "recomputed_names",
-           "variant_key", "link_bandwidth", "device_flops"]
+           "variant_key", "link_bandwidth", "device_flops", "subtree_bytes", "original_names", "profile_aligned"]

@@ -13,13 +13,17 @@ Recomputation only pays where it removes saved tensors: a checkpointed run saves
 
 while a lone activation or norm would just trade its saved tensor for its input. ``auto`` therefore
 wraps runs and pool/dropout layers; an explicit list wraps every listed kind (runs merged).
+A spec may also name modules (qualified names from ``named_modules()``, e.g. ``blocks.0.mlp``; a bare
+word is a kind, so a top-level module is written ``module:head``): each named module is wrapped as a whole, and
+consecutive named siblings of an ``nn.Sequential`` form one segment. The per-module planner
+(``recompute_plan``) chooses such names by cost per byte freed.
 BatchNorm recomputation uses batch statistics and updates copies of the running statistics, so they
 advance once per forward as without recomputation.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from typing import Iterator, List, Sequence, Set, Tuple, Type, Union
+from typing import Dict, Iterator, List, Sequence, Set, Tuple, Type, Union
 
 import torch
 from torch import nn
@@ -45,6 +49,32 @@ KIND_TYPES = {
     "dropout": (nn.modules.dropout._DropoutNd,),
 }
 _ALONE_WORTH_IT = ("pool", "dropout")
+MODULE_PREFIX = "module:"
+
+
+def is_kind(entry: str) -> bool:
+    """Whether a spec entry names a layer kind (or 'auto') rather than a module."""
+    return entry.strip().lower() in KIND_TYPES or entry.strip().lower() == "auto"
+
+
+def module_entry(name: str) -> str:
+    """The spec entry that names module ``name``: a dotted path as is, a bare word with ``module:``
+    (a bare word is read as a kind)."""
+    return name if "." in name and not name.startswith(MODULE_PREFIX) else MODULE_PREFIX + name
+
+
+def split_spec(spec: Union[str, Sequence[str]]) -> Tuple[List[str], List[str]]:
+    """(kinds, module names) of a recompute spec: entries that are kinds or 'auto', and the rest."""
+    entries = [spec] if isinstance(spec, str) else list(spec)
+    kinds, modules = [], []
+    for e in entries:
+        if e.startswith(MODULE_PREFIX):
+            modules.append(e[len(MODULE_PREFIX):])
+        elif "." in e:
+            modules.append(e)
+        else:
+            kinds.append(e)  # unknown words fail in _kinds with the list of kinds
+    return kinds, modules
 
 
 def _kinds(spec: Union[str, Sequence[str]]) -> Tuple[Set[str], bool]:
@@ -73,6 +103,7 @@ class Recompute(nn.Module):
             if getattr(m, "inplace", False):
                 m.inplace = False  # an in-place op would overwrite the checkpoint's saved input
         self.body = body[0] if len(body) == 1 else nn.Sequential(*body)
+        self.run = len(body)  # > 1: a segment of siblings; their other slots became nn.Identity
         self.recomputing = False
 
     @contextmanager
@@ -100,9 +131,47 @@ class Recompute(nn.Module):
 
 
 def apply_recompute(model: nn.Module, spec: Union[str, Sequence[str]]) -> int:
-    """Wrap cheap layers of ``model`` in :class:`Recompute` in place; returns the modules wrapped."""
-    kinds, auto = _kinds(spec)
-    return _apply(model, kinds, auto)
+    """Wrap the named modules, then cheap layers of the listed kinds, of ``model`` in :class:`Recompute`
+    in place; returns the modules wrapped."""
+    kind_entries, modules = split_spec(spec)
+    wrapped = _apply_modules(model, modules) if modules else 0
+    if kind_entries:
+        kinds, auto = _kinds(kind_entries)
+        wrapped += _apply(model, kinds, auto)
+    return wrapped
+
+
+def _apply_modules(model: nn.Module, names: Sequence[str]) -> int:
+    """Wrap each named module; a module inside another named one runs inside that one's segment."""
+    known = dict(model.named_modules())
+    missing = sorted(n for n in set(names) if n not in known or n == "")
+    if missing:
+        raise ValueError(f"recompute: no module named {missing} in {type(model).__name__}; use qualified names "
+                         "from named_modules() (e.g. 'layers.0.relu') or kinds ('auto', "
+                         + ", ".join(RECOMPUTE_KINDS) + ")")
+    chosen = set(names)
+    outer = [n for n in chosen if not any(n.startswith(o + ".") for o in chosen if o != n)]
+    by_parent: Dict[str, List[str]] = {}
+    for n in outer:
+        parent, _, child = n.rpartition(".")
+        by_parent.setdefault(parent, []).append(child)
+    wrapped = 0
+    for parent_name in sorted(by_parent):
+        parent = known[parent_name]
+        picked = set(by_parent[parent_name])
+        order = [c for c in parent._modules if c in picked]  # definition order: segments are deterministic
+        if isinstance(parent, nn.Sequential):  # consecutive named siblings form one segment
+            run: List[str] = []
+            for c in list(parent._modules) + [None]:  # type: ignore[list-item]
+                if c is not None and c in picked:
+                    run.append(c)
+                    continue
+                wrapped += _wrap_run(parent, run, set(), False)
+                run = []
+        else:
+            for c in order:
+                wrapped += _wrap_run(parent, [c], set(), False)
+    return wrapped
 
 
 def _apply(parent: nn.Module, kinds: Set[str], auto: bool) -> int:
