@@ -33,6 +33,7 @@ class Run:
             args = args + ("--set", f"name={self.marker}")
         self.lines: list = []  # (time, stream, text)
         self.started = time.monotonic()
+        self.started_epoch = time.time()  # processes older than this (e.g. a test Slurm cluster) are not ours
         self.proc = subprocess.Popen([LMSRUN, *args], cwd=REPO, env=env or ENV, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, errors="replace")
         self.readers = [threading.Thread(target=self._read, args=(s, n), daemon=True)
@@ -82,7 +83,7 @@ def assert_no_leftovers(run: Run) -> None:
     deadline = time.monotonic() + 5
     while True:
         children = [p for p in psutil.Process().children(recursive=True) if p.is_running()
-                    and p.status() != psutil.STATUS_ZOMBIE]
+                    and p.status() != psutil.STATUS_ZOMBIE and _born_after(p, run.started_epoch - 0.1)]
         marked = []
         for proc in psutil.process_iter(["pid", "cmdline"]):
             try:
@@ -95,6 +96,13 @@ def assert_no_leftovers(run: Run) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"left behind: children={children} marked={marked}")
         time.sleep(0.2)
+
+
+def _born_after(proc: psutil.Process, epoch: float) -> bool:
+    try:
+        return proc.create_time() >= epoch
+    except psutil.Error:
+        return False
 
 
 def rank_process(run: Run, rank: int) -> psutil.Process:
