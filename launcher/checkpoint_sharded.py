@@ -19,7 +19,7 @@ import re
 import shutil
 import sys
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -99,46 +99,46 @@ class ShardedCheckpointManager:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        choices = self.backend.allgather_object(sharded_candidates(self.directory) if self.backend.rank == 0
-                                                else None)[0]
-        for _, path in choices:
-            problem = None
-            try:
-                extra = torch.load(os.path.join(path, META), map_location="cpu", weights_only=False)
-                if not isinstance(extra, dict) or "step" not in extra:
-                    raise ValueError(f"{META} is not lmsdp's (missing 'step')")
-                model_state, optim_state = get_state_dict(model, _inner(optimizer))
-                state = {"model": model_state, "optimizer": optim_state}
-                dcp.load(state, storage_reader=dcp.FileSystemReader(path))
-            except (Exception, dcp.CheckpointException) as exc:  # noqa: BLE001 - do not trust this folder
-                # (DCP's CheckpointException is a BaseException carrying every rank's failure)
-                problem = _first_line(exc)
-            problems = [p for p in self.backend.allgather_object(problem) if p]
-            if problems:
-                if self.backend.rank == 0:
-                    print(f"[lmsdp] warning: checkpoint {path} is damaged or incomplete ({problems[0]}); "
-                          "trying an older one", file=sys.stderr, flush=True)
-                continue
+        def read(path: str) -> Dict[str, Any]:  # DCP reshards into this job's sharded model
+            model_state, optim_state = get_state_dict(model, _inner(optimizer))
+            state = {"model": model_state, "optimizer": optim_state}
+            dcp.load(state, storage_reader=dcp.FileSystemReader(path))
+            return state
+
+        def apply(state: Dict[str, Any]) -> None:
             set_state_dict(model, _inner(optimizer), model_state_dict=state["model"],
                            optim_state_dict=state["optimizer"])
-            return path, extra
-        return None
+
+        return self._load_first_good(read, apply)
 
     def load_latest_full(self, model: nn.Module, optimizer: Any) -> Optional[Tuple[str, Dict[str, Any]]]:
         """Replicate resuming a sharded checkpoint: every rank reads the whole folder in its own process
         (no collectives: any backend) into its full ``model``/``optimizer``; same skip-the-damaged rule."""
+        def read(path: str) -> Dict[str, Any]:
+            state = read_full(path)
+            return {"model": state["model"], "optimizer": optim_by_index(state["optimizer"], optimizer, model)}
+
+        def apply(state: Dict[str, Any]) -> None:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+
+        return self._load_first_good(read, apply)
+
+    def _load_first_good(self, read: Callable[[str], Dict[str, Any]], apply: Callable[[Dict[str, Any]], None]
+                         ) -> Optional[Tuple[str, Dict[str, Any]]]:
+        """Newest first (rank 0's listing, one view for every rank): ``read`` a folder on every rank; if
+        any rank failed, all skip it together (one warning line) for the next older; else ``apply``."""
         choices = self.backend.allgather_object(sharded_candidates(self.directory) if self.backend.rank == 0
                                                 else None)[0]
         for _, path in choices:
-            problem = None
+            problem, state = None, None
             try:
                 extra = torch.load(os.path.join(path, META), map_location="cpu", weights_only=False)
                 if not isinstance(extra, dict) or "step" not in extra:
                     raise ValueError(f"{META} is not lmsdp's (missing 'step')")
-                state = read_full(path)
-                model_state, optim_state = state["model"], optim_by_index(state["optimizer"], optimizer, model)
-            except BaseException as exc:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
-                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                state = read(path)
+            except BaseException as exc:  # noqa: BLE001 - do not trust this folder (DCP's
+                if isinstance(exc, (KeyboardInterrupt, SystemExit)):  # CheckpointException is a BaseException)
                     raise
                 problem = _first_line(exc)
             problems = [p for p in self.backend.allgather_object(problem) if p]
@@ -147,8 +147,7 @@ class ShardedCheckpointManager:
                     print(f"[lmsdp] warning: checkpoint {path} is damaged or incomplete ({problems[0]}); "
                           "trying an older one", file=sys.stderr, flush=True)
                 continue
-            model.load_state_dict(model_state)
-            optimizer.load_state_dict(optim_state)
+            apply(state)  # type: ignore[arg-type]
             return path, extra
         return None
 
