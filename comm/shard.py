@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import difflib
 import threading
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
