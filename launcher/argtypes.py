@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import NoReturn
+from typing import List, NoReturn
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -33,3 +33,14 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def rank_list(text: str) -> List[int]:
+    """'1,2,4,8' -> [1, 2, 4, 8] (argparse type for --ranks)."""
+    try:
+        values = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        values = []
+    if not values or values[0] < 1:
+        raise argparse.ArgumentTypeError(f"expected a comma list of positive rank counts, e.g. 1,2,4,8; got {text!r}")
+    return values

@@ -29,9 +29,9 @@ import threading
 import time
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from .argtypes import OneLineParser, positive_int
+from .argtypes import OneLineParser, positive_int, rank_list
 from .errors import UserError
-from .tune_search import MARGIN, SLACK_S, Setting, Space, Trial, Tuner, choose
+from .tune_search import MARGIN, SLACK_S, Setting, Space, Trial, Tuner, choose, core_binding
 
 
 def planner_ceiling(config: Any) -> Tuple[Optional[int], str]:
@@ -90,23 +90,14 @@ def make_space(config: Any, max_batch: Optional[int], ranks: Optional[List[int]]
         gpus = torch.cuda.device_count() if task_ceiling is None else min(torch.cuda.device_count(), task_ceiling)
         if ranks:
             raise UserError(f"--ranks: GPU runs use one rank per GPU ({gpus} here); --ranks is for CPU runs")
-        return Space(cores, [gpus], batch0, max(ceiling, batch0), gpu=True), source
+        return Space(cores, [gpus], batch0, max(ceiling, batch0), gpu=True, most_ranks=gpus), source
     if ranks and max(ranks) > most_ranks:
         raise UserError(f"--ranks: {max(ranks)} ranks exceed the {most_ranks} this machine gives "
                         f"({cores} core(s){'' if task_ceiling is None else f', {task_ceiling} task(s)'}); "
                         f"allowed: 1 to {most_ranks}")
-    return Space(cores, ranks or list(range(1, most_ranks + 1)), batch0, max(ceiling, batch0)), source
+    return Space(cores, ranks or list(range(1, most_ranks + 1)), batch0, max(ceiling, batch0),
+                 most_ranks=most_ranks), source
 
-
-def rank_list(text: str) -> List[int]:
-    """'1,2,4,8' -> [1, 2, 4, 8] (argparse type for --ranks)."""
-    try:
-        values = sorted({int(part) for part in text.split(",") if part.strip()})
-    except ValueError:
-        values = []
-    if not values or values[0] < 1:
-        raise argparse.ArgumentTypeError(f"expected a comma list of positive rank counts, e.g. 1,2,4,8; got {text!r}")
-    return values
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,7 +128,7 @@ class TrialRunner:
                 f"train.batch_size={setting.batch}", f"launch.interop_threads={setting.interop}"]:
             argv += ["--set", item]
         if setting.bind == "core":
-            argv += ["--mpi-args", f"--map-by slot:PE={setting.threads} --bind-to core"]
+            argv += ["--mpi-args", core_binding(setting.threads)]
         args = cli.build_parser().parse_args(argv)
         plan = cli.make_plan(args, None)
         command, flavor, env = cli.mpi_command(plan)
@@ -348,7 +339,7 @@ def write_config(path_in: str, path_out: str, s: Setting, overrides: List[str]) 
     launch.update(np=s.np, threads=s.threads, interop_threads=s.interop)
     mpi_args = re.sub(r"--(map-by|bind-to)\s+\S+", "", str(launch.get("mpi_args", "") or "")).strip()
     if s.bind == "core":
-        mpi_args = f"{mpi_args} --map-by slot:PE={s.threads} --bind-to core".strip()
+        mpi_args = f"{mpi_args} {core_binding(s.threads)}".strip()
     launch["mpi_args"] = mpi_args
     train = raw.setdefault("train", {}) or {}
     raw["train"] = train
@@ -422,9 +413,7 @@ def run(argv: List[str]) -> int:
 
     config = load_config(args.config, args.overrides)
     space, batch_source = make_space(config, args.max_batch, args.ranks)
-    _, task_ceiling, _ = local_limits()
-    most_ranks = space.cores if task_ceiling is None else min(space.cores, task_ceiling)
-    np0 = space.ranks[0] if space.gpu else min(config.launch.np, most_ranks)
+    np0 = space.ranks[0] if space.gpu else min(config.launch.np, space.most_ranks)
     threads0 = config.launch.threads if isinstance(config.launch.threads, int) and config.launch.threads else \
         max(1, space.cores // np0)
     base = Setting(np0, threads0, config.launch.interop_threads, config.train.batch_size, "none")

@@ -133,6 +133,11 @@ class BatchModel:
 # the space
 
 
+def core_binding(threads: int) -> str:
+    """mpirun flags that bind each rank to ``threads`` cores (trials, the written config, the benchmark)."""
+    return f"--map-by slot:PE={threads} --bind-to core"
+
+
 @dataclass
 class Space:
     """What may vary: rank counts, threads per rank for a rank count, batches, inter-op, bindings."""
@@ -142,6 +147,7 @@ class Space:
     batch0: int
     max_batch: int
     gpu: bool = False
+    most_ranks: int = 0  # the most ranks this machine or allocation gives (0: the cores)
 
     def threads_for(self, np_: int) -> List[int]:
         share = max(1, self.cores // np_)
@@ -386,5 +392,5 @@ def _readings(trial: Trial) -> List[float]:
     return trial.rates or [trial.samples_per_s]  # type: ignore[list-item]
 
 
-__all__ = ["MARGIN", "BINDINGS", "SLACK_S", "Setting", "Trial", "least_squares", "StepModel", "BatchModel", "Space",
+__all__ = ["MARGIN", "BINDINGS", "core_binding", "SLACK_S", "Setting", "Trial", "least_squares", "StepModel", "BatchModel", "Space",
            "TrialSource", "Tuner", "choose"]

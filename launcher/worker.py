@@ -249,13 +249,13 @@ def _train(config: Config, parts: RunParts) -> int:
             comm_stats = strategy.step_stats(model, optimizer)
             if train.clip_grad_norm:
                 comm_stats["grad_norm"] = grad_norm
-            if scaler.is_enabled():  # float16: halves on a step skipped for inf/NaN gradients
-                comm_stats["loss_scale"] = scaler.get_scale()
             # One small collective per step carries the loss and the stop flag; built on the loss's
             # device and read back once, so the step pays a single host sync.
             flag = torch.tensor([float(bool(stop.signum))], device=loss.device)
             loss_sum, stop_votes = backend.allreduce(torch.cat([loss.detach().float().reshape(1), flag]),
                                                      op="sum").tolist()
+            if scaler.is_enabled():  # float16: halves on a skipped step; read after the sync above, so free
+                comm_stats["loss_scale"] = scaler.get_scale()
             elapsed = time.perf_counter() - started
             record = {"step": step, "loss": loss_sum / size, "step_time_s": elapsed,
                       "samples_per_s": train.batch_size * size / elapsed, "lr": optimizer.param_groups[0]["lr"],

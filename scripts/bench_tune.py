@@ -19,6 +19,8 @@ import sys
 import tempfile
 from typing import Dict, List
 
+from lmsdp.launcher.tune_search import core_binding
+
 LMSRUN = [sys.executable, "-m", "lmsdp.launcher.cli"]  # this interpreter's lmsrun, wherever pip put the script
 WORKLOADS: Dict[str, str] = {
     "resnet18 (w16, 32x32, b16)": """name: bench_resnet
@@ -69,7 +71,7 @@ def setting_args(row: dict) -> List[str]:
     argv = ["-np", str(row["np"]), "--threads", str(row["threads"]), "--set", f"train.batch_size={row['batch']}",
             "--set", f"launch.interop_threads={row['interop']}"]
     if row["bind"] == "core":
-        argv += ["--mpi-args", f"--map-by slot:PE={row['threads']} --bind-to core"]
+        argv += ["--mpi-args", core_binding(row["threads"])]
     return argv
 
 
