@@ -1,18 +1,26 @@
 """Split mpirun's tagged output by rank.
 
-Open MPI tags every chunk ``[job,rank]<stream>:`` (``--tag-output``; Hydra: ``[rank] ``). The
-demultiplexer passes rank 0's bytes through unchanged (its progress bar redraws with \\r), prefixes
-other ranks' lines with ``[R] ``, copies everything to ``rank<R>.log`` when an output folder is given,
-and keeps each rank's last lines for the failure report. mpirun's own lines are held back; the runner
-decides whether to show them.
+Open MPI tags every chunk a rank writes ``[job,rank]<stream>:`` (``--tag-output``; Hydra: ``[rank] ``),
+so a line written in pieces (``print("DONE", 0)``: four writes) or longer than a pipe buffer arrives in
+tagged chunks between other ranks' chunks. The demultiplexer puts each rank's lines back together
+(``launcher.lines``) and lets out whole lines only: rank 0's as they are, other ranks' with the prefix
+``[R] ``; rank 0's ``\\r`` redraws go out at once (its progress bar stays live), and a partial line goes
+out as it is after ``idle_s`` of quiet or, with a newline, when the job ends. The same lines go to
+``rank<R>.log`` when an output folder is given. It also keeps each rank's last lines for the failure
+report; mpirun's own lines are held back, and the runner decides whether to show them.
 """
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import re
+import select
 import threading
+import time
 from typing import IO, Deque, Dict, List, Optional, Tuple
+
+from .lines import IDLE_FLUSH_S, LineBuffer, LineSink, Piece
 
 FAIL_MARK = re.compile(r"^\[lmsdp\] rank (\d+) failed: (.*)$")
 USER_ERROR = re.compile(r"^lmsrun: error: ")
@@ -25,20 +33,25 @@ class Demux:
     """Splits mpirun's tagged output by rank; thread-safe across the stdout and stderr readers."""
 
     def __init__(self, flavor: str, output_dir: Optional[str], out: IO[bytes], err: IO[bytes],
-                 verbose: bool = False) -> None:
+                 verbose: bool = False, idle_s: float = IDLE_FLUSH_S) -> None:
         self.flavor = flavor
         self.verbose_own = verbose  # show mpirun's own lines as they come
         self.out, self.err = out, err
         self.output_dir = output_dir
+        self.idle_s = idle_s
         self.lock = threading.Lock()
-        self.logs: Dict[int, IO[bytes]] = {}
-        self.partial: Dict[Tuple[int, str], bytearray] = collections.defaultdict(bytearray)
+        self.buffers: Dict[Tuple[int, str], LineBuffer] = {}
+        out_sink = LineSink(functools.partial(_write, out))
+        # one screen (or one file, 2>&1) behind both: a line on stderr must not glue onto one on stdout
+        self.sinks = {"stdout": out_sink, "stderr": out_sink if _same_file(out, err) else
+                      LineSink(functools.partial(_write, err))}
+        self.logs: Dict[int, LineSink] = {}
+        self.log_files: Dict[int, IO[bytes]] = {}
         self.tails: Dict[int, Deque[str]] = collections.defaultdict(lambda: collections.deque(maxlen=TAIL_LINES))
         self.own: List[str] = []  # mpirun's own lines
         self.user_errors: List[str] = []
         self.user_errors_shown: set = set()  # rank 0's lines are already on the screen
         self.marks: List[Tuple[int, str]] = []
-        self.open_line: Dict[str, bool] = {"stdout": False, "stderr": False}  # rank 0 stopped mid-line
         if output_dir:
             os.makedirs(output_dir, exist_ok=True)
 
@@ -50,10 +63,23 @@ class Demux:
         return thread
 
     def _read(self, stream: IO[bytes], name: str) -> None:
+        """Read one of mpirun's pipes to its end. Partial lines go out once the pipe has been empty for
+        ``idle_s``: time is counted from when lmsrun read the bytes, so a busy lmsrun flushes nothing early."""
         fd = stream.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
         buf = b""
         current: Optional[Tuple[int, str]] = None  # inside a tagged chunk of this (rank, stream)
         while True:
+            wait = self.next_idle(name)
+            if buf and current is not None:  # a rank's last bytes that might have begun a tag
+                wait = self.idle_s if wait is None else min(wait, self.idle_s)
+            if not poller.poll(None if wait is None else wait * 1000 + 1):
+                if buf and current is not None:
+                    self._rank(current, buf)
+                    buf = b""
+                self.flush_idle(name)
+                continue
             try:
                 data = os.read(fd, 65536)
             except OSError:
@@ -63,7 +89,9 @@ class Demux:
             buf, current = self._parse(buf, current, name, final=not data)
             if not data:
                 break
-        self.flush_partials()
+            if not poller.poll(0):  # the pipe is drained: ranks quiet for idle_s have nothing more in it
+                self.flush_idle(name)
+        self.end_stream(name)
 
     def _parse(self, buf: bytes, current: Optional[Tuple[int, str]], name: str,
                final: bool) -> Tuple[bytes, Optional[Tuple[int, str]]]:
@@ -111,67 +139,92 @@ class Demux:
             _write(self.err, data)
 
     def _rank(self, source: Tuple[int, str], data: bytes) -> None:
+        """A rank's bytes as they come: whole lines (and rank 0's redraws) go out now, the rest waits."""
         if not data:
             return
-        rank, stream = source
         with self.lock:
-            log = self.open_log(rank)
-            if log is not None:
-                log.write(data)
-                log.flush()
-            pending = self.partial[source]
-            pending += data
-            lines = pending.split(b"\n")
-            self.partial[source] = bytearray(lines.pop())
-            for raw in lines:
-                self._line(rank, stream, raw)
-            if rank == 0:  # pass through as it comes: keeps the progress bar live
-                _write(self.out if stream == "stdout" else self.err, data)
-                self.open_line[stream] = not data.endswith((b"\n", b"\r"))
+            buffer = self.buffers.get(source)
+            if buffer is None:
+                buffer = self.buffers[source] = LineBuffer(redraws=source[0] == 0)
+            for piece in buffer.feed(data, time.monotonic()):
+                self._emit(source, piece)
 
-    def _line(self, rank: int, stream: str, raw: bytes) -> None:
-        text = raw.decode("utf-8", "replace").rstrip("\r")
+    def _emit(self, source: Tuple[int, str], piece: Piece) -> None:
+        rank, stream = source
+        log = self.rank_log(rank)
+        if log is not None:
+            log.put(stream, piece.data)
+        shown = True
+        if piece.line is not None:
+            shown = self._line(rank, piece.line, partly_shown=len(piece.line) > len(piece.data))
+        if shown:
+            self.sinks[stream].put(source, piece.data, b"" if rank == 0 else f"[{rank}] ".encode())
+
+    def _line(self, rank: int, raw: bytes, partly_shown: bool) -> bool:
+        """Read a whole line of a rank (failure marks, user errors, tails); False: keep it off the screen."""
+        text = raw.decode("utf-8", "replace").rstrip("\r\n")
         visible = text.rsplit("\r", 1)[-1]
         if USER_ERROR.match(visible):
             if visible not in self.user_errors:
                 self.user_errors.append(visible)
-            if rank == 0:
+            if rank == 0 or partly_shown:
                 self.user_errors_shown.add(visible)
-            return
+                return True
+            return False  # lmsrun reports it once, whichever ranks said it
         mark = FAIL_MARK.match(visible)
         if mark:
             self.marks.append((int(mark.group(1)), mark.group(2)))
         if visible.strip():
             self.tails[rank].append(visible)
-        if rank != 0:
-            # a line of another rank never glues onto a line rank 0 has not finished yet
-            start = "\n" if self.open_line[stream] else ""
-            self.open_line[stream] = False
-            _write(self.out if stream == "stdout" else self.err, f"{start}[{rank}] {text}\n".encode("utf-8", "replace"))
+        return True
 
-    def open_log(self, rank: int) -> Optional[IO[bytes]]:
+    def rank_log(self, rank: int) -> Optional[LineSink]:
+        """``rank<R>.log`` of ``rank`` (opened on first use), or None without an output folder."""
         if not self.output_dir:
             return None
         if rank not in self.logs:
-            self.logs[rank] = open(os.path.join(self.output_dir, f"rank{rank}.log"), "ab")
+            handle = open(os.path.join(self.output_dir, f"rank{rank}.log"), "ab")
+            self.log_files[rank] = handle
+            self.logs[rank] = LineSink(functools.partial(_write, handle))
         return self.logs[rank]
 
-    def flush_partials(self) -> None:
+    def flush_idle(self, stream: str) -> None:
+        """Let out the partial lines of ``stream``'s ranks that have been quiet for ``idle_s``."""
+        now = time.monotonic()
         with self.lock:
-            for (rank, stream), pending in list(self.partial.items()):
-                if pending:
-                    self.partial[(rank, stream)] = bytearray()
-                    if rank != 0:
-                        self._line(rank, stream, bytes(pending))
-                    else:
-                        visible = pending.decode("utf-8", "replace").rsplit("\r", 1)[-1]
-                        if visible.strip():
-                            self.tails[0].append(visible)
+            for source, buffer in self.buffers.items():
+                if source[1] == stream:
+                    piece = buffer.idle(now, self.idle_s)
+                    if piece is not None:
+                        self._emit(source, piece)
+
+    def next_idle(self, stream: str) -> Optional[float]:
+        """Seconds until a partial line of ``stream`` is due to go out (None: nothing pending)."""
+        with self.lock:
+            due = [b.last_write + self.idle_s for (_, s), b in self.buffers.items() if s == stream and b.pending]
+        return max(0.0, min(due) - time.monotonic()) if due else None
+
+    def end_stream(self, stream: Optional[str] = None) -> None:
+        """The writers of ``stream`` (None: all) are gone: partial lines go out, then a newline."""
+        with self.lock:
+            for source, buffer in self.buffers.items():
+                if stream is None or source[1] == stream:
+                    piece = buffer.end()
+                    if piece is not None:
+                        self._emit(source, piece)
+            if stream is None:
+                for sink in [*self.sinks.values(), *self.logs.values()]:
+                    sink.end_line()
+
+    def flush_partials(self) -> None:
+        """At the job's end: every partial line out, every output ending on a line end."""
+        self.end_stream(None)
 
     def close(self) -> None:
         with self.lock:
-            for log in self.logs.values():
-                log.close()
+            for handle in self.log_files.values():
+                handle.close()
+            self.log_files.clear()
             self.logs.clear()
 
 
@@ -182,6 +235,14 @@ def _write(sink: IO[bytes], data: bytes) -> None:
         sink.flush()
     except (OSError, ValueError):
         pass
+
+
+def _same_file(out: IO[bytes], err: IO[bytes]) -> bool:
+    """True when both outputs lead to the same file, pipe or terminal."""
+    try:
+        return os.path.samestat(os.fstat(out.fileno()), os.fstat(err.fileno()))
+    except (OSError, ValueError, AttributeError):
+        return out is err
 
 
 def _maybe_tag_prefix(buf: bytes) -> bool:

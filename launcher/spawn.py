@@ -117,7 +117,7 @@ class Runner:
         sys.stderr.flush()
         demux = Demux(job.flavor, job.output_dir, out, err, verbose=job.verbose)
         for rank in range(job.np if job.output_dir else 0):
-            demux.open_log(rank)
+            demux.rank_log(rank)
         previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         try:
             try:

@@ -31,10 +31,10 @@ def feed(data: bytes, cut: int, tmp_path=None):
 @pytest.mark.parametrize("cut", range(0, len(STREAM) + 1))
 def test_any_read_boundary_gives_the_same_result(cut):
     demux, err = feed(STREAM, cut)
-    # rank 0 passes through unchanged (its \r redraws included); rank 1 is line-prefixed and starts on a
-    # line of its own when rank 0 stopped mid-line (it used to glue onto 'partial-0' and the bar)
-    assert err == ("partial-0\n[1] rank one line\n rest\n\rbar 1\rbar 2\n[1] Traceback\n[1] RuntimeError: boom\n"
-                   "[1] [lmsdp] rank 1 failed: RuntimeError: boom\n\n")
+    # whole lines only: rank 0's 'partial-0' waits for its ' rest' while rank 1's line goes out; rank 0's
+    # \r-ended redraw goes out at once, and rank 1's next line starts on a line of its own after it
+    assert err == ("[1] rank one line\npartial-0 rest\n\rbar 1\r\n[1] Traceback\n[1] RuntimeError: boom\n"
+                   "[1] [lmsdp] rank 1 failed: RuntimeError: boom\nbar 2\n")
     assert demux.own[0].startswith("-----") and "  Process name: [[4242,1],1]" in demux.own
     assert list(demux.tails[0]) == ["partial-0 rest", "bar 2"]
     assert demux.marks == [(1, "RuntimeError: boom")]
