@@ -20,7 +20,7 @@ import threading
 import time
 from typing import IO, Deque, Dict, List, Optional, Tuple
 
-from .lines import IDLE_FLUSH_S, LineBuffer, LineSink, Piece
+from .lines import IDLE_FLUSH_S, LineBuffer, LineSink, Piece, write_out
 
 FAIL_MARK = re.compile(r"^\[lmsdp\] rank (\d+) failed: (.*)$")
 USER_ERROR = re.compile(r"^lmsrun: error: ")
@@ -41,10 +41,10 @@ class Demux:
         self.idle_s = idle_s
         self.lock = threading.Lock()
         self.buffers: Dict[Tuple[int, str], LineBuffer] = {}
-        out_sink = LineSink(functools.partial(_write, out))
+        out_sink = LineSink(functools.partial(write_out, out))
         # one screen (or one file, 2>&1) behind both: a line on stderr must not glue onto one on stdout
         self.sinks = {"stdout": out_sink, "stderr": out_sink if _same_file(out, err) else
-                      LineSink(functools.partial(_write, err))}
+                      LineSink(functools.partial(write_out, err))}
         self.logs: Dict[int, LineSink] = {}
         self.log_files: Dict[int, IO[bytes]] = {}
         self.tails: Dict[int, Deque[str]] = collections.defaultdict(lambda: collections.deque(maxlen=TAIL_LINES))
@@ -136,7 +136,7 @@ class Demux:
         with self.lock:
             self.own.append(text)
         if self.verbose_own:
-            _write(self.err, data)
+            write_out(self.err, data)
 
     def _rank(self, source: Tuple[int, str], data: bytes) -> None:
         """A rank's bytes as they come: whole lines (and rank 0's redraws) go out now, the rest waits."""
@@ -185,7 +185,7 @@ class Demux:
         if rank not in self.logs:
             handle = open(os.path.join(self.output_dir, f"rank{rank}.log"), "ab")
             self.log_files[rank] = handle
-            self.logs[rank] = LineSink(functools.partial(_write, handle))
+            self.logs[rank] = LineSink(functools.partial(write_out, handle))
         return self.logs[rank]
 
     def flush_idle(self, stream: str) -> None:
@@ -226,15 +226,6 @@ class Demux:
                 handle.close()
             self.log_files.clear()
             self.logs.clear()
-
-
-def _write(sink: IO[bytes], data: bytes) -> None:
-    """Write and flush; a closed reader (``lmsrun ... | head``) must not stop the job's draining."""
-    try:
-        sink.write(data)
-        sink.flush()
-    except (OSError, ValueError):
-        pass
 
 
 def _same_file(out: IO[bytes], err: IO[bytes]) -> bool:

@@ -18,7 +18,7 @@ Bytes are never decoded here: invalid UTF-8 passes through as written.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Hashable, List, Optional
+from typing import IO, Callable, Hashable, List, Optional
 
 IDLE_FLUSH_S = 0.2  # a partial line unchanged this long is shown as it is
 MAX_PENDING = 1 << 20  # a line longer than this goes out in pieces rather than fill memory
@@ -120,3 +120,12 @@ class LineSink:
         if self.open_writer is not None:
             self.open_writer = None
             self.write(b"\n")
+
+
+def write_out(output: IO[bytes], data: bytes) -> None:
+    """Write and flush; a closed reader (``lmsrun ... | head``) or a full disk must not stop the job."""
+    try:
+        output.write(data)
+        output.flush()
+    except (OSError, ValueError):
+        pass
