@@ -5,8 +5,8 @@ so a line written in pieces (``print("DONE", 0)``: four writes) or longer than a
 tagged chunks between other ranks' chunks. The demultiplexer puts each rank's lines back together
 (``launcher.lines``) and lets out whole lines only: rank 0's as they are, other ranks' with the prefix
 ``[R] ``; rank 0's ``\\r`` redraws go out at once (its progress bar stays live), and a partial line goes
-out as it is after ``idle_s`` of quiet or, with a newline, when the job ends. The same lines go to
-``rank<R>.log`` when an output folder is given. It also keeps each rank's last lines for the failure
+out with a newline when the job ends or, on a terminal, as it is after ``idle_s`` of quiet. The same
+lines go to ``rank<R>.log`` when an output folder is given. It also keeps each rank's last lines for the failure
 report; mpirun's own lines are held back, and the runner decides whether to show them.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import re
 import select
 import threading
 import time
-from typing import IO, Deque, Dict, List, Optional, Tuple
+from typing import IO, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .lines import IDLE_FLUSH_S, LineBuffer, LineSink, Piece, write_out
 
@@ -33,14 +33,17 @@ class Demux:
     """Splits mpirun's tagged output by rank; thread-safe across the stdout and stderr readers."""
 
     def __init__(self, flavor: str, output_dir: Optional[str], out: IO[bytes], err: IO[bytes],
-                 verbose: bool = False, idle_s: float = IDLE_FLUSH_S) -> None:
+                 verbose: bool = False, live: Sequence[str] = (), idle_s: float = IDLE_FLUSH_S) -> None:
         self.flavor = flavor
         self.verbose_own = verbose  # show mpirun's own lines as they come
         self.out, self.err = out, err
         self.output_dir = output_dir
-        self.idle_s = idle_s
+        # streams on a terminal: a partial line quiet for idle_s goes out as it is (someone watches it);
+        # into a pipe or file (CI, grep, a log shipper) and in rank logs every line waits to be whole
+        self.live, self.idle_s = frozenset(live), idle_s
         self.lock = threading.Lock()
-        self.buffers: Dict[Tuple[int, str], LineBuffer] = {}
+        self.screen: Dict[Tuple[int, str], LineBuffer] = {}
+        self.logged: Dict[Tuple[int, str], LineBuffer] = {}  # the logs' own buffers of live streams
         out_sink = LineSink(functools.partial(write_out, out))
         # one screen (or one file, 2>&1) behind both: a line on stderr must not glue onto one on stdout
         self.sinks = {"stdout": out_sink, "stderr": out_sink if _same_file(out, err) else
@@ -142,23 +145,27 @@ class Demux:
         """A rank's bytes as they come: whole lines (and rank 0's redraws) go out now, the rest waits."""
         if not data:
             return
+        now = time.monotonic()
         with self.lock:
-            buffer = self.buffers.get(source)
-            if buffer is None:
-                buffer = self.buffers[source] = LineBuffer(redraws=source[0] == 0)
-            for piece in buffer.feed(data, time.monotonic()):
-                self._emit(source, piece)
+            pieces = _buffer(self.screen, source).feed(data, now)
+            if self.output_dir:
+                self._log(source, pieces if source[1] not in self.live else _buffer(self.logged, source).feed(data, now))
+            for piece in pieces:
+                self._show(source, piece)
 
-    def _emit(self, source: Tuple[int, str], piece: Piece) -> None:
+    def _show(self, source: Tuple[int, str], piece: Piece) -> None:
         rank, stream = source
-        log = self.rank_log(rank)
-        if log is not None:
-            log.put(stream, piece.data)
         shown = True
         if piece.line is not None:
             shown = self._line(rank, piece.line, partly_shown=len(piece.line) > len(piece.data))
         if shown:
             self.sinks[stream].put(source, piece.data, b"" if rank == 0 else f"[{rank}] ".encode())
+
+    def _log(self, source: Tuple[int, str], pieces: Iterable[Optional[Piece]]) -> None:
+        log = self.rank_log(source[0])
+        for piece in pieces:
+            if log is not None and piece is not None:
+                log.put(source[1], piece.data)
 
     def _line(self, rank: int, raw: bytes, partly_shown: bool) -> bool:
         """Read a whole line of a rank (failure marks, user errors, tails); False: keep it off the screen."""
@@ -189,29 +196,34 @@ class Demux:
         return self.logs[rank]
 
     def flush_idle(self, stream: str) -> None:
-        """Let out the partial lines of ``stream``'s ranks that have been quiet for ``idle_s``."""
+        """On a terminal: let out the partial lines of ``stream``'s ranks quiet for ``idle_s``."""
+        if stream not in self.live:
+            return
         now = time.monotonic()
         with self.lock:
-            for source, buffer in self.buffers.items():
-                if source[1] == stream:
-                    piece = buffer.idle(now, self.idle_s)
-                    if piece is not None:
-                        self._emit(source, piece)
+            for source, buffer in self.screen.items():
+                piece = buffer.idle(now, self.idle_s) if source[1] == stream else None
+                if piece is not None:
+                    self._show(source, piece)
 
     def next_idle(self, stream: str) -> Optional[float]:
-        """Seconds until a partial line of ``stream`` is due to go out (None: nothing pending)."""
+        """Seconds until a partial line of ``stream`` is due to go out (None: nothing will be)."""
+        if stream not in self.live:
+            return None
         with self.lock:
-            due = [b.last_write + self.idle_s for (_, s), b in self.buffers.items() if s == stream and b.pending]
+            due = [b.last_write + self.idle_s for (_, s), b in self.screen.items() if s == stream and b.pending]
         return max(0.0, min(due) - time.monotonic()) if due else None
 
     def end_stream(self, stream: Optional[str] = None) -> None:
         """The writers of ``stream`` (None: all) are gone: partial lines go out, then a newline."""
         with self.lock:
-            for source, buffer in self.buffers.items():
+            for source, buffer in self.screen.items():
                 if stream is None or source[1] == stream:
                     piece = buffer.end()
+                    logged = self.logged[source].end() if source in self.logged else piece
+                    self._log(source, [logged])
                     if piece is not None:
-                        self._emit(source, piece)
+                        self._show(source, piece)
             if stream is None:
                 for sink in [*self.sinks.values(), *self.logs.values()]:
                     sink.end_line()
@@ -226,6 +238,14 @@ class Demux:
                 handle.close()
             self.log_files.clear()
             self.logs.clear()
+
+
+def _buffer(buffers: Dict[Tuple[int, str], LineBuffer], source: Tuple[int, str]) -> LineBuffer:
+    """The line buffer of ``source`` (made on first use): rank 0's redraws go out at once."""
+    buffer = buffers.get(source)
+    if buffer is None:
+        buffer = buffers[source] = LineBuffer(redraws=source[0] == 0)
+    return buffer
 
 
 def _same_file(out: IO[bytes], err: IO[bytes]) -> bool:

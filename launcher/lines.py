@@ -8,9 +8,9 @@ own with the writer's prefix. What is not a whole line still gets out:
 
 - redraws: with ``redraws=True`` (rank 0, whose progress bar redraws with ``\\r``) every segment ended by
   ``\\r`` goes out at once, so a tqdm or rich bar stays live; it is not a line;
-- a partial line idle for ``IDLE_FLUSH_S`` (a prompt, ``print(..., end="")`` before a long step) or
-  longer than ``MAX_PENDING`` goes out as it is; the rest of it continues it unless another writer's
-  line came in between, which then starts on a line of its own;
+- a partial line longer than ``MAX_PENDING``, or idle for ``IDLE_FLUSH_S`` when its owner asks
+  (a prompt or ``print(..., end="")`` before a long step, on a terminal), goes out as it is; the rest
+  continues it unless another writer's line came in between, and then starts on a line of its own;
 - at the end, a partial line goes out as written, then a newline.
 
 Bytes are never decoded here: invalid UTF-8 passes through as written.

@@ -1,8 +1,8 @@
 """``rank0.log`` for a job that runs in lmsrun's own process (one rank, no mpirun): what the demux
 writes for every rank of an mpirun job, written here by copying Python's stdout and stderr into
-``<output_dir>/rank0.log``, by the demux's rule (``launcher.lines``): whole lines, so a partial line on
-stdout is never cut by a line on stderr; ``\\r`` redraws at once; a partial line once it has been idle
-(checked at the next write) and, with a newline, at the end."""
+``<output_dir>/rank0.log``, by the demux's rule for logs (``launcher.lines``): whole lines, so a partial
+line on stdout is never cut by a line on stderr; ``\\r`` redraws at once; a partial line left at the end,
+then a newline."""
 from __future__ import annotations
 
 import contextlib
@@ -10,7 +10,6 @@ import functools
 import os
 import sys
 import threading
-import time
 from typing import IO, Any, Dict, Iterator, Optional
 
 from .lines import LineBuffer, LineSink, write_out
@@ -26,14 +25,9 @@ class _LogLines:
         self._lock = threading.Lock()
 
     def feed(self, stream: str, text: str) -> None:
-        now = time.monotonic()
         with self._lock:
-            for name, buffer in self._buffers.items():  # the other stream's line, idle long enough
-                piece = buffer.idle(now) if name != stream else None
-                if piece is not None:
-                    self._sink.put(name, piece.data)
             buffer = self._buffers.setdefault(stream, LineBuffer(redraws=True))
-            for piece in buffer.feed(_encode(text), now):
+            for piece in buffer.feed(_encode(text), 0.0):
                 self._sink.put(stream, piece.data)
 
     def end(self) -> None:

@@ -12,7 +12,6 @@ import os
 import signal
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -23,6 +22,7 @@ from torch import nn
 from lmsdp.comm import get_backend, merge_traces
 from lmsdp.comm.base import Backend
 from lmsdp.comm.strategy import Strategy, get_strategy
+from lmsdp.runtime import warning_lines
 from lmsdp.runtime.chrome_trace import rank_path
 from lmsdp.runtime.topology import Topology, detect_topology
 from lmsdp.swapping import SwapEngine
@@ -146,7 +146,7 @@ def _build_and_train(config: Config, topology: Topology, device: torch.device, c
         checkpoints.check_space(estimate_checkpoint_bytes(model, config.optimizer))
     backend = get_backend(config.comm, device, topology)
     rank, size = backend.rank, backend.size
-    _quiet_warnings(rank)
+    warning_lines.install(rank, one_line_others=True)  # one line per warning; lmsdp's from rank 0 only
     swap_config = config.swap
     if swap_config.trace:  # one file per rank unless the path says where {rank} goes
         swap_config = dataclasses.replace(swap_config, trace=rank_path(swap_config.trace, rank, size))
@@ -326,13 +326,6 @@ def merge_rank_traces(config: Config, engine: SwapEngine, backend: Any) -> Optio
     print(f"[lmsdp] trace of all ranks: {out} (open in https://ui.perfetto.dev or chrome://tracing)",
           file=sys.stderr, flush=True)
     return out
-
-
-def _quiet_warnings(rank: int) -> None:
-    """One line per warning, and run-wide lmsdp notices from rank 0 only (N ranks, one message)."""
-    warnings.formatwarning = lambda message, category, *_args, **_kw: f"[lmsdp] {category.__name__}: {message}\n"
-    if rank != 0:
-        warnings.filterwarnings("ignore", message="lmsdp ")
 
 
 def _autocast(device: torch.device, enabled: bool, dtype: torch.dtype) -> Any:

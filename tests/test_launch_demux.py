@@ -80,11 +80,12 @@ def test_long_lines_and_invalid_utf8_come_through_as_written(tmp_path):
     assert (tmp_path / "rank0.log").read_bytes() == long_line
 
 
-def test_a_partial_line_goes_out_after_the_idle_time_and_at_the_end(tmp_path):
-    """A real pipe and the reader thread: rank 1's prompt shows after the idle time, without its rest."""
+def test_on_a_terminal_a_partial_line_goes_out_after_the_idle_time_and_at_the_end(tmp_path):
+    """A real pipe and the reader thread: rank 1's prompt shows after the idle time, without its rest;
+    its log waits for the whole line."""
     read_end, write_end = os.pipe()
     out = io.BytesIO()
-    demux = Demux("openmpi", str(tmp_path), out, io.BytesIO(), idle_s=0.2)
+    demux = Demux("openmpi", str(tmp_path), out, io.BytesIO(), live=["stdout"], idle_s=0.2)
     with os.fdopen(read_end, "rb", buffering=0) as stream:
         thread = demux.reader(stream, "stdout")
         os.write(write_end, b"[1,1]<stdout>:Epoch 1 ...")
@@ -103,3 +104,18 @@ def test_a_partial_line_goes_out_after_the_idle_time_and_at_the_end(tmp_path):
     assert (tmp_path / "rank0.log").read_bytes() == b"died mid-li\n"
     assert (tmp_path / "rank1.log").read_bytes() == b"Epoch 1 ... done\n"
     assert list(demux.tails[1]) == ["Epoch 1 ... done"]
+
+
+def test_into_a_pipe_or_file_a_partial_line_waits_for_its_end():
+    read_end, write_end = os.pipe()
+    out = io.BytesIO()
+    demux = Demux("openmpi", None, out, io.BytesIO(), idle_s=0.05)  # no stream on a terminal
+    with os.fdopen(read_end, "rb", buffering=0) as stream:
+        thread = demux.reader(stream, "stdout")
+        os.write(write_end, b"[1,1]<stdout>:Epoch 1 ...")
+        time.sleep(0.5)
+        assert out.getvalue() == b""
+        os.write(write_end, b"[1,0]<stdout>:zero\n[1,1]<stdout>: done\n")
+        os.close(write_end)
+        thread.join(timeout=5)
+    assert out.getvalue() == b"zero\n[1] Epoch 1 ... done\n"
