@@ -12,13 +12,13 @@ from __future__ import annotations
 import warnings
 from typing import Any, Optional
 
-LMSDP_PREFIX = "lmsdp "
+OWN_PREFIX = "lmsdp "
 
 
 def format_lmsdp(message: str) -> str:
     """``lmsdp swap: X`` -> ``[lmsdp] swap: X``, on one line."""
     text = " ".join(message.splitlines())
-    return f"[lmsdp] {text[len(LMSDP_PREFIX):] if text.startswith(LMSDP_PREFIX) else text}\n"
+    return f"[lmsdp] {text[len(OWN_PREFIX):] if text.startswith(OWN_PREFIX) else text}\n"
 
 
 def install(rank: int, one_line_others: bool = False) -> None:
@@ -30,7 +30,7 @@ def install(rank: int, one_line_others: bool = False) -> None:
     def formatwarning(message: Any, category: type, filename: str, lineno: int,
                       line: Optional[str] = None) -> str:
         text = str(message)
-        if text.startswith(LMSDP_PREFIX):
+        if text.startswith(OWN_PREFIX):
             return format_lmsdp(text)
         if one_line_others:
             return f"{filename}:{lineno}: {category.__name__}: {' '.join(text.splitlines())}\n"
@@ -40,4 +40,4 @@ def install(rank: int, one_line_others: bool = False) -> None:
     formatwarning.previous = previous  # type: ignore[attr-defined]
     warnings.formatwarning = formatwarning
     if rank != 0:
-        warnings.filterwarnings("ignore", message=LMSDP_PREFIX)
+        warnings.filterwarnings("ignore", message=OWN_PREFIX)

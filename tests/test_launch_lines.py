@@ -3,11 +3,14 @@ mode: a stress of fragmented writes on 4 ranks, Horovod ranks ending with ``prin
 rank killed in the middle of a line. ``scripts/stress_lines.py`` runs the stress 20 times."""
 import importlib.util
 import os
+import pty
+import subprocess
 import sys
+import time
 
 import pytest
 
-from tests.support import SCRIPTS, Run, assert_no_leftovers
+from tests.support import ENV, LMSRUN, REPO, SCRIPTS, Run, assert_no_leftovers
 
 sys.path.insert(0, os.path.join(os.path.dirname(SCRIPTS), "..", "scripts"))
 import stress_lines  # noqa: E402
@@ -54,3 +57,39 @@ def test_a_rank_killed_mid_line_gets_its_bytes_then_a_newline(tmp_path):
     assert "lmsrun: rank 1 was killed by signal 9 (SIGKILL)" in run.text("err"), run.text("err")
     assert (tmp_path / "out" / "rank1.log").read_bytes() == b"rank 1 half a li\n"
     assert_no_leftovers(run)
+
+
+@pytest.mark.timeout(120)
+def test_on_a_terminal_a_prompt_and_a_progress_bar_show_live(tmp_path):
+    """lmsrun on a terminal (a pty): rank 0's \\r bar redraws as it goes, rank 1's unfinished line shows
+    after the idle time, long before its end is printed."""
+    script = tmp_path / "live.py"
+    script.write_text("import os, sys, time\n"
+                      "if os.environ['OMPI_COMM_WORLD_RANK'] == '0':\n"
+                      "    for k in range(5):\n"
+                      "        sys.stdout.write(f'\\rbar {k}/4'); sys.stdout.flush(); time.sleep(0.6)\n"
+                      "    print()\n"
+                      "else:\n"
+                      "    print('Loading ...', end='', flush=True); time.sleep(3); print(' done', flush=True)\n")
+    master, terminal = pty.openpty()
+    proc = subprocess.Popen([LMSRUN, "-np", "2", "--", "python", str(script)], cwd=REPO, env=ENV,
+                            stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal)
+    os.close(terminal)
+    screen, arrivals = b"", {}
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:  # EIO: every writer of the terminal is gone
+            break
+        if not data:
+            break
+        screen += data
+        for needle in (b"bar 1/4", b"bar 4/4", b"Loading ...", b" done"):
+            if needle in screen and needle not in arrivals:
+                arrivals[needle] = time.monotonic()
+    os.close(master)
+    assert proc.wait(timeout=60) == 0, screen
+    assert arrivals[b"bar 4/4"] - arrivals[b"bar 1/4"] > 1.0, screen
+    assert arrivals[b" done"] - arrivals[b"Loading ..."] > 1.5, screen
+    # rank 0's bar was open meanwhile: the two partial lines take turns, each on a line of its own
+    assert b"[1] Loading ..." in screen and b"\rbar 4/4" in screen, screen
