@@ -13,11 +13,11 @@ import pytest
 import torch
 import yaml
 
-from lmsdp.launcher.checkpoint import CheckpointManager
+from lmsdp.launcher.train.checkpoint import CheckpointManager
 from lmsdp.launcher.config import load_config
-from lmsdp.launcher.plan import main as plan_main
-from lmsdp.launcher.plan import workload_from_config
-from lmsdp.launcher.worker import run_worker
+from lmsdp.launcher.tools.plan import main as plan_main
+from lmsdp.launcher.tools.plan import workload_from_config
+from lmsdp.launcher.train.trainer import run_worker
 from lmsdp.swapping import SwapConfig, SwapEngine
 from lmsdp.swapping.plan_models import Settings, predict
 from lmsdp.swapping.planner import plan_swaps, policy_for

@@ -10,7 +10,7 @@ from typing import List
 
 import pytest
 
-from lmsdp.launcher import slurm
+from lmsdp.launcher.tools import slurm
 
 from tests.support import REPO_PATH as REPO
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")

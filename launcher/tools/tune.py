@@ -4,7 +4,7 @@ binding by measurement, inside a time budget.
     lmsrun tune CONFIG [--time-budget 120s] [--write FILE] [--trial-steps N] [--max-batch N] [--ranks 1,2,4]
                        [--exhaustive] [--set k=v ..]
 
-Every trial is a real job: the same plan (``cli.make_plan``), command builder (``mpi_command``) and
+Every trial is a real job: the same plan (``launch_plan.make_plan``), command builder (``mpi_command``) and
 runner (``spawn``) as ``lmsrun CONFIG -np N``, with ``train.steps`` small, in a temporary output
 folder; samples/s is the median of rank 0's metrics after the warm-up steps.
 
@@ -29,8 +29,8 @@ import threading
 import time
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from .argtypes import OneLineParser, positive_int, rank_list
-from .errors import UserError
+from lmsdp.launcher.config.argtypes import OneLineParser, positive_int, rank_list
+from lmsdp.launcher.config.errors import UserError
 from .tune_search import MARGIN, SLACK_S, Setting, Space, Trial, Tuner, choose, core_binding
 
 
@@ -52,7 +52,7 @@ def local_limits() -> Tuple[int, Optional[int], str]:
     allocation (its CPUs on this node; its task count caps the ranks, as mpirun takes its slots from it)."""
     from lmsdp.runtime.topology import slurm_allocation
 
-    from .mpi_command import physical_cores
+    from lmsdp.launcher.launch.mpi_command import physical_cores
 
     cores, notes = physical_cores(), []
     try:
@@ -115,8 +115,9 @@ class TrialRunner:
         self.interrupted = False
 
     def run(self, setting: Setting) -> Trial:
-        from . import cli
-        from .spawn import Job, Runner
+        from lmsdp.launcher.launch.flags import build_parser
+        from lmsdp.launcher.launch.launch_plan import make_plan, mpi_command
+        from lmsdp.launcher.launch.spawn import Job, Runner
 
         self.count += 1
         out_dir = os.path.join(self.workdir, f"trial{self.count}")
@@ -129,9 +130,9 @@ class TrialRunner:
             argv += ["--set", item]
         if setting.bind == "core":
             argv += ["--mpi-args", core_binding(setting.threads)]
-        args = cli.build_parser().parse_args(argv)
-        plan = cli.make_plan(args, None)
-        command, flavor, env = cli.mpi_command(plan)
+        args = build_parser().parse_args(argv)
+        plan = make_plan(args, None)
+        command, flavor, env = mpi_command(plan)
         job = Job(command=command, env=env, flavor=flavor, output_dir=out_dir, stop_timeout=5.0, np=plan.np)
         started = time.monotonic()
         runner = Runner(job)
@@ -328,8 +329,8 @@ def write_config(path_in: str, path_out: str, s: Setting, overrides: List[str]) 
     binding in launch.mpi_args); then loaded again to prove it is valid."""
     import yaml
 
-    from .config import Config, load_config
-    from .typed_yaml import apply_override, read_yaml
+    from lmsdp.launcher.config import Config, load_config
+    from lmsdp.launcher.config.typed_yaml import apply_override, read_yaml
 
     raw = read_yaml(path_in)
     for item in overrides:
@@ -409,7 +410,7 @@ def run(argv: List[str]) -> int:
     if launched is not None:  # every rank would tune, and each trial's mpirun would nest in the job's
         raise UserError(f"tune: this process is rank {launched.rank} of {launched.size} started by {launched.source}; "
                         "tune launches its own trials: run 'lmsrun tune CONFIG' once, not under mpirun/srun/torchrun")
-    from .config import load_config
+    from lmsdp.launcher.config import load_config
 
     config = load_config(args.config, args.overrides)
     space, batch_source = make_space(config, args.max_batch, args.ranks)

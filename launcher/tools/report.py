@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from .errors import UserError
+from lmsdp.launcher.config.errors import UserError
 
 Warn = Callable[[str], None]
 METRICS_RE = re.compile(r"metrics\.rank(\d+)\.jsonl$")
@@ -287,7 +287,7 @@ def make_report(run_dirs: Sequence[str], out: Optional[str], warn: Warn) -> str:
     label_runs(runs)
     check_comparable(runs, note)
     try:
-        from . import plots
+        from lmsdp.launcher.tools import plots
     except ImportError as exc:
         raise UserError(f"report: matplotlib is needed to draw ({exc}); pip install matplotlib") from None
     out_dir = out or default_out([r.path for r in runs])

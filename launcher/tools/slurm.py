@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .config import Config, load_config
-from .errors import UserError
+from lmsdp.launcher.config import Config, load_config
+from lmsdp.launcher.config.errors import UserError
 
 TEMPLATES = {"single": "srun_single_node.sbatch", "multi": "srun_multi_node.sbatch", "mpirun": "mpirun.sbatch"}
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
