@@ -28,35 +28,31 @@ from lmsdp.launcher.config.errors import TopologyError, UserError
 from lmsdp.launcher.launch.flags import build_parser
 from lmsdp.launcher.launch.launch_plan import LaunchPlan, make_plan, mpi_command, rank_program
 
+from .boundary import guarded
 from .subcommands import dispatch, epilog
 
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        code = dispatch(argv)
-    except UserError as exc:
-        print(f"lmsrun: error: {exc}", file=sys.stderr, flush=True)
-        return exc.exit_code
+    return guarded(lambda: _main(argv))
+
+
+def _main(argv: List[str]) -> int:
+    code = dispatch(argv)
     if code is not None:
         return code
     script: Optional[List[str]] = None
     if "--" in argv:
         cut = argv.index("--")
         argv, script = argv[:cut], argv[cut + 1:]
-    parser = build_parser(epilog())
-    args = parser.parse_args(argv)
-    try:
-        if script is not None and not script:
-            raise UserError("nothing after '--'", hint="e.g. lmsrun -np 2 -- python train.py")
-        if args.config is None and script is None:
-            raise UserError("a CONFIG file is required (or a command after '--' for script mode)",
-                            hint="lmsrun configs/quickstart.yaml, or lmsrun -np 2 -- python train.py")
-        return run(args, script)
-    except UserError as exc:
-        print(f"lmsrun: error: {exc}", file=sys.stderr, flush=True)
-        return exc.exit_code
+    args = build_parser(epilog()).parse_args(argv)
+    if script is not None and not script:
+        raise UserError("nothing after '--'", hint="e.g. lmsrun -np 2 -- python train.py")
+    if args.config is None and script is None:
+        raise UserError("a CONFIG file is required (or a command after '--' for script mode)",
+                        hint="lmsrun configs/quickstart.yaml, or lmsrun -np 2 -- python train.py")
+    return run(args, script)
 
 
 def run(args: argparse.Namespace, script: Optional[List[str]]) -> int:

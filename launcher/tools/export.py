@@ -81,10 +81,6 @@ def export(run_dir: str, output: Optional[str] = None, step: Optional[int] = Non
 
 def main(argv: List[str]) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        source, output = export(args.run_dir, args.output, args.step)
-    except UserError as exc:
-        print(f"lmsrun: error: {exc}", file=sys.stderr, flush=True)
-        return exc.exit_code
+    source, output = export(args.run_dir, args.output, args.step)
     print(f"[lmsdp] exported {source} -> {output}", file=sys.stderr, flush=True)
     return 0

@@ -11,10 +11,8 @@ as YAML; ``swap.plan: FILE`` runs a job with it. The job-start side of ``swap.pl
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
-import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
 from lmsdp.swapping.units import format_size, parse_size
@@ -163,9 +161,6 @@ def main(argv: List[str]) -> int:
     args = parser.parse_args(argv)
     try:
         return run(args)
-    except UserError as exc:
-        print(f"lmsrun: error: {exc}", file=sys.stderr, flush=True)
-        return exc.exit_code
     except BrokenPipeError:  # e.g. piped into head: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

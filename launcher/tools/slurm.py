@@ -288,13 +288,5 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"lmsrun slurm: submitted job {job_id} ({path}); watch: squeue -j {job_id}; "
               f"log: {job.log_path.replace('%j', job_id)}", file=sys.stderr)
         return 0
-    except UserError as exc:
-        print(f"lmsrun slurm: error: {exc}", file=sys.stderr)
-        return exc.exit_code
     except OSError as exc:
-        print(f"lmsrun slurm: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        raise UserError(str(exc)) from None

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from lmsdp.swapping.units import format_size, parse_size
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lmsdp.comm import get_backend, merge_traces
@@ -31,11 +30,9 @@ from .checkpoint import CheckpointManager
 from .checkpoint_lock import CheckpointLock
 from .checkpoint_sharded import ShardedCheckpointManager
 from .resume import resume
-from lmsdp.launcher.config.input_checks import built_by_factory
-from lmsdp.launcher.config import Config, config_to_dict, resolve_factory
+from lmsdp.launcher.config import Config, config_to_dict
 from .build import build_network, build_optimizer, compute_loss
 from .data import data_spec, make_batches
-from lmsdp.launcher.models import build_model
 from lmsdp.launcher.train import threads as module_threads
 from .metrics import MetricsWriter, Progress, RunSummary
 from .job_plan import JobPlan, plan_for_job, plan_log_line
