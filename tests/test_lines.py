@@ -1,4 +1,4 @@
-"""The whole-line rule of lmsrun's outputs (launcher/lines.py): per-writer line buffers into shared
+"""The whole-line rule of lmsrun's outputs (launcher/launch/lines.py): per-writer line buffers into shared
 sinks, fed in every split of the writes; rank0.log of an in-process job by the same rule."""
 import io
 import itertools
@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from lmsdp.launcher.lines import MAX_PENDING, LineBuffer, LineSink
-from lmsdp.launcher.rank_log import tee_rank_log
+from lmsdp.launcher.launch.lines import MAX_PENDING, LineBuffer, LineSink
+from lmsdp.launcher.launch.rank_log import tee_rank_log
 
 
 def run(writes, redraws=(0,), idle=()):
