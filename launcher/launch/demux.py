@@ -150,8 +150,9 @@ class Demux:
         now = time.monotonic()
         with self.lock:
             pieces = _buffer(self.screen, source).feed(data, now)
-            if self.output_dir:
-                self._log(source, pieces if source[1] not in self.live else _buffer(self.logged, source).feed(data, now))
+            if self.output_dir:  # a live stream's screen lets partial lines out early: the log has its own
+                live = source[1] in self.live
+                self._log(source, _buffer(self.logged, source).feed(data, now) if live else pieces)
             for piece in pieces:
                 self._show(source, piece)
 
