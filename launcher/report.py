@@ -222,14 +222,47 @@ def write_html(path: str, runs: List[Run], images: Dict[str, List[str]], compari
                      f"<code>{html.escape(os.path.abspath(run.path))}</code></p>")
         if len(runs) == 1:
             parts.append(summary_table(runs))
-        if not run.trace:
-            parts.append("<p class='warn'>No trace in this run: set <code>swap.trace</code> and "
-                         "<code>comm.timeline</code> (e.g. <code>{output_dir}/swap_trace.json</code>) to see "
-                         "memory and the timeline of one step.</p>")
+        parts.append(f"<p>{html.escape(trace_note(run))}</p>" if run.trace else f"<p class='warn'>{html.escape(trace_note(run))}</p>")
         parts.extend(img(p) for p in images.get(run.path, []))
     parts.append("</body></html>")
     with open(path, "w", encoding="utf-8") as handle:
         handle.write("\n".join(parts))
+
+
+def traced_steps(events: List[Dict[str, Any]]) -> List[int]:
+    """The steps the traces hold: those with a forward span (the swap engine's compute lane)."""
+    return sorted({int(ev["args"]["step"]) for ev in events if ev.get("ph") == "X" and ev.get("name") == "forward"
+                   and isinstance(ev.get("args"), dict) and isinstance(ev["args"].get("step"), int)})
+
+
+def step_ranges(steps: List[int]) -> str:
+    """[10, 11, 12, 14] -> '10-12, 14'."""
+    ranges: List[List[int]] = []
+    for step in steps:
+        if ranges and step == ranges[-1][1] + 1:
+            ranges[-1][1] = step
+        else:
+            ranges.append([step, step])
+    return ", ".join(f"{a}-{b}" if b > a else str(a) for a, b in ranges)
+
+
+def trace_note(run: Run) -> str:
+    """Which steps the step pictures come from, or why there are none."""
+    train = run.config.get("train") or {}
+    window = train.get("trace_steps")
+    every = train.get("trace_every") or 0
+    schedule = (f"train.trace_steps {window}" + (f", every {every} steps" if every else "")) if window else ""
+    steps = traced_steps(run.trace)
+    if steps:
+        return (f"The traces hold steps {step_ranges(steps)} ({schedule or 'every step'}); the step pictures "
+                "show the median-length one of them. Curves over the run come from every step's metrics.")
+    if run.trace:
+        return "The traces hold no complete step: the step pictures need swap.trace (the swap engine's spans)."
+    if (run.config.get("swap") or {}).get("trace") or (run.config.get("comm") or {}).get("timeline"):
+        return (f"No trace in this run: it records {schedule or 'train.trace_steps'}, and the run ended at step "
+                f"{run.summary.get('last_step', '?')}; set train.trace_steps to steps the run reaches.")
+    return ("No trace in this run: set swap.trace and comm.timeline (e.g. {output_dir}/swap_trace.json) to see "
+            "memory and the timeline of one step.")
 
 
 def summary_table(runs: List[Run]) -> str:

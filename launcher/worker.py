@@ -25,6 +25,7 @@ from lmsdp.comm.base import Backend
 from lmsdp.comm.strategy import Strategy, get_strategy
 from lmsdp.runtime.chrome_trace import rank_path
 from lmsdp.runtime.topology import Topology, detect_topology
+from lmsdp.runtime.trace_schedule import TraceWindow
 from lmsdp.swapping import SwapEngine
 
 from .checkpoint import CheckpointManager
@@ -36,6 +37,7 @@ from .config import Config, config_to_dict, resolve_factory
 from .data import data_spec, make_batches
 from .models import build_model
 from . import threads as module_threads
+from .memory_meter import MemoryMeter, peak_totals
 from .metrics import MetricsWriter, Progress, RunSummary
 from .plan import JobPlan, plan_for_job, plan_log_line
 from .tensorboard import open_scalars
@@ -77,6 +79,7 @@ class RunParts:
     scaler: Any                       # loss scaler (enabled for float16 AMP only)
     engine: SwapEngine
     checkpoints: CheckpointManager    # whole-model checkpoints, rank 0 writes (sharded: one per run in _train)
+    trace_window: TraceWindow = field(default_factory=TraceWindow)  # train.trace_steps: swap.trace, comm.timeline
     job_plan: Optional[JobPlan] = None                    # swap.plan: auto / FILE, else None
     per_module: Optional[module_threads.ModuleThreads] = None  # launch.threads: auto, else None
 
@@ -153,7 +156,9 @@ def _build_and_train(config: Config, topology: Topology, device: torch.device, c
     job_plan = plan_for_job(config, backend, device)  # swap.plan: auto / FILE (None otherwise)
     if job_plan is not None:
         swap_config = dataclasses.replace(job_plan.swap_config, trace=swap_config.trace)
-    engine = SwapEngine(swap_config, device, policy=job_plan.policy if job_plan else None)
+    trace_window = TraceWindow(train.trace_schedule)  # one window for every trace of this rank
+    backend.trace_window(trace_window)
+    engine = SwapEngine(swap_config, device, policy=job_plan.policy if job_plan else None, trace_window=trace_window)
     model = engine.wrap_model(model)
     per_module = module_threads.attach(model, config.launch, base_threads,
                                        reduce=lambda t: backend.allreduce(t, op="sum"))
@@ -165,7 +170,8 @@ def _build_and_train(config: Config, topology: Topology, device: torch.device, c
     scaler = strategy.grad_scaler(device, enabled=use_amp and amp_dtype == torch.float16)
 
     parts = RunParts(device=device, backend=backend, strategy=strategy, model=model, optimizer=optimizer,
-                     scaler=scaler, engine=engine, checkpoints=checkpoints, job_plan=job_plan, per_module=per_module)
+                     scaler=scaler, engine=engine, checkpoints=checkpoints, trace_window=trace_window, job_plan=job_plan,
+                     per_module=per_module)
     return _train(config, parts)
 
 
@@ -215,6 +221,7 @@ def _train(config: Config, parts: RunParts) -> int:
         _write_json(os.path.join(config.output_dir, "config.json"), config_to_dict(config))
     progress = Progress(steps, start_step, train.log_every, is_main and train.progress, config.name)
     summary = RunSummary()
+    memory = MemoryMeter(device)
     exit_code, step = 0, start_step
 
     def save(at_step: int) -> Optional[str]:
@@ -235,6 +242,8 @@ def _train(config: Config, parts: RunParts) -> int:
     try:
         for step in range(start_step + 1, steps + 1):
             started = time.perf_counter()
+            parts.trace_window.begin(step)
+            backend.step_begins()
             inputs, targets = batches.batch(step - 1)
             inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
@@ -259,7 +268,7 @@ def _train(config: Config, parts: RunParts) -> int:
             elapsed = time.perf_counter() - started
             record = {"step": step, "loss": loss_sum / size, "step_time_s": elapsed,
                       "samples_per_s": train.batch_size * size / elapsed, "lr": optimizer.param_groups[0]["lr"],
-                      **swap_stats, **comm_stats}
+                      **swap_stats, **comm_stats, **memory.sample()}
             metrics.write(record)
             if scalars is not None:
                 scalars.write(record)
@@ -287,9 +296,11 @@ def _train(config: Config, parts: RunParts) -> int:
         if scalars is not None:
             scalars.close()
 
+    peaks = peak_totals(backend.allgather_object(memory.peaks))  # every rank's, for rank 0's summary
     if is_main:
-        totals = summary.totals({"ranks": size, "comm_backend": backend.name, "comm_strategy": strategy.name,
-                                 **_engine_totals(engine), **(per_module.summary() if per_module else {})})
+        traced = {"traced_steps": parts.trace_window.schedule.describe()} if engine.tracer or backend.trace_path else {}
+        totals = summary.totals({"ranks": size, "comm_backend": backend.name, "comm_strategy": strategy.name, **peaks,
+                                 **traced, **_engine_totals(engine), **(per_module.summary() if per_module else {})})
         if per_module:
             per_module.write(os.path.join(config.output_dir, "threads_plan.json"))
         _write_json(os.path.join(config.output_dir, "summary.json"), totals)

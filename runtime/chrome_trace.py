@@ -11,6 +11,8 @@ import threading
 import time
 from typing import IO, Any, Dict, List, Mapping, Optional
 
+from .trace_schedule import TraceWindow
+
 
 def now_us() -> float:
     """The trace clock in microseconds."""
@@ -23,12 +25,17 @@ class ChromeTrace:
     Streaming (default): events go to the file as they come (JSON array form) and ``close()`` ends
     the array; an unclosed file (a rank that died) is still read by chrome://tracing, Perfetto and
     :func:`load_trace`. ``buffered=True``: events stay in memory and ``close()`` writes the object
-    form atomically (temp file, rename), for producers whose events are cheap to keep."""
+    form atomically (temp file, rename), for producers whose events are cheap to keep.
 
-    def __init__(self, path: str, rank: int, lanes: Mapping[int, str], buffered: bool = False) -> None:
+    ``window`` (a :class:`TraceWindow`): span and counter events outside its traced steps are dropped
+    (metadata always goes in), so the file holds the scheduled steps only, however long the run."""
+
+    def __init__(self, path: str, rank: int, lanes: Mapping[int, str], buffered: bool = False,
+                 window: Optional[TraceWindow] = None) -> None:
         self.path = path
         self.rank = rank
         self.buffered = buffered
+        self.window = window
         self.events: List[Dict[str, Any]] = []
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
@@ -43,7 +50,14 @@ class ChromeTrace:
         for tid, name in lanes.items():
             self.emit({"name": "thread_name", "ph": "M", "pid": rank, "tid": tid, "args": {"name": name}})
 
+    @property
+    def recording(self) -> bool:
+        """Whether events of the step running now go in (always, without a window)."""
+        return self.window is None or self.window.active
+
     def emit(self, event: Dict[str, Any]) -> None:
+        if event.get("ph") != "M" and not self.recording:
+            return
         with self._lock:
             if not self._open:
                 return
