@@ -4,7 +4,8 @@ cycle), ``broadcast_parameters`` for the model and rank 0's optimizer state as a
 
 Works under the MPI controller (``mpirun``) and the Gloo controller (``horovodrun --gloo``); a single
 process (not launched) is a world of one. Knobs reach Horovod through its environment variables,
-which it reads in ``hvd.init()``: HOROVOD_FUSION_THRESHOLD, HOROVOD_CYCLE_TIME, HOROVOD_TIMELINE and
+which it reads in ``hvd.init()``: HOROVOD_FUSION_THRESHOLD, HOROVOD_CYCLE_TIME, HOROVOD_TIMELINE (DYNAMIC:
+started and stopped with the trace window, see ``HorovodBackend.trace_window``) and
 the stall check / shutdown times (from ``timeout_s``) so a stuck peer ends in an error, not a hang.
 """
 from __future__ import annotations

@@ -33,7 +33,7 @@ def lmsrun(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
 
 def train(out: Path, *overrides: str, np_: int = 2) -> None:
     sets = [f"train.steps={STEPS}", "train.checkpoint_every=0", "train.progress=false", "launch.threads=1",
-            *overrides]
+            f"train.trace_steps=[2,{STEPS - 1}]", *overrides]
     args = ["configs/quickstart.yaml", "-np", str(np_), "--output-dir", str(out)]
     for item in sets:
         args += ["--set", item]
