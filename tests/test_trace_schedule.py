@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmsdp.launcher.memory_meter import peak_totals
-from lmsdp.launcher.metrics import LogHistogram, RunSummary
+from lmsdp.launcher.train.memory_meter import peak_totals
+from lmsdp.launcher.train.metrics import LogHistogram, RunSummary
 from lmsdp.runtime.chrome_trace import ChromeTrace, load_trace
 from lmsdp.runtime.trace_schedule import TraceSchedule, TraceWindow
 
