@@ -50,3 +50,15 @@ def test_run_summary_keeps_running_totals_not_records() -> None:
 
 def test_peaks_over_ranks_name_the_rank() -> None:
     assert peak_totals([{"rss_bytes": 5}, {"rss_bytes": 9}]) == {"rss_peak_bytes": 9, "rss_peak_rank": 1}
+
+
+def test_the_report_says_which_steps_the_traces_hold_or_why_none() -> None:
+    from lmsdp.launcher.tools.run_data import Run, step_ranges, trace_note
+
+    assert step_ranges([10, 11, 12, 510, 511, 900]) == "10-12, 510-511, 900"
+    config = {"train": {"trace_steps": [10, 14], "trace_every": 500}, "swap": {"enabled": True, "trace": "t.json"}}
+    spans = [{"ph": "X", "name": "forward", "pid": 0, "ts": 0, "args": {"step": s}} for s in (10, 11, 510)]
+    note, traced = trace_note(Run(path="r", config=config, trace=spans))
+    assert traced and note.startswith("The traces hold steps 10-11, 510 (train.trace_steps [10, 14], every 500 steps)")
+    note, traced = trace_note(Run(path="r", config=config, summary={"last_step": 5}, trace=[{"ph": "M"}]))
+    assert not traced and "ended at step 5" in note and "train.trace_steps" in note

@@ -82,8 +82,8 @@ def draw_run(run: "Run", out_dir: str, prefix: str, warn: Callable[[str], None])
     spans = compute_spans(run.trace)
     step = steady_step(spans)
     if run.trace and step is None:
-        warn(f"{run.path}: the trace has no complete forward+backward step (swap.trace unset?); "
-             "no memory or step timeline")
+        warn(f"{run.path}: the traces hold no complete forward+backward step (swap.trace unset, or the run "
+             "ended before train.trace_steps?); no memory or step timeline")
     if step is not None:
         path = os.path.join(out_dir, f"{prefix}memory_step.png")
         if draw_memory(run, spans, step, path):

@@ -54,7 +54,8 @@ def write_html(path: str, runs: List[Run], images: Dict[str, List[str]], compari
                      f"<code>{html.escape(os.path.abspath(run.path))}</code></p>")
         if len(runs) == 1:
             parts.append(summary_table(runs))
-        parts.append(f"<p>{html.escape(trace_note(run))}</p>" if run.trace else f"<p class='warn'>{html.escape(trace_note(run))}</p>")
+        note, traced = trace_note(run)
+        parts.append(f"<p{'' if traced else ' class=warn'}>{html.escape(note)}</p>")
         parts.extend(img(p) for p in images.get(run.path, []))
     parts.append("</body></html>")
     with open(path, "w", encoding="utf-8") as handle:

@@ -9,7 +9,7 @@ import json
 import os
 import statistics
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from lmsdp.launcher.config.errors import UserError
 from lmsdp.runtime import run_folder
@@ -196,8 +196,8 @@ def step_ranges(steps: List[int]) -> str:
     return ", ".join(f"{a}-{b}" if b > a else str(a) for a, b in ranges)
 
 
-def trace_note(run: Run) -> str:
-    """Which steps the step pictures come from, or why there are none."""
+def trace_note(run: Run) -> Tuple[str, bool]:
+    """Which steps the step pictures come from (and True), or why there are none (and False)."""
     train = run.config.get("train") or {}
     window = train.get("trace_steps")
     every = train.get("trace_every") or 0
@@ -205,11 +205,12 @@ def trace_note(run: Run) -> str:
     steps = traced_steps(run.trace)
     if steps:
         return (f"The traces hold steps {step_ranges(steps)} ({schedule or 'every step'}); the step pictures "
-                "show the median-length one of them. Curves over the run come from every step's metrics.")
-    if run.trace:
-        return "The traces hold no complete step: the step pictures need swap.trace (the swap engine's spans)."
-    if (run.config.get("swap") or {}).get("trace") or (run.config.get("comm") or {}).get("timeline"):
-        return (f"No trace in this run: it records {schedule or 'train.trace_steps'}, and the run ended at step "
-                f"{run.summary.get('last_step', '?')}; set train.trace_steps to steps the run reaches.")
-    return ("No trace in this run: set swap.trace and comm.timeline (e.g. {output_dir}/swap_trace.json) to see "
-            "memory and the timeline of one step.")
+                "show the median-length one of them. Curves over the run come from every step's metrics.", True)
+    swap_trace = (run.config.get("swap") or {}).get("trace")
+    if not (swap_trace or (run.config.get("comm") or {}).get("timeline")):
+        return ("No trace in this run: set swap.trace and comm.timeline (e.g. {output_dir}/swap_trace.json) to "
+                "see memory and the timeline of one step.", False)
+    if not swap_trace or not (run.config.get("swap") or {}).get("enabled"):
+        return "No step pictures: they need the swap engine on and swap.trace set (its compute spans).", False
+    return (f"No traced step in this run: it records {schedule or 'train.trace_steps'}, and the run ended at step "
+            f"{run.summary.get('last_step', '?')}; set train.trace_steps to steps the run reaches.", False)
