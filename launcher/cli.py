@@ -302,10 +302,20 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def run(args: argparse.Namespace, script: Optional[List[str]]) -> int:
+    from lmsdp.runtime.abort import ends_job_on_failure
     from lmsdp.runtime.topology import detect_launched
 
-    plan = make_plan(args, script)
     topology = detect_launched()
+    if not ends_job_on_failure(topology) or args.dry_run:
+        return _run(args, script, topology)
+    from .rank import failure_ends_rank
+
+    with failure_ends_rank(topology):  # a config or import error on one srun task ends the step
+        return _run(args, script, topology)
+
+
+def _run(args: argparse.Namespace, script: Optional[List[str]], topology: Any) -> int:
+    plan = make_plan(args, script)
     if plan.config is not None:
         from .strategy_checks import check_strategy
 
