@@ -29,8 +29,9 @@ ABORT_WAIT_S = 5.0  # at most this long for MPI_Init before the srun step is can
 
 
 def ends_job_on_failure(topology: Optional[Topology], env: Optional[Mapping[str, str]] = None) -> bool:
-    """True for a rank of several that a launcher other than lmsrun's own mpirun started."""
-    return (topology is not None and topology.size > 1 and topology.source != "single"
+    """True for a rank of several in an MPI world or an srun step that lmsrun's own mpirun did not
+    start. torchrun is left alone: its agent tears the workers down itself (and may restart them)."""
+    return (topology is not None and topology.size > 1 and (topology.mpi_world or topology.source == "slurm")
             and not envvars.flag(envvars.LAUNCHED, env))
 
 

@@ -3,6 +3,7 @@ go on and wait for it): the tests that show one failing task ends the whole srun
 (tests/test_slurm_failures.py). ``failing_model:make(fail_rank=0, fail="raise")`` covers training;
 ``rank0_import_fails`` covers a factory module that cannot be imported on one node."""
 import os
+import time
 
 from torch import nn
 
@@ -22,6 +23,15 @@ def build_fails(width: int = 4) -> nn.Module:
     """Model build: task 0's factory raises (the config check, which only imports it, passed)."""
     if on_task_zero():
         raise RuntimeError("injected: task 0 cannot build its model")
+    return _model(width)
+
+
+def build_fails_while_peers_build_slowly(width: int = 4) -> nn.Module:
+    """Task 0's build fails while the others take minutes to build theirs (a large model): they do not
+    reach MPI's start-up, so task 0 cannot MPI_Abort and must cancel the step instead."""
+    if on_task_zero():
+        raise RuntimeError("injected: task 0 cannot build its model")
+    time.sleep(600)
     return _model(width)
 
 
