@@ -8,8 +8,9 @@ sbatch scripts) and cannot act on while blocked in a collective, so the step lin
 KillWait. So a failing rank, after its error line, aborts the MPI world: ``MPI_Abort`` through
 mpi4py, which every MPI launcher honours (under srun it travels through PMIx and slurmstepd sends
 SIGKILL to every task at once). MPI is initialised for that when the rank failed before its
-backend did; that init waits for the other ranks to reach theirs, so it is bounded (``wait_s``) and,
-in an srun step, followed by ``scancel --signal=KILL JOB.STEP``, which needs no MPI at all.
+backend did; that init waits for the other ranks to reach theirs (a peer still building a large model
+has not), so a watchdog process bounds it (``wait_s``): in an srun step it runs
+``scancel --signal=KILL JOB.STEP``, which needs no MPI at all, then it kills the rank.
 
 Torch-free: the script-mode sitecustomize uses it in the user's interpreter.
 """
@@ -17,15 +18,17 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
-import threading
 from typing import Mapping, Optional
 
 from . import env as envvars
+from .lifeline import parent_death_signal
 from .topology import Topology
 
 ABORT_WAIT_S = 5.0  # at most this long for MPI_Init before the srun step is cancelled instead
+CANCEL_NOTE = "[lmsdp] MPI_Abort did not end the job: cancelling step "
 
 
 def ends_job_on_failure(topology: Optional[Topology], env: Optional[Mapping[str, str]] = None) -> bool:
@@ -50,10 +53,38 @@ def abort_world(code: int, mpi_world: bool, wait_s: float = ABORT_WAIT_S) -> Non
     The caller has printed and flushed its error line: MPI_Abort's own banner comes after it."""
     _flush()
     if mpi_world or mpi_initialised():
-        thread = threading.Thread(target=_mpi_abort, args=(code,), name="lmsdp-abort", daemon=True)
-        thread.start()
-        thread.join(wait_s)  # MPI_Abort does not return; a join that does means MPI_Init is waiting
+        # MPI_Init inside mpi4py's import holds the GIL while it waits for the other ranks, so no
+        # thread of this process could time it out: a child process does.
+        watchdog = _start_watchdog(wait_s)
+        _mpi_abort(code)  # does not return when it works
+        if watchdog is not None:
+            watchdog.kill()
     cancel_slurm_step()
+
+
+_WATCHDOG = """
+import os, signal, subprocess, sys, time
+wait_s, pid, step, scancel, note = sys.argv[1:]
+time.sleep(float(wait_s))
+if step and scancel:
+    print(note + step, file=sys.stderr, flush=True)
+    subprocess.run([scancel, "--signal=KILL", step], check=False)
+os.kill(int(pid), signal.SIGKILL)
+"""
+
+
+def _start_watchdog(wait_s: float) -> Optional[subprocess.Popen]:
+    """A child that, unless this process is gone first (it dies with it: PR_SET_PDEATHSIG), cancels
+    this srun step after ``wait_s`` and then kills this process (its launcher then ends the job).
+    One process (a ``sleep`` of its own would outlive it and hold the step open), started with
+    ``-I -S``: fast, and without the script-mode sitecustomize."""
+    step, scancel = slurm_step(), shutil.which("scancel")
+    argv = [sys.executable, "-I", "-S", "-c", _WATCHDOG, str(wait_s), str(os.getpid()), step or "", scancel or "",
+            CANCEL_NOTE]
+    try:
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, preexec_fn=lambda: parent_death_signal(signal.SIGKILL))
+    except OSError:
+        return None
 
 
 def abort_if_mpi_initialised(code: int) -> None:
@@ -86,7 +117,7 @@ def cancel_slurm_step() -> bool:
     step, scancel = slurm_step(), shutil.which("scancel")
     if step is None or scancel is None:
         return False
-    print(f"[lmsdp] MPI_Abort did not end the job: cancelling step {step}", file=sys.stderr, flush=True)
+    print(f"{CANCEL_NOTE}{step}", file=sys.stderr, flush=True)
     try:
         return subprocess.run([scancel, "--signal=KILL", step], timeout=10, check=False).returncode == 0
     except (OSError, subprocess.SubprocessError):
