@@ -276,6 +276,10 @@ def draw_curves(runs: List["Run"], path: str, title: str) -> None:
                 ax.fill_between(steps, low, high, color=color, alpha=0.18, lw=0)
             steady_max = max(steady_max, max(high[1:] or high))
             drawn = True
+            if key == "loss":  # validation, where the run evaluated (eval.every)
+                val = series(run, "eval_loss", 1.0)
+                if val is not None:
+                    ax.plot(val[0], val[1], color=color, lw=1.2, ls="--", marker="o", ms=3)
             if key == "stall_ms":
                 wait = series(run, "comm_wait_ms", 1.0)
                 if wait is not None:
@@ -287,7 +291,8 @@ def draw_curves(runs: List["Run"], path: str, title: str) -> None:
             ax.set_ylim(0, steady_max * 1.15)  # step 1 pays warm-up: let it go off the top
         if key.endswith("hidden_frac"):
             ax.set_ylim(-0.02, 1.05)
-        ax.set_title(name + (" (swap stall solid, allreduce wait dashed)" if key == "stall_ms" else ""), fontsize=9)
+        ax.set_title(name + {"stall_ms": " (swap stall solid, allreduce wait dashed)",
+                             "loss": " (train solid, validation dashed)"}.get(key, ""), fontsize=9)
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel, fontsize=8)
         ax.grid(alpha=0.3)

@@ -133,6 +133,9 @@ class RunSummary:
                 out["allreduce_hidden_frac_mean"] = statistics.fmean(r.get("allreduce_hidden_frac", 0.0)
                                                                      for r in steady)
             out.update(collective_totals(recs))
+            evals = [r for r in recs if "eval_loss" in r]
+            if evals:  # the last validation of the run
+                out.update({f"final_{k}": v for k, v in evals[-1].items() if k.startswith("eval_")})
         out.update(extra or {})
         return out
 
