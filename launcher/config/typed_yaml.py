@@ -257,6 +257,8 @@ def _matches(value: Any, hint: Any) -> bool:
         return isinstance(value, str)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
+    if hint is bool:
+        return isinstance(value, bool)
     return True
 
 
