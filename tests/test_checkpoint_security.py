@@ -19,11 +19,11 @@ import numpy
 import pytest
 import torch
 
-from lmsdp.launcher.checkpoint import CheckpointManager, file_digest
-from lmsdp.launcher.checkpoint_lock import CheckpointLock, LockNotAFile, check_free
-from lmsdp.launcher.checkpoint_sharded import META, read_full
-from lmsdp.launcher.checkpoint_trust import NotPlainData, UnsafeCheckpoint, make_plain
-from lmsdp.launcher.export import main as export_main
+from lmsdp.launcher.train.checkpoint import CheckpointManager, file_digest
+from lmsdp.launcher.train.checkpoint_lock import CheckpointLock, LockNotAFile, check_free
+from lmsdp.launcher.train.checkpoint_sharded import META, read_full
+from lmsdp.launcher.train.checkpoint_trust import NotPlainData, UnsafeCheckpoint, make_plain
+from lmsdp.launcher.tools.export import main as export_main
 from lmsdp.runtime.error_file import ErrorRecord, keep_errors, write_error
 from lmsdp.runtime.new_file import open_new
 
