@@ -43,7 +43,7 @@ def slow_images(samples: int = 4096, latency_ms: float = 2.0) -> SlowImages:
     return SlowImages(samples, latency_ms)
 
 
-def measure(overrides, steps: int, warmup: int) -> float:
+def measure(overrides, steps: int, warmup: int, threads: int) -> float:
     from lmsdp.launcher.config import load_config
     from lmsdp.launcher.train.trainer import run_worker
     from lmsdp.runtime.topology import detect_topology
@@ -52,6 +52,7 @@ def measure(overrides, steps: int, warmup: int) -> float:
         config = load_config(None, ["model.name=resnet18", "model.kwargs={width: 16, num_classes: 10, stem: cifar}",
                                     "data.shape=[3, 32, 32]", "train.batch_size=16", f"train.steps={steps}",
                                     "train.progress=false", "comm.backend=torch", f"train.output_dir={out}",
+                                    f"launch.threads={threads}",  # the same intra-op threads in every row
                                     *overrides])
         assert run_worker(config, detect_topology()) == 0
         with open(os.path.join(out, "metrics.rank0.jsonl")) as handle:
@@ -65,14 +66,15 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads of the rank, every row")
     args = parser.parse_args()
     sys.path.insert(0, HERE)  # this file is the data factory too
     slow = ["data.kind=factory", "data.factory=bench_data:slow_images", f"data.kwargs={{latency_ms: {args.latency_ms}}}"]
-    rows = [("synthetic", measure(["data.kind=synthetic", "data.classes=10"], args.steps, args.warmup)),
-            ("one-by-one (workers 0)", measure(slow + ["data.workers=0"], args.steps, args.warmup)),
-            (f"workers {args.workers}", measure(slow + [f"data.workers={args.workers}"], args.steps, args.warmup))]
+    rows = [("synthetic", measure(["data.kind=synthetic", "data.classes=10"], args.steps, args.warmup, args.threads)),
+            ("one-by-one (workers 0)", measure(slow + ["data.workers=0"], args.steps, args.warmup, args.threads)),
+            (f"workers {args.workers}", measure(slow + [f"data.workers={args.workers}"], args.steps, args.warmup, args.threads))]
     ceiling = rows[0][1]
-    print(f"# {args.latency_ms} ms per sample, batch 16, ResNet-18 (width 16) on CPU, {torch.get_num_threads()} threads")
+    print(f"# {args.latency_ms} ms per sample, batch 16, ResNet-18 (width 16) on CPU, {args.threads} intra-op thread(s)")
     print(f"| {'data':<24} | samples/s | of synthetic |")
     print(f"|{'-' * 26}|----------:|-------------:|")
     for name, rate in rows:
