@@ -23,20 +23,20 @@ import threading
 import time
 import warnings
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
+from .candidates import is_swappable
 from .config import SwapConfig
+from .handles import Handle, Packed, modified_error
 from .policy import SwapPolicy, threshold_policy
 from .pool import HostPool
-from .stats import StepStats, Totals, zero_stats
+from .stats import StepLedger, StepStats, Totals, zero_stats
 from .trace import MEMORY_COUNTER, Tracer
-from .transport import LoopbackTransport, Transfer, Transport, make_transport
+from .transport import LoopbackTransport, Transport, make_transport
 from .units import format_size, parse_size
 
-_ALIGN = 512  # bytes of the first element's address alignment preserved on swap-in
-_STALL_SPAN_MS = 0.01  # stalls shorter than this (an already finished copy) are not drawn in the trace
 _cpu_warned = False
 
 
@@ -47,68 +47,6 @@ def _warn_cpu_once(device: torch.device) -> None:
         warnings.warn(f"lmsdp swap: the engine runs on {device} with the loopback transport; swapped "
                       "tensors stay in host memory, so swapping saves no memory here (it only exercises "
                       "the swap paths)", RuntimeWarning, stacklevel=3)
-
-
-def _modified_error(t: torch.Tensor, saved: int) -> RuntimeError:
-    return RuntimeError(
-        "one of the variables needed for gradient computation has been modified by an inplace operation: "
-        f"[{t.type()} {list(t.shape)}] is at version {t._version}; expected version {saved} instead "
-        "(detected by the lmsdp swap engine's unpack hook)")
-
-
-def _span(t: torch.Tensor) -> int:
-    """Elements of storage covered by ``t`` from its first element (numel for dense tensors)."""
-    if t.numel() == 0:
-        return 0
-    return 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
-
-
-class _Handle:
-    """What autograd stores instead of a candidate tensor."""
-
-    __slots__ = ("engine", "seq", "step_id", "dtype", "size", "stride", "span", "pad", "nbytes",
-                 "span_bytes", "tensor", "orig", "version", "host", "host_view", "out_tr", "in_tr",
-                 "in_tensor", "used", "__weakref__")
-
-    def __init__(self, engine: "SwapEngine", seq: int, t: torch.Tensor, version: int, nbytes: int) -> None:
-        self.engine = engine
-        self.seq = seq
-        self.step_id = engine._step_id
-        self.dtype, self.size, self.stride = t.dtype, t.shape, t.stride()
-        self.span = _span(t)
-        self.span_bytes = self.span * t.element_size()
-        self.pad = (t.data_ptr() % _ALIGN) // t.element_size()
-        self.nbytes = nbytes
-        self.tensor: Optional[torch.Tensor] = t          # resident original, or swapped-in copy
-        self.orig = weakref.ref(t)                      # for the version check
-        self.version = version
-        self.host: Optional[torch.Tensor] = None
-        self.host_view: Optional[torch.Tensor] = None
-        self.out_tr: Optional[Transfer] = None
-        self.in_tr: Optional[Transfer] = None
-        self.in_tensor: Optional[torch.Tensor] = None
-        self.used = False
-        engine._live += 1
-
-    def __del__(self) -> None:
-        try:
-            eng = self.engine
-            if self.host is not None:
-                out_tr, in_tr = self.out_tr, self.in_tr
-                eng.pool.release(self.host, lambda: out_tr.done() and (in_tr is None or in_tr.done()))
-            if self.tensor is not None or self.in_tensor is not None:
-                # autograd freed the saved tensor (maybe on its device thread)
-                if eng.record_memory:  # a timeline sample: ordered with the others under the lock
-                    with eng._lock:
-                        eng._held_change(-self.nbytes)
-                else:  # nobody reads the count now; kept so that switching the timeline on starts right
-                    eng._held -= self.nbytes
-            eng._live -= 1
-        except Exception:  # interpreter shutdown
-            pass
-
-
-Packed = Union[_Handle, Tuple[torch.Tensor, int]]
 
 
 class SwapEngine:
@@ -174,8 +112,7 @@ class SwapEngine:
         self._order: List[int] = []              # first unpack of each handle, in order
         self._prefetch_log: List[int] = []
         self._swapped_log: List[int] = []
-        self._transfers: List[Tuple[str, Transfer, int]] = []
-        self._stall_thunks: List[Callable[[], float]] = []
+        self._ledger = StepLedger()
         self._resident = 0
         self._outstanding = 0                    # swapped out and not yet requested back
         self._t_fw: Optional[float] = None
@@ -260,6 +197,19 @@ class SwapEngine:
         """Handles still referenced by some autograd graph (0 once every graph has been freed)."""
         return self._live
 
+    def handle_released(self, h: Handle) -> None:
+        """Autograd dropped ``h`` (maybe on its device thread): its host buffer and held bytes go back."""
+        if h.host is not None:
+            out_tr, in_tr = h.out_tr, h.in_tr
+            self.pool.release(h.host, lambda: out_tr.done() and (in_tr is None or in_tr.done()))
+        if h.tensor is not None or h.in_tensor is not None:
+            if self.record_memory:  # a timeline sample: ordered with the others under the lock
+                with self._lock:
+                    self._held_change(-h.nbytes)
+            else:  # nobody reads the count now; kept so that switching the timeline on starts right
+                self._held -= h.nbytes
+        self._live -= 1
+
     # ----------------------------------------------------------------------------------------- pack
     def _pack(self, t: torch.Tensor) -> Packed:
         version = t._version
@@ -272,11 +222,8 @@ class SwapEngine:
         nbytes = t.nbytes
         if nbytes < self.threshold or nbytes == 0 or not self._on_device(t) or type(t) is not torch.Tensor:
             return (t, version)  # the fast path: one tuple, no bookkeeping
-        if t.layout != torch.strided or (t.requires_grad and t.is_leaf):
+        if not is_swappable(t):
             return (t, version)
-        base = t._base
-        if base is not None and base.requires_grad and base.is_leaf:
-            return (t, version)  # a view of a parameter
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype, version)
         with self._lock:
             hit = self._dedupe.get(key)
@@ -290,7 +237,8 @@ class SwapEngine:
             self._held_change(nbytes)
             if self._resident > st.peak_saved_bytes:
                 st.peak_saved_bytes = self._resident
-            h = _Handle(self, len(self._handles), t, version, nbytes)
+            h = Handle(self, len(self._handles), self._step_id, t, version, nbytes)
+            self._live += 1
             self._handles.append(weakref.ref(h))
             self._dedupe[key] = (weakref.ref(t), weakref.ref(h))
             self.policy.on_pack(h)
@@ -309,7 +257,7 @@ class SwapEngine:
         if self._t_fw is None:
             self._t_fw = time.perf_counter()
 
-    def swap_out(self, h: _Handle) -> None:
+    def swap_out(self, h: Handle) -> None:
         """Start moving resident handle ``h`` to host memory (called by the policy, under the lock)."""
         t = h.tensor
         assert t is not None
@@ -325,19 +273,19 @@ class SwapEngine:
         self._step.swap_out_bytes += h.span_bytes
         self._step.swapped_tensors += 1
         self._swapped_log.append(h.seq)
-        self._transfers.append(("swap-out", h.out_tr, h.seq))
+        self._ledger.transfer("swap-out", h.out_tr, h.seq)
 
     # --------------------------------------------------------------------------------------- unpack
     def _unpack(self, packed: Packed) -> torch.Tensor:
         if type(packed) is tuple:
             t, version = packed
             if t._version != version:
-                raise _modified_error(t, version)
+                raise modified_error(t, version)
             return t
-        h: _Handle = packed  # type: ignore[assignment]
+        h: Handle = packed  # type: ignore[assignment]
         orig = h.orig()
         if orig is not None and orig._version != h.version:
-            raise _modified_error(orig, h.version)
+            raise modified_error(orig, h.version)
         with self._lock:
             current = h.step_id == self._step_id
             if current and self._phase != "backward":
@@ -359,11 +307,11 @@ class SwapEngine:
                 self._order.append(h.seq)
                 self._prefetch_after(h.seq)  # queue the next copies before blocking on this one
             assert h.in_tr is not None
-            self._stall_thunks.append(self.transport.compute_wait(h.in_tr))
+            self._ledger.wait(self.transport.compute_wait(h.in_tr))
             h.tensor, h.in_tensor = h.in_tensor, None
             return h.tensor  # type: ignore[return-value]
 
-    def _swap_in(self, h: _Handle, current: bool = True) -> None:
+    def _swap_in(self, h: Handle, current: bool = True) -> None:
         assert h.out_tr is not None and h.host_view is not None
         dst = self.transport.alloc(h.pad + h.span, h.dtype)
         h.in_tr = self.transport.copy_in(h.host_view, dst[h.pad:h.pad + h.span], h.out_tr)
@@ -373,7 +321,7 @@ class SwapEngine:
         self._held_change(h.nbytes)
         self._step.swap_in_bytes += h.span_bytes
         self._step.swap_in_tensors += 1
-        self._transfers.append(("swap-in", h.in_tr, h.seq))
+        self._ledger.transfer("swap-in", h.in_tr, h.seq)
 
     def _held_change(self, delta: int) -> None:
         """Saved bytes on the device went up or down: one timeline sample (a tuple append)."""
@@ -430,19 +378,9 @@ class SwapEngine:
             return zero_stats()
         with self._lock:
             st = self._step
-            for kind, tr, seq in self._transfers:
-                start, end = tr.span()
-                ms = (end - start) * 1e3
-                if kind == "swap-out":
-                    st.swap_out_ms += ms
-                else:
-                    st.swap_in_ms += ms
-                if self.tracer is not None:
-                    self.tracer.span(kind, f"{kind} #{seq}", start, end, {"bytes": tr.nbytes, "step": self._step_id})
-            waits = [thunk() for thunk in self._stall_thunks]
-            st.stall_ms = float(sum(waits))
+            self._ledger.close(st, self.tracer, self._step_id)
             if self.tracer is not None:
-                self._trace_memory_and_stalls(waits)
+                self._trace_memory()
             self.last_memory_timeline = self._mem_log
             st.resident_saved_bytes = self._resident
             st.host_pool_bytes = self.pool.total_bytes
@@ -460,19 +398,14 @@ class SwapEngine:
             self._reset_step()
             return dict(self.last_stats)
 
-    def _trace_memory_and_stalls(self, waits: List[float]) -> None:
-        """This step's memory samples as counter events and its swap-in stalls as spans (step end)."""
-        tracer, step = self.tracer, self._step_id
+    def _trace_memory(self) -> None:
+        """This step's memory samples as counter events (step end)."""
+        tracer = self.tracer
         assert tracer is not None
         for t, held in self._mem_log:
             tracer.counter(MEMORY_COUNTER, t, {"resident_bytes": held})
         for t, allocated in self._device_log:
             tracer.counter("device memory allocated", t, {"device_allocated_bytes": allocated})
-        for thunk, ms in zip(self._stall_thunks, waits):
-            start = getattr(thunk, "start", None)
-            if ms >= _STALL_SPAN_MS and start is not None:
-                t0 = start()
-                tracer.span("stall", "swap-in stall", t0, t0 + ms / 1e3, {"ms": ms, "step": step})
 
     def _auto_roll(self) -> None:
         self.step_end()

@@ -1,8 +1,14 @@
-"""Per-step swap statistics: a flat dict of numbers for the metrics JSONL, progress bar and summary."""
+"""Per-step swap statistics: a flat dict of numbers for the metrics JSONL, progress bar and summary,
+and the step-end accounting that turns a step's transfers and compute waits into them."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Dict, Optional
+from typing import Callable, Dict, List, Optional, Tuple
+
+from .trace import Tracer
+from .transport import Transfer
+
+STALL_SPAN_MS = 0.01  # stalls shorter than this (an already finished copy) are not drawn in the trace
 
 
 def hidden_fraction(stall_ms: float, swap_ms: float) -> float:
@@ -77,3 +83,38 @@ class Totals:
         out = asdict(self)
         out["hidden_frac"] = hidden_fraction(self.stall_ms, self.swap_out_ms + self.swap_in_ms)
         return out
+
+
+class StepLedger:
+    """A step's transfers and compute waits, turned into times (and trace spans) at step end."""
+
+    def __init__(self) -> None:
+        self.transfers: List[Tuple[str, Transfer, int]] = []   # (swap-out | swap-in, transfer, seq)
+        self.waits: List[Callable[[], float]] = []
+
+    def transfer(self, kind: str, tr: Transfer, seq: int) -> None:
+        self.transfers.append((kind, tr, seq))
+
+    def wait(self, thunk: Callable[[], float]) -> None:
+        self.waits.append(thunk)
+
+    def close(self, st: StepStats, tracer: Optional[Tracer], step_id: int) -> None:
+        """Swap and stall times into ``st``; spans into ``tracer``."""
+        for kind, tr, seq in self.transfers:
+            start, end = tr.span()
+            ms = (end - start) * 1e3
+            if kind == "swap-out":
+                st.swap_out_ms += ms
+            else:
+                st.swap_in_ms += ms
+            if tracer is not None:
+                tracer.span(kind, f"{kind} #{seq}", start, end, {"bytes": tr.nbytes, "step": step_id})
+        waits = [thunk() for thunk in self.waits]
+        st.stall_ms = float(sum(waits))
+        if tracer is None:
+            return
+        for thunk, ms in zip(self.waits, waits):
+            start = getattr(thunk, "start", None)
+            if ms >= STALL_SPAN_MS and start is not None:
+                t0 = start()
+                tracer.span("stall", "swap-in stall", t0, t0 + ms / 1e3, {"ms": ms, "step": step_id})

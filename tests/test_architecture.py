@@ -66,3 +66,49 @@ def test_config_choices_come_from_the_registries():
 def test_registry_rejects_unknown_names_with_a_guess():
     with pytest.raises(ValueError, match="did you mean 'horovod'"):
         BACKENDS.get("horovd")
+
+
+def _swapping_imports():
+    """Module -> swapping modules it imports anywhere (top level, functions, TYPE_CHECKING blocks)."""
+    import ast
+
+    graph = {}
+    for path, text in sources("swapping"):
+        name = os.path.splitext(os.path.basename(path))[0]
+        deps = set()
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ImportFrom):
+                if node.level == 1:
+                    targets = [node.module] if node.module else [a.name for a in node.names]
+                elif (node.module or "").startswith("lmsdp.swapping."):
+                    targets = [node.module.split(".")[2]]
+                elif node.module == "lmsdp.swapping":
+                    targets = [a.name for a in node.names]
+                else:
+                    continue
+                deps |= {t.split(".")[0] for t in targets}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name.split(".")[2] for a in node.names if a.name.startswith("lmsdp.swapping.")}
+        graph[name] = deps - {name}
+    return graph
+
+
+def test_swapping_has_no_import_cycle():
+    """A protocol breaks a cycle; a deferred or TYPE_CHECKING import does not, so all of them count."""
+    graph = _swapping_imports()
+    state = {}
+
+    def visit(node, trail):
+        state[node] = "open"
+        for dep in sorted(graph.get(node, ())):
+            if dep not in graph:
+                continue  # a name re-exported by the package, not a module
+            if state.get(dep) == "open":
+                raise AssertionError("import cycle: " + " -> ".join(trail[trail.index(dep):] + [dep]))
+            if dep not in state:
+                visit(dep, trail + [dep])
+        state[node] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
