@@ -2,52 +2,39 @@
 
 Built on ``torch.autograd.graph.saved_tensors_hooks``:
 
-* pack: a saved tensor on the engine's device (not a parameter or a view of one, plain strided, at least
-  the policy's ``threshold`` bytes) becomes a *candidate* handle, and the policy (``policy.py``) decides
-  whether and when it is swapped: by default the last ``keep_last`` candidates stay pending and, when a
-  newer one arrives, the oldest pending one is swapped out if the resident saved bytes exceed
-  ``budget``; a planner's policy swaps the tensors its plan lists. Swap-out copies the tensor's storage
-  span (so views and odd strides come back bit-exact) into a pooled host buffer on the transport's
-  swap-out stream; the device tensor is released only once the copy has completed (record_stream on
-  CUDA, the worker's reference on loopback).
-* unpack: a prefetched handle waits on its event; one not yet requested is copied at once (a stall).
-  Each unpack starts swap-ins for the next ``prefetch`` swapped handles the policy names: in the order
-  learned on the first step (Capuchin); before that, reverse pack order. Once the learned forward length
-  is reached, the first handles of the learned order are prefetched already at the end of forward.
+* pack: a saved tensor on the engine's device (``candidates.py``: not a parameter, a view of one or
+  autocast's cast of one; at least the policy's ``threshold`` bytes; not inside a CUDA graph capture)
+  becomes a *candidate* handle, and the policy (``policy.py``) decides whether and when it is swapped:
+  by default the last ``keep_last`` candidates stay pending and the oldest pending one is swapped out
+  while resident saved bytes exceed ``budget``; a planner's policy swaps the tensors its plan lists.
+  The copy is the mover's (``mover.py``); the tensor stays on the device until it has finished, and
+  past ``swap_out_window`` bytes in flight compute waits for the oldest copies (``inflight.py``).
+* unpack: compute waits for a prefetched handle's copy (an event, not a host sync); one not yet
+  requested is copied at once (a stall). Each unpack starts swap-ins for the next ``prefetch`` swapped
+  handles the policy names, within ``prefetch_window`` bytes: in the order learned on the first step
+  (Capuchin), before that reverse pack order; the first ones already at the learned end of forward.
 * the same tensor saved several times (same storage, geometry and version) is one handle; in-place
   modification after saving raises autograd's usual error (hooks disable autograd's own check).
+* ``step_end`` never waits for the device: copies and stalls not finished yet are counted next step.
 """
 from __future__ import annotations
 
 import threading
 import time
-import warnings
 import weakref
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
+from .binding import DeviceBinding, warn_cpu_once
 from .candidates import is_swappable
 from .config import SwapConfig
 from .handles import Handle, Packed, modified_error
+from .mover import Mover
 from .policy import SwapPolicy, threshold_policy
-from .pool import HostPool
-from .stats import StepLedger, StepStats, Totals, zero_stats
+from .stats import StepLedger, StepStats, Totals, describe, zero_stats
 from .trace import MEMORY_COUNTER, Tracer
-from .transport import LoopbackTransport, Transport, make_transport
-from .units import format_size, parse_size
-
-_cpu_warned = False
-
-
-def _warn_cpu_once(device: torch.device) -> None:
-    global _cpu_warned
-    if not _cpu_warned:
-        _cpu_warned = True
-        warnings.warn(f"lmsdp swap: the engine runs on {device} with the loopback transport; swapped "
-                      "tensors stay in host memory, so swapping saves no memory here (it only exercises "
-                      "the swap paths)", RuntimeWarning, stacklevel=3)
-
+from .transport import LoopbackTransport
 
 class SwapEngine:
     """One per rank: wraps forward (``with engine:``), rolls over with ``step_end()``.
@@ -63,7 +50,6 @@ class SwapEngine:
             device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
         self.enabled = bool(config.enabled)
-        self._device_index = -1 if device.type == "cpu" else (device.index or 0)
         self.policy: SwapPolicy = policy if policy is not None else threshold_policy(config)
         self.policy.bind(self)
         self.threshold = self.policy.threshold  # read on the pack fast path
@@ -91,12 +77,14 @@ class SwapEngine:
         self._held = 0
         self._mem_log: List[Tuple[float, int]] = []
         self._device_log: List[Tuple[float, int]] = []
+        self._ledger = StepLedger()              # transfers and waits not resolved yet (carried over)
+        self._binding = DeviceBinding(device)
         if not self.enabled:
             return
-        self.transport: Transport = make_transport(config.transport, device)
-        if isinstance(self.transport, LoopbackTransport) and device.type == "cpu":
-            _warn_cpu_once(device)
-        self.pool = HostPool(pin_memory=self.transport.pin_memory, limit=parse_size(config.host_limit))
+        self.mover = Mover(config, device)
+        self.pool = self.mover.pool
+        if isinstance(self.mover.transport, LoopbackTransport) and device.type == "cpu":
+            warn_cpu_once(device)
         self.tracer = Tracer(config.trace) if config.trace else None
         # the allocator's own figure costs a stats query per sample: only when tracing, only on CUDA
         self._sample_device = self.tracer is not None and device.type == "cuda"
@@ -112,7 +100,6 @@ class SwapEngine:
         self._order: List[int] = []              # first unpack of each handle, in order
         self._prefetch_log: List[int] = []
         self._swapped_log: List[int] = []
-        self._ledger = StepLedger()
         self._resident = 0
         self._outstanding = 0                    # swapped out and not yet requested back
         self._t_fw: Optional[float] = None
@@ -175,8 +162,7 @@ class SwapEngine:
             except Exception:
                 pass
             self._hooks = None
-        self.transport.close()
-        self.pool.close()
+        self.mover.close()
         if self.tracer is not None:
             self.tracer.write()
 
@@ -200,8 +186,7 @@ class SwapEngine:
     def handle_released(self, h: Handle) -> None:
         """Autograd dropped ``h`` (maybe on its device thread): its host buffer and held bytes go back."""
         if h.host is not None:
-            out_tr, in_tr = h.out_tr, h.in_tr
-            self.pool.release(h.host, lambda: out_tr.done() and (in_tr is None or in_tr.done()))
+            self.mover.released(h, self._lock)
         if h.tensor is not None or h.in_tensor is not None:
             if self.record_memory:  # a timeline sample: ordered with the others under the lock
                 with self._lock:
@@ -217,13 +202,16 @@ class SwapEngine:
             if self._phase == "backward":  # create_graph backward: leave double-backward tensors alone
                 return (t, version)
             if self._phase == "done" and self._auto_step:
-                self._auto_roll()
+                self.step_end()
             self._begin_step()
         nbytes = t.nbytes
-        if nbytes < self.threshold or nbytes == 0 or not self._on_device(t) or type(t) is not torch.Tensor:
+        if nbytes < self.threshold or nbytes == 0 or type(t) is not torch.Tensor:
             return (t, version)  # the fast path: one tuple, no bookkeeping
-        if not is_swappable(t):
+        if not self._binding.holds(t):
+            self._binding.elsewhere(t)
             return (t, version)
+        if not is_swappable(t) or (self._binding.cuda and torch.cuda.is_current_stream_capturing()):
+            return (t, version)  # a CUDA graph capture runs through untouched (no stream forks in it)
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype, version)
         with self._lock:
             hit = self._dedupe.get(key)
@@ -242,31 +230,23 @@ class SwapEngine:
             self._handles.append(weakref.ref(h))
             self._dedupe[key] = (weakref.ref(t), weakref.ref(h))
             self.policy.on_pack(h)
+            on_device = self._resident + self.mover.inflight.out_bytes  # swap-outs count until copied
+            if on_device > st.peak_resident_bytes:
+                st.peak_resident_bytes = on_device
             if len(self._handles) == self.policy.forward_length:  # forward end as learned: first swap-ins
                 self._prefetch_after(None)
             return h
 
-    def _on_device(self, t: torch.Tensor) -> bool:
-        if self._device_index < 0:
-            return t.is_cpu
-        return t.is_cuda and t.get_device() == self._device_index
-
     def _begin_step(self) -> None:
         self._phase = "forward"
-        self.transport.step_begin()
+        self._binding.check_current()
+        self.mover.transport.step_begin()
         if self._t_fw is None:
             self._t_fw = time.perf_counter()
 
     def swap_out(self, h: Handle) -> None:
         """Start moving resident handle ``h`` to host memory (called by the policy, under the lock)."""
-        t = h.tensor
-        assert t is not None
-        buf = self.pool.acquire(h.span_bytes)
-        host = buf[:h.span_bytes].view(h.dtype)
-        src = t.detach().as_strided((h.span,), (1,), t.storage_offset())
-        h.out_tr = self.transport.copy_out(src, host)
-        h.host, h.host_view, h.tensor = buf, host, None
-        del src, t
+        self.mover.swap_out(h)
         self._resident -= h.nbytes
         self._held_change(-h.nbytes)
         self._outstanding += 1
@@ -291,37 +271,34 @@ class SwapEngine:
             if current and self._phase != "backward":
                 self._begin_backward()
             if h.tensor is not None:  # resident, or already swapped in
-                if current and not h.used:
-                    h.used = True
-                    self._order.append(h.seq)
-                    self._prefetch_after(h.seq)
+                self._first_use(h, current)
                 return h.tensor
-            st = self._step
             if h.in_tr is None:
-                st.stalls += 1
-                self._swap_in(h, current)
-            elif not h.in_tr.done():
-                st.late_prefetches += 1
-            if current and not h.used:
-                h.used = True
-                self._order.append(h.seq)
-                self._prefetch_after(h.seq)  # queue the next copies before blocking on this one
+                self._step.stalls += 1
+                self._swap_in(h, current, force=True)
+            self._first_use(h, current)  # queue the next copies before compute waits for this one
             assert h.in_tr is not None
-            self._ledger.wait(self.transport.compute_wait(h.in_tr))
+            self._ledger.wait(self.mover.transport.compute_wait(h.in_tr), h.prefetched)
             h.tensor, h.in_tensor = h.in_tensor, None
             return h.tensor  # type: ignore[return-value]
 
-    def _swap_in(self, h: Handle, current: bool = True) -> None:
-        assert h.out_tr is not None and h.host_view is not None
-        dst = self.transport.alloc(h.pad + h.span, h.dtype)
-        h.in_tr = self.transport.copy_in(h.host_view, dst[h.pad:h.pad + h.span], h.out_tr)
-        h.in_tensor = dst.as_strided(h.size, h.stride, h.pad)
+    def _first_use(self, h: Handle, current: bool) -> None:
+        if current and not h.used:
+            h.used = True
+            self._order.append(h.seq)
+            self._prefetch_after(h.seq)
+
+    def _swap_in(self, h: Handle, current: bool = True, force: bool = False) -> bool:
+        """Start bringing ``h`` back if the prefetch window has room (``force``: compute needs it now)."""
+        if not self.mover.swap_in(h, force):
+            return False
         if current:
             self._outstanding -= 1
         self._held_change(h.nbytes)
         self._step.swap_in_bytes += h.span_bytes
         self._step.swap_in_tensors += 1
         self._ledger.transfer("swap-in", h.in_tr, h.seq)
+        return True
 
     def _held_change(self, delta: int) -> None:
         """Saved bytes on the device went up or down: one timeline sample (a tuple append)."""
@@ -350,7 +327,8 @@ class SwapEngine:
                 continue  # gone, never swapped (resident), or already used this step
             window += 1
             if other.in_tr is None and other.tensor is None:
-                self._swap_in(other)
+                if not self._swap_in(other):
+                    break  # the prefetch window (bytes) is full
                 self._prefetch_log.append(s)
             if window >= limit or self._outstanding <= 0:
                 break
@@ -378,17 +356,13 @@ class SwapEngine:
             return zero_stats()
         with self._lock:
             st = self._step
-            self._ledger.close(st, self.tracer, self._step_id)
+            self._ledger = self._ledger.close(st, self.tracer, self._step_id, block=False)
+            st.swap_out_waits = self.mover.settle()
+            self._binding.check_step(st.packed_tensors)
             if self.tracer is not None:
                 self._trace_memory()
             self.last_memory_timeline = self._mem_log
-            st.resident_saved_bytes = self._resident
-            st.host_pool_bytes = self.pool.total_bytes
-            st.recomputed_modules = self.recomputed_modules
-            if self.device.type == "cuda":
-                st.max_memory_allocated = int(torch.cuda.max_memory_allocated(self.device))
-                torch.cuda.reset_peak_memory_stats(self.device)
-            st.finish()
+            st.finish(self._resident, self.pool.total_bytes, self.recomputed_modules, self.device)
             self.policy.step_end(self._order, len(self._handles))
             self.last_prefetch_order = self._prefetch_log
             self.last_unpack_order = self._order
@@ -407,25 +381,13 @@ class SwapEngine:
         for t, allocated in self._device_log:
             tracer.counter("device memory allocated", t, {"device_allocated_bytes": allocated})
 
-    def _auto_roll(self) -> None:
-        self.step_end()
-
     def summary(self) -> Dict[str, float]:
         """Totals over all steps (for the end-of-run table)."""
-        if not self.enabled:
-            return dict(Totals().as_dict(), host_pool_allocations=0)
-        out = self.totals.as_dict()
-        out["host_pool_bytes"] = self.pool.total_bytes
-        out["host_pool_allocations"] = self.pool.allocations
-        return out
+        return self.totals.summary(self.pool if self.enabled else None)
 
     def describe(self) -> str:
         """One line for logs."""
-        s = self.summary()
-        return (f"steps={s['steps']} swapped_out={s['swap_out_bytes']} ({format_size(s['swap_out_bytes'])}) "
-                f"swapped_in={s['swap_in_bytes']} tensors={s['swapped_tensors']} stalls={s['stalls']} "
-                f"stall_ms={s['stall_ms']:.1f} hidden={s['hidden_frac']:.2f} "
-                f"host_pool={format_size(s['host_pool_bytes'])}")
+        return describe(self.summary())
 
     # ------------------------------------------------------------------------------------ recompute
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:

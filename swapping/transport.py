@@ -1,8 +1,22 @@
 """Transports move bytes between the device and host buffers asynchronously.
 
-``CudaTransport`` uses a swap-out and a swap-in stream, CUDA events and pinned memory.
+``CudaTransport`` uses a swap-out and a swap-in stream, CUDA events and pinned memory, laid out as
+torchtune's activation offloading (``_activation_offloading.py``) does, with prefetching added:
+
+* swap-out: the copy stream waits for compute (the source must be written), copies, records an
+  event; the transfer keeps the source alive until the copy has finished (no ``record_stream``: the
+  engine retires it when its event has passed, or makes compute wait on it when too many bytes are in
+  flight);
+* swap-in: the destination is allocated *on the swap-in stream* and the copy waits only for its own
+  swap-out, never for compute, so a prefetch can run as far ahead as the engine's window allows;
+  compute waits for the copy's event when it uses the tensor. After use, the tensor is *retired*: an
+  event on compute marks its last use and the engine keeps the reference until that event has passed
+  (or makes the swap-in stream wait on it before the block can be reused: no host sync either way).
+
 ``LoopbackTransport`` runs the same protocol on CPU with one worker thread per direction and
 ``threading.Event`` as events, so prefetch ordering, accounting and stalls are exercised without a GPU.
+With ``link_bps`` its copy threads are paced to that many bytes per second: a simulation of a slow
+link's speed (for backpressure, lookahead, stalls and the planner's time model on CPU), not a GPU figure.
 """
 from __future__ import annotations
 
@@ -16,9 +30,15 @@ import torch
 
 
 class Transfer(ABC):
-    """One asynchronous copy. ``span()`` gives (start, end) in host ``perf_counter`` seconds once done."""
+    """One asynchronous copy. ``span()`` gives (start, end) in host ``perf_counter`` seconds once done
+    (it blocks until then: call it on finished transfers only, off the hot path)."""
 
     nbytes: int = 0
+    source: Optional[torch.Tensor] = None  # swap-out: the device tensor, alive until the copy finished
+
+    def release(self) -> None:
+        """The copy has finished (or compute waits for it): drop the source."""
+        self.source = None
 
     @abstractmethod
     def done(self) -> bool: ...
@@ -45,6 +65,26 @@ class Wait:
     def start(self) -> float:
         return self._start
 
+    def done(self) -> bool:
+        """The wait can be read without blocking."""
+        return True
+
+
+class Retired:
+    """A swapped-in tensor after its last use: held until compute has passed that use."""
+
+    __slots__ = ("tensor", "nbytes")
+
+    def __init__(self, tensor: Optional[torch.Tensor], nbytes: int) -> None:
+        self.tensor, self.nbytes = tensor, nbytes
+
+    def done(self) -> bool:
+        return True
+
+    def wait(self) -> None:
+        """Make later swap-ins wait for compute to pass the use (device-side); the block may be reused."""
+        self.tensor = None
+
 
 class Transport(ABC):
     """Copy protocol shared by the engine: out (device->host), alloc + in (host->device), wait."""
@@ -60,7 +100,7 @@ class Transport(ABC):
 
     @abstractmethod
     def alloc(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        """Swap-in destination, allocated on the consumer (compute) stream (pytorch#106360)."""
+        """Swap-in destination (CUDA: allocated on the swap-in stream, so the copy needs no compute wait)."""
 
     @abstractmethod
     def copy_in(self, src: torch.Tensor, dst: torch.Tensor, after: Transfer) -> Transfer:
@@ -70,6 +110,16 @@ class Transport(ABC):
     def compute_wait(self, transfer: Transfer) -> Callable[[], float]:
         """Make compute wait for ``transfer`` (never a device-wide sync); returns a thunk giving stall ms
         (a :class:`Wait` where the wait's start is known)."""
+
+    def wait_out(self, transfer: Transfer) -> None:
+        """Compute waits for swap-out ``transfer`` (never a device-wide sync); its source is dropped."""
+        transfer.host_wait()
+        transfer.release()
+
+    def retire(self, tensor: torch.Tensor, nbytes: int, users: int) -> Retired:
+        """Swapped-in ``tensor`` had its last use just now (loopback: compute is this thread, so done);
+        ``users``: references to its storage when the engine alone held it."""
+        return Retired(None, nbytes)
 
     def step_begin(self) -> None:
         """Hook at the first pack of a step (CUDA: timing base)."""
@@ -102,9 +152,11 @@ class _LoopTransfer(Transfer):
 
 
 class _Worker:
-    """A thread draining a FIFO of copies: the loopback analogue of a CUDA stream."""
+    """A thread draining a FIFO of copies: the loopback analogue of a CUDA stream. With ``link_bps``
+    each copy takes at least ``nbytes / link_bps`` seconds (the thread sleeps out the rest)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, link_bps: Optional[float] = None) -> None:
+        self.link_bps = link_bps
         self.q: "queue.SimpleQueue" = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
@@ -120,6 +172,10 @@ class _Worker:
                     after.event.wait()
                 tr.start = time.perf_counter()
                 fn()
+                if self.link_bps:
+                    delay = tr.start + tr.nbytes / self.link_bps - time.perf_counter()
+                    if delay > 0:
+                        time.sleep(delay)
             except BaseException as exc:  # surfaced by host_wait on the consumer side
                 tr.error = exc
             tr.end = time.perf_counter()
@@ -135,14 +191,16 @@ class _Worker:
 
 
 class LoopbackTransport(Transport):
-    """CPU stand-in for a GPU: copies into separate host buffers on worker threads."""
+    """CPU stand-in for a GPU: copies into separate host buffers on worker threads, each direction
+    paced to ``link_bps`` bytes/s when given (a full-duplex link, as PCIe is)."""
 
     pin_memory = False
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, link_bps: Optional[float] = None) -> None:
         super().__init__(device)
-        self._out = _Worker("lmsdp-swap-out")
-        self._in = _Worker("lmsdp-swap-in")
+        self.link_bps = link_bps
+        self._out = _Worker("lmsdp-swap-out", link_bps)
+        self._in = _Worker("lmsdp-swap-in", link_bps)
 
     def copy_out(self, src: torch.Tensor, dst: torch.Tensor) -> Transfer:
         tr = _LoopTransfer(dst.numel() * dst.element_size())
@@ -169,13 +227,14 @@ class LoopbackTransport(Transport):
 
 # --------------------------------------------------------------------------------------------- cuda
 class _CudaTransfer(Transfer):
-    __slots__ = ("start_ev", "end_ev", "transport", "nbytes")
+    __slots__ = ("start_ev", "end_ev", "transport", "nbytes", "source")
 
-    def __init__(self, transport: "CudaTransport", nbytes: int) -> None:
+    def __init__(self, transport: "CudaTransport", nbytes: int, source: Optional[torch.Tensor] = None) -> None:
         self.start_ev = torch.cuda.Event(enable_timing=True)
         self.end_ev = torch.cuda.Event(enable_timing=True)
         self.transport = transport
         self.nbytes = nbytes
+        self.source = source
 
     def done(self) -> bool:
         return self.end_ev.query()
@@ -188,8 +247,32 @@ class _CudaTransfer(Transfer):
         return self.transport.host_time(self.start_ev), self.transport.host_time(self.end_ev)
 
 
+class _CudaRetired(Retired):
+    """A swapped-in block after its last use on compute: ``event`` marks that use."""
+
+    __slots__ = ("event", "stream")
+
+    def __init__(self, tensor: torch.Tensor, nbytes: int, event: "torch.cuda.Event",
+                 stream: "torch.cuda.Stream") -> None:
+        super().__init__(tensor, nbytes)
+        self.event, self.stream = event, stream
+
+    def done(self) -> bool:
+        return self.event.query()
+
+    def wait(self) -> None:
+        self.stream.wait_event(self.event)  # later swap-ins (that may reuse the block) run after the use
+        self.tensor = None
+
+
+def storage_users(t: torch.Tensor) -> int:
+    """References to ``t``'s storage (tensors and views on it); -1 where torch cannot say."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    return -1 if use_count is None else int(use_count(t.untyped_storage()._cdata))
+
+
 class CudaTransport(Transport):
-    """Swap-out/swap-in streams, timing events, pinned host memory."""
+    """Swap-out/swap-in streams, events for ordering and timing, pinned host memory."""
 
     pin_memory = True
 
@@ -211,37 +294,37 @@ class CudaTransport(Transport):
         return self._base_host + self._base_ev.elapsed_time(ev) / 1e3
 
     def copy_out(self, src: torch.Tensor, dst: torch.Tensor) -> Transfer:
-        tr = _CudaTransfer(self, dst.numel() * dst.element_size())
-        self.out_stream.wait_stream(torch.cuda.current_stream(self.device))
+        # the transfer holds ``src`` until the copy finished: compute cannot reuse the block before
+        tr = _CudaTransfer(self, dst.numel() * dst.element_size(), src)
+        self.out_stream.wait_stream(torch.cuda.current_stream(self.device))  # src is written
         with torch.cuda.stream(self.out_stream):
             tr.start_ev.record()
             dst.copy_(src, non_blocking=True)
             tr.end_ev.record()
-        src.record_stream(self.out_stream)  # allocator reuses the block only after the copy ran
         return tr
 
+    def wait_out(self, transfer: Transfer) -> None:
+        assert isinstance(transfer, _CudaTransfer)
+        torch.cuda.current_stream(self.device).wait_event(transfer.end_ev)
+        transfer.release()  # compute's later allocations run after the copy: the block may be reused
+
     def alloc(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        return torch.empty(numel, dtype=dtype, device=self.device)  # on the current (compute) stream
+        with torch.cuda.stream(self.in_stream):  # the swap-in stream's pool: reuse is ordered by it
+            return torch.empty(numel, dtype=dtype, device=self.device)
 
     def copy_in(self, src: torch.Tensor, dst: torch.Tensor, after: Transfer) -> Transfer:
         assert isinstance(after, _CudaTransfer)
         tr = _CudaTransfer(self, dst.numel() * dst.element_size())
-        # dst was allocated on the compute stream: it may reuse a block freed there moments ago
-        self.in_stream.wait_stream(torch.cuda.current_stream(self.device))
-        self.in_stream.wait_event(after.end_ev)
+        self.in_stream.wait_event(after.end_ev)  # its own swap-out only: never compute
         with torch.cuda.stream(self.in_stream):
             tr.start_ev.record()
             dst.copy_(src, non_blocking=True)
             tr.end_ev.record()
-        dst.record_stream(self.in_stream)  # a prefetched-but-dropped dst is not reused mid-copy
         return tr
 
     def compute_wait(self, transfer: Transfer) -> Callable[[], float]:
         assert isinstance(transfer, _CudaTransfer)
         stream = torch.cuda.current_stream(self.device)
-        if transfer.end_ev.query():
-            stream.wait_event(transfer.end_ev)
-            return lambda: 0.0
         e0 = torch.cuda.Event(enable_timing=True)
         e1 = torch.cuda.Event(enable_timing=True)
         e0.record(stream)
@@ -249,13 +332,24 @@ class CudaTransport(Transport):
         e1.record(stream)
         return _CudaWait(self, e0, e1)
 
+    def retire(self, tensor: torch.Tensor, nbytes: int, users: int) -> Retired:
+        stream = torch.cuda.current_stream(self.device)
+        if users < 0 or storage_users(tensor) > users:
+            # someone else (a view in an output, a checkpoint) still holds the block: let the
+            # allocator defer its reuse past compute's work so far (the rare case torchtune notes)
+            tensor.record_stream(stream)
+            return Retired(None, nbytes)
+        event = torch.cuda.Event()
+        event.record(stream)
+        return _CudaRetired(tensor, nbytes, event, self.in_stream)
+
     def close(self) -> None:
         self.out_stream.synchronize()
         self.in_stream.synchronize()
 
 
 class _CudaWait(Wait):
-    """A stall on the compute stream, timed by two events (resolved at step end, off the hot path)."""
+    """A stall on the compute stream, timed by two events (resolved once they have passed)."""
 
     __slots__ = ("_transport", "_e0", "_e1")
 
@@ -271,13 +365,23 @@ class _CudaWait(Wait):
         self._e1.synchronize()
         return self._transport.host_time(self._e0)
 
+    def done(self) -> bool:
+        return self._e1.query()
 
-def make_transport(kind: str, device: torch.device) -> Transport:
+
+def make_transport(kind: str, device: torch.device, link_gbps: Optional[float] = None) -> Transport:
     """The registered transport ``kind`` (``swapping/registry.py``); ``auto``: cuda on a CUDA device,
-    else loopback."""
+    else loopback. ``link_gbps`` paces the loopback transport (GB/s, 1e9 bytes)."""
     from .registry import TRANSPORTS
 
+    if link_gbps and kind == "auto":
+        kind = "loopback"  # asking for a simulated link asks for the transport that simulates it
     cls = TRANSPORTS.resolve(kind, device).load()
     if cls is CudaTransport and (device.type != "cuda" or not torch.cuda.is_available()):
         raise ValueError(f"swap transport 'cuda' needs a CUDA device, got {device}")
+    if link_gbps:
+        if cls is not LoopbackTransport:
+            raise ValueError("swap.link_gbps paces the loopback transport only (a simulated link); "
+                             "a real link runs at its own speed: drop link_gbps or set transport: loopback")
+        return LoopbackTransport(device, link_gbps * 1e9)
     return cls(device)
