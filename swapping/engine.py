@@ -357,7 +357,7 @@ class SwapEngine:
         with self._lock:
             st = self._step
             self._ledger = self._ledger.close(st, self.tracer, self._step_id, block=False)
-            st.swap_out_waits = self.mover.settle()
+            st.swap_out_waits, st.peak_swapin_bytes = self.mover.settle()
             self._binding.check_step(st.packed_tensors)
             if self.tracer is not None:
                 self._trace_memory()

@@ -33,6 +33,7 @@ class InFlight:
         self.out_bytes = 0        # swapped out, copy not known finished
         self.in_bytes = 0         # swapped in and not retired past compute (ahead of use, in use, retiring)
         self.out_waits = 0        # times compute had to wait for a swap-out (backpressure)
+        self.peak_in_bytes = 0    # the most ``in_bytes`` since the last ``take_step``
 
     # ------------------------------------------------------------------------------------ swap-out
     def add_out(self, tr: Transfer, nbytes: int) -> None:
@@ -54,10 +55,11 @@ class InFlight:
             tr.release()
             self.out_bytes -= n
 
-    def take_out_waits(self) -> int:
-        """Backpressure waits since the last call (one step's count)."""
-        waits, self.out_waits = self.out_waits, 0
-        return waits
+    def take_step(self) -> Tuple[int, int]:
+        """(backpressure waits, peak swap-in bytes) since the last call: one step's figures."""
+        waits, peak = self.out_waits, self.peak_in_bytes
+        self.out_waits, self.peak_in_bytes = 0, self.in_bytes
+        return waits, peak
 
     # ------------------------------------------------------------------------------------- swap-in
     def room_in(self, nbytes: int, force: bool) -> bool:
@@ -73,6 +75,7 @@ class InFlight:
 
     def add_in(self, nbytes: int) -> None:
         self.in_bytes += nbytes
+        self.peak_in_bytes = max(self.peak_in_bytes, self.in_bytes)
 
     def retire(self, tensor: torch.Tensor, nbytes: int, users: int) -> None:
         """A swapped-in tensor's last use was queued: it counts until compute has passed it

@@ -6,6 +6,8 @@ destination with the original first-element alignment and copies it back.
 """
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 
 from .config import SwapConfig
@@ -65,12 +67,12 @@ class Mover:
                 else:
                     self.inflight.drop_unused(h.span_bytes)
 
-    def settle(self) -> int:
-        """Step end: drop what finished (queries only); returns the step's swap-out backpressure waits."""
+    def settle(self) -> Tuple[int, int]:
+        """Step end: drop what finished (queries only); the step's (swap-out waits, peak swap-in bytes)."""
         self.inflight.poll_out()
         self.inflight.poll_in()
         self.pool.sized = True  # from the first step's profile on, the pool does not grow mid-step
-        return self.inflight.take_out_waits()
+        return self.inflight.take_step()
 
     def close(self) -> None:
         self.transport.close()

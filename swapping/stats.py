@@ -38,6 +38,7 @@ class StepStats:
     peak_saved_bytes: int = 0      # peak candidate bytes resident on the device during forward
     peak_resident_bytes: int = 0   # the same, swap-outs counted until their copy finished (after each pack)
     swap_out_waits: int = 0        # times compute waited for a swap-out (swap_out_window full)
+    peak_swapin_bytes: int = 0     # most swapped-in bytes on the device not yet passed by compute
     resident_saved_bytes: int = 0  # candidate bytes that stayed on the device at the end of forward
     packed_tensors: int = 0        # candidates seen by the pack hook (after dedupe)
     host_pool_bytes: int = 0

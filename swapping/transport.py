@@ -130,21 +130,54 @@ class Transport(ABC):
 
 # ----------------------------------------------------------------------------------------- loopback
 class _LoopTransfer(Transfer):
-    __slots__ = ("event", "start", "end", "error", "nbytes")
+    """A copy run by its direction's worker thread, or by a thread that needs it first (a consumer
+    does not wait for a busy machine to schedule the worker). Paced: it is *due* at a time fixed
+    when it was queued, from the link clock, and counts as done only then."""
 
-    def __init__(self, nbytes: int) -> None:
-        self.event = threading.Event()
-        self.start = self.end = 0.0
+    __slots__ = ("event", "start", "end", "error", "nbytes", "due", "_fn", "_after", "_claim")
+
+    def __init__(self, nbytes: int, fn: Callable[[], None], after: Optional["_LoopTransfer"],
+                 start: float = 0.0, due: float = 0.0) -> None:
+        self.event = threading.Event()            # the bytes are in place
+        self.start, self.end, self.due = start, due, due
         self.error: Optional[BaseException] = None
         self.nbytes = nbytes
+        self._fn: Optional[Callable[[], None]] = fn
+        self._after = after
+        self._claim = threading.Lock()            # held by whichever thread runs the copy
+
+    def run(self) -> None:
+        """Do the copy in this thread, unless another one has taken it."""
+        if not self._claim.acquire(blocking=False):
+            return
+        t0 = time.perf_counter()
+        try:
+            if self._after is not None:
+                self._after.ensure()
+            assert self._fn is not None
+            self._fn()
+        except BaseException as exc:  # surfaced by host_wait on the consumer side
+            self.error = exc
+        self._fn = self._after = None  # drop the source: memory freed after the copy
+        if not self.due:
+            self.start, self.end = t0, time.perf_counter()
+        self.event.set()
+
+    def ensure(self) -> None:
+        """The bytes are in place (copied here if nobody has started)."""
+        self.run()
+        self.event.wait()
 
     def done(self) -> bool:
-        return self.event.is_set()
+        return self.event.is_set() and (not self.due or time.perf_counter() >= self.due)
 
     def host_wait(self) -> None:
-        self.event.wait()
+        self.ensure()
         if self.error is not None:
             raise RuntimeError("lmsdp swap loopback copy failed") from self.error
+        delay = self.due - time.perf_counter()
+        if delay > 0:  # paced: the bytes are there, the simulated link delivers them at ``due``
+            time.sleep(delay)
 
     def span(self) -> Tuple[float, float]:
         self.host_wait()
@@ -153,37 +186,36 @@ class _LoopTransfer(Transfer):
 
 class _Worker:
     """A thread draining a FIFO of copies: the loopback analogue of a CUDA stream. With ``link_bps``
-    each copy takes at least ``nbytes / link_bps`` seconds (the thread sleeps out the rest)."""
+    the copies follow a link clock: each starts when it is queued (or its ``after`` is due), or when
+    the link is free, and is due ``nbytes / link_bps`` seconds later. Copies run at once (by the
+    worker or a consumer that needs them); the clock alone says when they are delivered, so a busy
+    machine's late thread wake-ups do not slow the simulated link down."""
 
     def __init__(self, name: str, link_bps: Optional[float] = None) -> None:
         self.link_bps = link_bps
+        self._link_free = 0.0
         self.q: "queue.SimpleQueue" = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
         while True:
-            job = self.q.get()
-            if job is None:
+            tr = self.q.get()
+            if tr is None:
                 return
-            fn, tr, after = job
-            try:
-                if after is not None:
-                    after.event.wait()
-                tr.start = time.perf_counter()
-                fn()
-                if self.link_bps:
-                    delay = tr.start + tr.nbytes / self.link_bps - time.perf_counter()
-                    if delay > 0:
-                        time.sleep(delay)
-            except BaseException as exc:  # surfaced by host_wait on the consumer side
-                tr.error = exc
-            tr.end = time.perf_counter()
-            del fn, job  # drop the source reference before signalling: memory freed after the copy
-            tr.event.set()
+            tr.run()
+            del tr
 
-    def submit(self, fn: Callable[[], None], tr: _LoopTransfer, after: Optional[_LoopTransfer] = None) -> None:
-        self.q.put((fn, tr, after))
+    def submit(self, fn: Callable[[], None], nbytes: int, after: Optional[_LoopTransfer] = None) -> _LoopTransfer:
+        if self.link_bps:
+            ready = time.perf_counter() if after is None else max(time.perf_counter(), after.due)
+            start = max(self._link_free, ready)
+            self._link_free = start + nbytes / self.link_bps
+            tr = _LoopTransfer(nbytes, fn, after, start, self._link_free)
+        else:
+            tr = _LoopTransfer(nbytes, fn, after)
+        self.q.put(tr)
+        return tr
 
     def close(self) -> None:
         self.q.put(None)
@@ -203,17 +235,14 @@ class LoopbackTransport(Transport):
         self._in = _Worker("lmsdp-swap-in", link_bps)
 
     def copy_out(self, src: torch.Tensor, dst: torch.Tensor) -> Transfer:
-        tr = _LoopTransfer(dst.numel() * dst.element_size())
-        self._out.submit(lambda: dst.copy_(src), tr)
-        return tr
+        return self._out.submit(lambda: dst.copy_(src), dst.numel() * dst.element_size())
 
     def alloc(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(numel, dtype=dtype, device=self.device)
 
     def copy_in(self, src: torch.Tensor, dst: torch.Tensor, after: Transfer) -> Transfer:
-        tr = _LoopTransfer(dst.numel() * dst.element_size())
-        self._in.submit(lambda: dst.copy_(src), tr, after)  # type: ignore[arg-type]
-        return tr
+        assert isinstance(after, _LoopTransfer)
+        return self._in.submit(lambda: dst.copy_(src), dst.numel() * dst.element_size(), after)
 
     def compute_wait(self, transfer: Transfer) -> Callable[[], float]:
         t0 = time.perf_counter()
