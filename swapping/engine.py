@@ -198,6 +198,8 @@ class SwapEngine:
     # ----------------------------------------------------------------------------------------- pack
     def _pack(self, t: torch.Tensor) -> Packed:
         version = t._version
+        if self._binding.cuda and torch.cuda.is_current_stream_capturing():
+            return (t, version)  # a CUDA graph capture runs through untouched (no streams, events, steps)
         if self._phase != "forward":
             if self._phase == "backward":  # create_graph backward: leave double-backward tensors alone
                 return (t, version)
@@ -210,8 +212,8 @@ class SwapEngine:
         if not self._binding.holds(t):
             self._binding.elsewhere(t)
             return (t, version)
-        if not is_swappable(t) or (self._binding.cuda and torch.cuda.is_current_stream_capturing()):
-            return (t, version)  # a CUDA graph capture runs through untouched (no stream forks in it)
+        if not is_swappable(t):
+            return (t, version)
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype, version)
         with self._lock:
             hit = self._dedupe.get(key)
@@ -314,10 +316,8 @@ class SwapEngine:
         limit = self.policy.prefetch
         if limit <= 0 or self._outstanding <= 0:
             return
-        # The window is the next ``limit`` swapped handles in the policy's order, counting those
-        # already on their way back: it slides by one per use instead of growing by ``limit``
-        # (issuing ``limit`` new copies per unpack brought most of a step's swapped bytes back to the
-        # device at once in backward: 61 of 72 MiB for a ResNet-18 at prefetch 2).
+        # the next ``limit`` swapped handles in the policy's order, those on their way back included: the
+        # window slides by one per use (``limit`` new copies per unpack once held 61 of 72 MiB at once)
         window = 0
         for s in self.policy.prefetch_candidates(seq):
             if s >= len(self._handles):
