@@ -68,41 +68,53 @@ def test_registry_rejects_unknown_names_with_a_guess():
         BACKENDS.get("horovd")
 
 
-def _swapping_imports():
-    """Module -> swapping modules it imports anywhere (top level, functions, TYPE_CHECKING blocks)."""
-    import ast
+# --------------------------------------------------------------------------------- layout (issue 19)
+# launcher/'s sub-packages, lowest first: a module may import its own sub-package and lower layers only;
+# launch and train (one layer) never import each other; tools are reached only by name (subcommands).
+LAUNCHER_LAYERS = {"models": 0, "config": 1, "launch": 2, "train": 2, "tools": 3, "cli": 4}
+MAX_LINES = 400
 
-    graph = {}
-    for path, text in sources("swapping"):
-        name = os.path.splitext(os.path.basename(path))[0]
-        deps = set()
-        for node in ast.walk(ast.parse(text)):
-            if isinstance(node, ast.ImportFrom):
-                if node.level == 1:
-                    targets = [node.module] if node.module else [a.name for a in node.names]
-                elif (node.module or "").startswith("lmsdp.swapping."):
-                    targets = [node.module.split(".")[2]]
-                elif node.module == "lmsdp.swapping":
-                    targets = [a.name for a in node.names]
-                else:
-                    continue
-                deps |= {t.split(".")[0] for t in targets}
-            elif isinstance(node, ast.Import):
-                deps |= {a.name.split(".")[2] for a in node.names if a.name.startswith("lmsdp.swapping.")}
-        graph[name] = deps - {name}
-    return graph
+
+def _launcher_part(module: str) -> str:
+    parts = module.split(".")
+    return parts[2] if len(parts) > 2 and parts[:2] == ["lmsdp", "launcher"] else ""
+
+
+def test_launcher_layers_import_downwards_only():
+    from tests.architecture_graph import import_graph
+
+    bad = []
+    for module, targets in import_graph().items():
+        here = _launcher_part(module)
+        if here not in LAUNCHER_LAYERS:
+            continue
+        for target in targets:
+            there = _launcher_part(target)
+            if there not in LAUNCHER_LAYERS or there == here:
+                continue
+            if LAUNCHER_LAYERS[there] >= LAUNCHER_LAYERS[here] or (here == "cli" and there == "tools"):
+                bad.append(f"{module} -> {target}")
+    assert bad == [], "imports against the layering models <- config <- {launch, train} <- tools <- cli: " + str(bad)
+
+
+def test_every_launcher_module_is_in_a_layer():
+    from tests.architecture_graph import package_modules
+
+    loose = [m for m in package_modules() if m.startswith("lmsdp.launcher.") and _launcher_part(m) not in LAUNCHER_LAYERS]
+    assert loose == []
 
 
 def test_swapping_has_no_import_cycle():
     """A protocol breaks a cycle; a deferred or TYPE_CHECKING import does not, so all of them count."""
-    graph = _swapping_imports()
+    from tests.architecture_graph import import_graph
+
+    graph = {m: {t for t in ts if t.startswith("lmsdp.swapping")} for m, ts in import_graph().items()
+             if m.startswith("lmsdp.swapping")}
     state = {}
 
     def visit(node, trail):
         state[node] = "open"
         for dep in sorted(graph.get(node, ())):
-            if dep not in graph:
-                continue  # a name re-exported by the package, not a module
             if state.get(dep) == "open":
                 raise AssertionError("import cycle: " + " -> ".join(trail[trail.index(dep):] + [dep]))
             if dep not in state:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lmsdp.launcher.config import ConfigError, load_config
-from lmsdp.launcher.plan import workload_from_config
+from lmsdp.launcher.tools.plan import workload_from_config
 from lmsdp.swapping import HostPool, SwapConfig, SwapEngine
 from lmsdp.swapping.plan_models import Settings, predict
 from lmsdp.swapping.planner import policy_for
