@@ -15,16 +15,19 @@ Built on ``torch.autograd.graph.saved_tensors_hooks``:
   (Capuchin), before that reverse pack order; the first ones already at the learned end of forward.
 * the same tensor saved several times (same storage, geometry and version) is one handle; in-place
   modification after saving raises autograd's usual error (hooks disable autograd's own check).
-* ``step_end`` never waits for the device: copies and stalls not finished yet are counted next step.
+* ``step_end`` never waits for the device: unfinished copies and stalls are counted next step.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import weakref
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
+
+from lmsdp.runtime.trace_schedule import TraceSchedule, TraceWindow
 
 from .binding import DeviceBinding, warn_cpu_once
 from .candidates import is_swappable
@@ -43,7 +46,9 @@ class SwapEngine:
     ``ThresholdPolicy`` built from ``config`` (threshold, budget, keep_last, prefetch)."""
 
     def __init__(self, config: SwapConfig, device: Union[torch.device, str],
-                 policy: Optional[SwapPolicy] = None) -> None:
+                 policy: Optional[SwapPolicy] = None,
+                 trace_window: Union[TraceWindow, TraceSchedule, None] = None) -> None:
+        """``trace_window``: the steps ``config.trace`` records (default: the default schedule)."""
         self.config = config
         device = torch.device(device)
         if device.type == "cuda" and device.index is None and torch.cuda.is_available():
@@ -68,11 +73,10 @@ class SwapEngine:
         self._step_id = 0
         self._lock = threading.RLock()
         self.tracer: Optional[Tracer] = None
-        # Memory timeline (mechanism, cheap): candidate bytes the saved tensors hold on the device,
-        # sampled at every pack / swap-out / swap-in / release when ``record_memory`` (on with
-        # ``trace``); the last finished step's samples are ``last_memory_timeline`` [(perf_counter s,
-        # bytes)] and, with ``trace``, counter events in the trace.
+        # Memory timeline: saved candidate bytes on the device at every pack / swap / release, in traced
+        # steps; the last step's samples are ``last_memory_timeline`` [(perf_counter s, bytes)].
         self.record_memory = bool(config.trace)  # its only reader is the trace (and tests / scripts)
+        self._recording = False  # record_memory, and the step running now is traced
         self.last_memory_timeline: List[Tuple[float, int]] = []
         self._held = 0
         self._mem_log: List[Tuple[float, int]] = []
@@ -85,12 +89,11 @@ class SwapEngine:
         self.pool = self.mover.pool
         if isinstance(self.mover.transport, LoopbackTransport) and device.type == "cpu":
             warn_cpu_once(device)
-        self.tracer = Tracer(config.trace) if config.trace else None
+        self.tracer = Tracer(config.trace, window=trace_window) if config.trace else None
         # the allocator's own figure costs a stats query per sample: only when tracing, only on CUDA
         self._sample_device = self.tracer is not None and device.type == "cuda"
         self._reset_step()
 
-    # ------------------------------------------------------------------------------------ lifecycle
     def _reset_step(self) -> None:
         self._step_id += 1
         self._step = StepStats()
@@ -138,7 +141,7 @@ class SwapEngine:
             self._hooks.__exit__(None, None, None)
             self._hooks = None
             if self.tracer is not None and self._t_fw is not None:
-                self.tracer.span("compute", "forward", self._t_fw, time.perf_counter(), {"step": self._step_id})
+                self.tracer.span("compute", "forward", self._t_fw, time.perf_counter(), {"step": self.tracer.step})
 
     def install_global(self) -> None:
         """Script mode: hooks for the whole process (no ``with``) and automatic step boundaries."""
@@ -188,14 +191,13 @@ class SwapEngine:
         if h.host is not None:
             self.mover.released(h, self._lock)
         if h.tensor is not None or h.in_tensor is not None:
-            if self.record_memory:  # a timeline sample: ordered with the others under the lock
+            if self._recording:  # a timeline sample: ordered with the others under the lock
                 with self._lock:
                     self._held_change(-h.nbytes)
             else:  # nobody reads the count now; kept so that switching the timeline on starts right
                 self._held -= h.nbytes
         self._live -= 1
 
-    # ----------------------------------------------------------------------------------------- pack
     def _pack(self, t: torch.Tensor) -> Packed:
         version = t._version
         if self._binding.cuda and torch.cuda.is_current_stream_capturing():
@@ -241,6 +243,7 @@ class SwapEngine:
 
     def _begin_step(self) -> None:
         self._phase = "forward"
+        self._recording = self.record_memory and (self.tracer is None or self.tracer.begin_step(self._step_id))
         self._binding.check_current()
         self.mover.transport.step_begin()
         if self._t_fw is None:
@@ -257,7 +260,6 @@ class SwapEngine:
         self._swapped_log.append(h.seq)
         self._ledger.transfer("swap-out", h.out_tr, h.seq)
 
-    # --------------------------------------------------------------------------------------- unpack
     def _unpack(self, packed: Packed) -> torch.Tensor:
         if type(packed) is tuple:
             t, version = packed
@@ -305,7 +307,7 @@ class SwapEngine:
     def _held_change(self, delta: int) -> None:
         """Saved bytes on the device went up or down: one timeline sample (a tuple append)."""
         held = self._held = self._held + delta
-        if self.record_memory:
+        if self._recording:
             t = time.perf_counter()
             self._mem_log.append((t, held))
             if self._sample_device:
@@ -338,28 +340,26 @@ class SwapEngine:
         self.policy.backward_begins()
         if self._t_bw is None:
             self._t_bw = time.perf_counter()
-        try:
+        with contextlib.suppress(RuntimeError):  # unpacked outside a backward pass (grad_fn._saved_*)
             torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
-        except RuntimeError:
-            pass  # unpacked outside a backward pass (e.g. grad_fn._saved_*)
 
     def _on_backward_end(self) -> None:
         self._phase = "done"
         if self.tracer is not None and self._t_bw is not None:
-            self.tracer.span("compute", "backward", self._t_bw, time.perf_counter(), {"step": self._step_id})
+            self.tracer.span("compute", "backward", self._t_bw, time.perf_counter(), {"step": self.tracer.step})
         self._t_bw = None
 
-    # ---------------------------------------------------------------------------------------- steps
     def step_end(self) -> Dict[str, float]:
         """Close the step: resolve timings, learn the access order, return this step's stats."""
         if not self.enabled:
             return zero_stats()
         with self._lock:
             st = self._step
-            self._ledger = self._ledger.close(st, self.tracer, self._step_id, block=False)
+            tracer = self.tracer if self.tracer is not None and self.tracer.recording else None
+            self._ledger = self._ledger.close(st, tracer, tracer.step if tracer else self._step_id, block=False)
             st.swap_out_waits, st.peak_swapin_bytes = self.mover.settle()
             self._binding.check_step(st.packed_tensors)
-            if self.tracer is not None:
+            if tracer is not None:
                 self._trace_memory()
             self.last_memory_timeline = self._mem_log
             st.finish(self._resident, self.pool.total_bytes, self.recomputed_modules, self.device)
@@ -380,6 +380,7 @@ class SwapEngine:
             tracer.counter(MEMORY_COUNTER, t, {"resident_bytes": held})
         for t, allocated in self._device_log:
             tracer.counter("device memory allocated", t, {"device_allocated_bytes": allocated})
+        tracer.flush()  # a killed run keeps its recorded steps
 
     def summary(self) -> Dict[str, float]:
         """Totals over all steps (for the end-of-run table)."""
@@ -389,7 +390,6 @@ class SwapEngine:
         """One line for logs."""
         return describe(self.summary())
 
-    # ------------------------------------------------------------------------------------ recompute
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """Apply cost-aware recomputation per ``config.recompute`` (identity when None or disabled)."""
         if not self.enabled or not self.config.recompute:
