@@ -102,3 +102,25 @@ def test_every_launcher_module_is_in_a_layer():
 
     loose = [m for m in package_modules() if m.startswith("lmsdp.launcher.") and _launcher_part(m) not in LAUNCHER_LAYERS]
     assert loose == []
+
+
+def test_swapping_has_no_import_cycle():
+    """A protocol breaks a cycle; a deferred or TYPE_CHECKING import does not, so all of them count."""
+    from tests.architecture_graph import import_graph
+
+    graph = {m: {t for t in ts if t.startswith("lmsdp.swapping")} for m, ts in import_graph().items()
+             if m.startswith("lmsdp.swapping")}
+    state = {}
+
+    def visit(node, trail):
+        state[node] = "open"
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == "open":
+                raise AssertionError("import cycle: " + " -> ".join(trail[trail.index(dep):] + [dep]))
+            if dep not in state:
+                visit(dep, trail + [dep])
+        state[node] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])

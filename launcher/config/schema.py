@@ -257,6 +257,13 @@ def check_config(config: Config) -> None:
                           "use comm.backend: torch (or auto, which picks torch for shard)")
     if config.swap.keep_last < 0 or config.swap.prefetch < 0:
         raise ConfigError("swap.prefetch and swap.keep_last must be 0 or more")
+    if config.swap.link_gbps is not None:
+        if config.swap.link_gbps <= 0:
+            raise ConfigError(f"swap.link_gbps: expected a positive number of GB/s, got {config.swap.link_gbps:g}; "
+                              "leave it unset for an unlimited link")
+        if config.swap.transport == "cuda":
+            raise ConfigError("swap.link_gbps: paces the loopback transport only (a simulated link); "
+                              "allowed with transport: loopback or auto, not cuda")
     if config.swap.plan not in ("none", "auto") and not os.path.isfile(config.swap.plan):
         raise ConfigError(f"swap.plan: '{config.swap.plan}' is not a file; allowed: none, auto, or a plan file "
                           "written by 'lmsrun plan --write'")
