@@ -258,16 +258,31 @@ def rank_program(plan: Plan) -> List[str]:
     return program
 
 
+def tcp_include(plan: Plan) -> Optional[str]:
+    """Open MPI's ``btl_tcp_if_include``/``oob_tcp_if_include`` for ``comm.interface`` (script mode: auto)."""
+    from lmsdp.runtime.network import AUTO, mpirun_include
+
+    from .mpi_command import is_local, parse_hostfile, parse_hosts
+
+    spec = plan.config.comm.interface if plan.config is not None else AUTO
+    if not (plan.hosts or plan.hostfile):
+        return None if spec == AUTO else spec
+    hosts = parse_hosts(plan.hosts) if plan.hosts else parse_hostfile(plan.hostfile)  # type: ignore[arg-type]
+    if spec == AUTO and is_local(hosts):
+        return None
+    return mpirun_include(spec, [h.name for h in hosts])
+
+
 def mpi_command(plan: Plan) -> tuple:
     """(argv, flavour, environment for mpirun)."""
-    from .mpi_command import MPIRequest, build_command, find_mpirun
+    from .mpi_command import MPIRequest, build_command, find_mpirun, rank_hosts
 
     mpirun, flavor = find_mpirun()
     request = MPIRequest(np=plan.np, program=rank_program(plan), hosts=plan.hosts, hostfile=plan.hostfile,
                          mpi_args=plan.mpi_args, oversubscribe=plan.oversubscribe, set_env=plan.rank_env,
-                         inherit_env=os.environ)
+                         inherit_env=os.environ, tcp_include=tcp_include(plan))
     argv = build_command(request, mpirun=mpirun, flavor=flavor, is_root=os.geteuid() == 0)
-    return argv, flavor, {**os.environ, **plan.rank_env}
+    return argv, flavor, {**os.environ, **plan.rank_env}, rank_hosts(request)
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,7 +352,7 @@ def run(args: argparse.Namespace, script: Optional[List[str]]) -> int:
         from .checkpoint_lock import check_free
 
         check_free(plan.config.checkpoint_dir)
-    argv, flavor, env = mpi_command(plan)
+    argv, flavor, env, hosts_of_ranks = mpi_command(plan)
     if args.dry_run:
         print(shlex.join(argv))
         return _print_config(plan)
@@ -346,7 +361,8 @@ def run(args: argparse.Namespace, script: Optional[List[str]]) -> int:
     keep_errors_in = plan.config.output_dir if plan.config is not None else args.output_dir
     return run_job(Job(command=argv, env=env, flavor=flavor, output_dir=args.output_dir,
                        keep_errors_in=keep_errors_in, graceful_signal=None if plan.script_mode else signal.SIGUSR1,
-                       stop_timeout=args.stop_timeout, verbose=args.verbose, np=plan.np))
+                       stop_timeout=args.stop_timeout, verbose=args.verbose, np=plan.np,
+                       rank_hosts=hosts_of_ranks))
 
 
 def _print_config(plan: Plan) -> int:

@@ -14,11 +14,14 @@ import re
 import threading
 from typing import IO, Deque, Dict, List, Optional, Tuple
 
+from lmsdp.runtime.error_file import CARRIED_PREFIX, ErrorRecord, carried_record
+
 FAIL_MARK = re.compile(r"^\[lmsdp\] rank (\d+) failed: (.*)$")
 USER_ERROR = re.compile(r"^lmsrun: error: ")
 OMPI_TAG = re.compile(rb"\[\d+,(\d+)\]<(stdout|stderr|stddiag)>:")
 HYDRA_TAG = re.compile(rb"\[(\d+)\] ")
 TAIL_LINES = 15
+_CARRIED = CARRIED_PREFIX.encode()
 
 
 class Demux:
@@ -38,6 +41,7 @@ class Demux:
         self.user_errors: List[str] = []
         self.user_errors_shown: set = set()  # rank 0's lines are already on the screen
         self.marks: List[Tuple[int, str]] = []
+        self.carried: List[ErrorRecord] = []  # error records of ranks on hosts that cannot see the error folder
         self.open_line: Dict[str, bool] = {"stdout": False, "stderr": False}  # rank 0 stopped mid-line
         if output_dir:
             os.makedirs(output_dir, exist_ok=True)
@@ -126,12 +130,18 @@ class Demux:
             for raw in lines:
                 self._line(rank, stream, raw)
             if rank == 0:  # pass through as it comes: keeps the progress bar live
+                if _CARRIED in data:  # a carried error record is for lmsrun, not the screen
+                    data = b"".join(part for part in data.splitlines(keepends=True) if not part.startswith(_CARRIED))
                 _write(self.out if stream == "stdout" else self.err, data)
                 self.open_line[stream] = not data.endswith((b"\n", b"\r"))
 
     def _line(self, rank: int, stream: str, raw: bytes) -> None:
         text = raw.decode("utf-8", "replace").rstrip("\r")
         visible = text.rsplit("\r", 1)[-1]
+        record = carried_record(visible)
+        if record is not None:
+            self.carried.append(record)
+            return
         if USER_ERROR.match(visible):
             if visible not in self.user_errors:
                 self.user_errors.append(visible)

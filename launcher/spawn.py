@@ -26,15 +26,19 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 from lmsdp.runtime import env as envvars
 from lmsdp.runtime.error_file import (ErrorRecord, keep_errors, make_error_dir, read_errors,
-                                      remove_stale_error_dirs)
+                                      remove_stale_error_dirs, save_record)
+from lmsdp.runtime.shared_folder import mark_launcher
+
+from .mpi_command import LOCAL_NAMES
 from lmsdp.runtime.lifeline import Launcher, parent_death_signal
 
 from .demux import Demux
@@ -44,7 +48,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 MPIRUN_UNKNOWN_OPTION = re.compile(r"(?:Error: unknown option|unrecognized argument) \"?([^\"\s]+)")
 OMPI_FIRST = re.compile(r"Process name: \[\[\d+,\d+\],(\d+)\]")
 OMPI_EXIT = re.compile(r"Exit code:\s+(\d+)")
-OMPI_SIGNAL = re.compile(r"process rank (\d+) with PID \d+ on node \S+ exited on signal (\d+)")
+OMPI_SIGNAL = re.compile(r"process rank (\d+) with PID \d+ on node (\S+) exited on signal (\d+)")
 
 
 @dataclass
@@ -61,6 +65,7 @@ class Job:
     np: int = 0  # ranks, so each gets its rank<R>.log even when it prints nothing
     error_dir: Optional[str] = None  # where failing ranks write rank<R>.json (LMSDP_ERROR_DIR)
     keep_errors_in: Optional[str] = None  # the run's output folder: a failed job's records go to <it>/errors/
+    rank_hosts: Dict[int, str] = field(default_factory=dict)  # rank -> host, when the launch plan says
 
 
 @dataclass
@@ -69,6 +74,7 @@ class Failure:
     reason: str = ""
     exit_code: Optional[int] = None
     signal: Optional[int] = None
+    host: str = ""
 
 
 def become_subreaper() -> bool:
@@ -97,6 +103,8 @@ class Runner:
         the job names one, a private error folder (``LMSDP_ERROR_DIR``) removed afterwards."""
         launcher = Launcher.this_process()
         env = {**self.job.env, envvars.LAUNCHER: launcher.encode()}
+        if self.job.keep_errors_in:  # so rank 0 can tell whether this host sees the files it writes
+            mark_launcher(self.job.keep_errors_in, launcher.encode())
         if self.job.error_dir is not None:
             self.job = dataclasses.replace(self.job, env=env)
             return self._run()
@@ -222,6 +230,9 @@ class Runner:
 
     def _report(self, demux: Demux, returncode: Optional[int]) -> int:
         own = "\n".join(demux.own)
+        if self.job.error_dir is not None:  # records carried over the output become files, like the others
+            for record in demux.carried:
+                save_record(record, self.job.error_dir)
         records = read_errors(self.job.error_dir)
         failure = self._failure(demux, own, records)
         if self.signals:
@@ -270,7 +281,10 @@ class Runner:
             what = f"failed: {failure.reason}"
         else:
             what = f"exited with code {failure.exit_code}"
-        self.outcome = f"rank {failure.rank} {what}"
+        host = failure.host or self.job.rank_hosts.get(failure.rank, "")
+        if host in LOCAL_NAMES or host == socket.gethostname():
+            host = ""  # a rank on lmsrun's own host needs no host name
+        self.outcome = f"rank {failure.rank}{f' on host {host}' if host else ''} {what}"
         lines = [f"lmsrun: {self.outcome}"]
         tail = list(demux.tails.get(failure.rank, []))
         if tail:
@@ -302,11 +316,11 @@ class Runner:
         first = OMPI_FIRST.search(own)
         killed = OMPI_SIGNAL.search(own)
         if killed and not first:
-            failure.rank, failure.signal = int(killed.group(1)), int(killed.group(2))
+            failure.rank, failure.host, failure.signal = int(killed.group(1)), killed.group(2), int(killed.group(3))
             return failure
         if records:
             earliest = records[0]
-            failure.rank, failure.reason = earliest.rank, earliest.reason
+            failure.rank, failure.reason, failure.host = earliest.rank, earliest.reason, earliest.host
             if first and int(first.group(1)) == earliest.rank:
                 code = OMPI_EXIT.search(own, first.end())
                 failure.exit_code = int(code.group(1)) if code else None

@@ -131,7 +131,7 @@ class TrialRunner:
             argv += ["--mpi-args", core_binding(setting.threads)]
         args = cli.build_parser().parse_args(argv)
         plan = cli.make_plan(args, None)
-        command, flavor, env = cli.mpi_command(plan)
+        command, flavor, env, _hosts = cli.mpi_command(plan)
         job = Job(command=command, env=env, flavor=flavor, output_dir=out_dir, stop_timeout=5.0, np=plan.np)
         started = time.monotonic()
         runner = Runner(job)

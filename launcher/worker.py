@@ -24,6 +24,7 @@ from lmsdp.comm import get_backend, merge_traces
 from lmsdp.comm.base import Backend
 from lmsdp.comm.strategy import Strategy, get_strategy
 from lmsdp.runtime.chrome_trace import rank_path
+from lmsdp.runtime.shared_folder import FolderView
 from lmsdp.runtime.topology import Topology, detect_topology
 from lmsdp.swapping import SwapEngine
 
@@ -31,6 +32,7 @@ from .checkpoint import CheckpointManager
 from .checkpoint_lock import CheckpointLock
 from .checkpoint_sharded import ShardedCheckpointManager
 from .resume import resume
+from .run_folders import check_run_folders, no_checkpoint_note
 from .input_checks import built_by_factory
 from .config import Config, config_to_dict, resolve_factory
 from .data import data_spec, make_batches
@@ -79,6 +81,7 @@ class RunParts:
     checkpoints: CheckpointManager    # whole-model checkpoints, rank 0 writes (sharded: one per run in _train)
     job_plan: Optional[JobPlan] = None                    # swap.plan: auto / FILE, else None
     per_module: Optional[module_threads.ModuleThreads] = None  # launch.threads: auto, else None
+    checkpoint_folder: Optional[FolderView] = None        # which hosts see the checkpoint folder
 
 
 def build_network(config: Config) -> nn.Module:
@@ -147,6 +150,7 @@ def _build_and_train(config: Config, topology: Topology, device: torch.device, c
     backend = get_backend(config.comm, device, topology)
     rank, size = backend.rank, backend.size
     _quiet_warnings(rank)
+    checkpoint_folder = check_run_folders(config, backend, sharded=config.comm.strategy == "shard")
     swap_config = config.swap
     if swap_config.trace:  # one file per rank unless the path says where {rank} goes
         swap_config = dataclasses.replace(swap_config, trace=rank_path(swap_config.trace, rank, size))
@@ -165,7 +169,8 @@ def _build_and_train(config: Config, topology: Topology, device: torch.device, c
     scaler = strategy.grad_scaler(device, enabled=use_amp and amp_dtype == torch.float16)
 
     parts = RunParts(device=device, backend=backend, strategy=strategy, model=model, optimizer=optimizer,
-                     scaler=scaler, engine=engine, checkpoints=checkpoints, job_plan=job_plan, per_module=per_module)
+                     scaler=scaler, engine=engine, checkpoints=checkpoints, job_plan=job_plan, per_module=per_module,
+                     checkpoint_folder=checkpoint_folder)
     return _train(config, parts)
 
 
@@ -198,6 +203,8 @@ def _train(config: Config, parts: RunParts) -> int:
                 scaler.load_state_dict(state["scaler"])
             _set_rng(state.get("rng"), rank)
             start_step = int(state["step"])
+        elif rank == 0 and parts.checkpoint_folder is not None and no_checkpoint_note(parts.checkpoint_folder):
+            print(no_checkpoint_note(parts.checkpoint_folder), file=sys.stderr, flush=True)
     strategy.sync_state(model, optimizer)
 
     batches, steps_per_epoch = make_batches(config, rank, size)

@@ -7,7 +7,11 @@ The folder (``/tmp/lmsdp-errors-*``) is private to one lmsrun and holds an ``own
 lmsrun's pid and start time (``runtime.lifeline.Launcher``). lmsrun removes it at the end; one that
 was killed (kill -9) cannot, so each lmsrun first removes the folders whose owner is gone. A failed
 job's records are copied into the run's output folder first (``keep_errors``), since a surviving
-rank's traceback (a consequence, printed as one line) exists nowhere else."""
+rank's traceback (a consequence, printed as one line) exists nowhere else.
+
+On another host the folder is not there (lmsrun made it in its own ``/tmp``): the rank then carries
+its record over its output instead, as one ``CARRIED_PREFIX`` line on stderr that lmsrun's output
+reader turns back into ``rank<R>.json`` in the folder, so the contract is the same on every host."""
 from __future__ import annotations
 
 import json
@@ -15,6 +19,7 @@ import os
 import shutil
 import socket
 import stat
+import sys
 import tempfile
 import time
 import traceback
@@ -26,6 +31,7 @@ from .lifeline import Launcher
 
 ERROR_DIR_PREFIX = "lmsdp-errors-"
 OWNER_FILE = "owner"  # "pid:start_time@host" of the lmsrun that made the folder
+CARRIED_PREFIX = "[lmsdp] error record: "  # + one line of JSON, from a rank that cannot see the folder
 KEPT_SUBDIR = "errors"  # <output_dir>/errors/rank<R>.json after a failed job
 
 
@@ -60,14 +66,26 @@ def write_error(exc: BaseException, rank: int, directory: Optional[str] = None, 
     directory = directory or error_dir()
     if not directory:
         return None
-    path = os.path.join(directory, f"rank{rank}.json")
-    if os.path.exists(path):
-        return path
     record = ErrorRecord(rank=rank, type=type(exc).__name__, message=str(exc),
                          traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
                          time=time.time(), host=socket.gethostname(), pid=os.getpid(), user_error=user_error)
+    if not os.path.isdir(directory):  # lmsrun's folder is on another host
+        try:
+            sys.stderr.write(CARRIED_PREFIX + json.dumps(asdict(record)) + "\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        return None
+    return save_record(record, directory)
+
+
+def save_record(record: ErrorRecord, directory: str) -> Optional[str]:
+    """``rank<R>.json`` for ``record`` in ``directory``, atomically (temp file, rename); the first
+    failure of a rank wins. Returns the path, or None when it cannot be written."""
+    path = os.path.join(directory, f"rank{record.rank}.json")
+    if os.path.exists(path):
+        return path
     try:
-        os.makedirs(directory, exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "w", encoding="utf-8") as handle:
             json.dump(asdict(record), handle)
@@ -77,6 +95,16 @@ def write_error(exc: BaseException, rank: int, directory: Optional[str] = None, 
     except OSError:
         return None
     return path
+
+
+def carried_record(line: str) -> Optional[ErrorRecord]:
+    """The record in a ``CARRIED_PREFIX`` line of a rank's output, else None."""
+    if not line.startswith(CARRIED_PREFIX):
+        return None
+    try:
+        return ErrorRecord(**json.loads(line[len(CARRIED_PREFIX):]))
+    except (ValueError, TypeError):
+        return None
 
 
 def read_errors(directory: Optional[str]) -> List[ErrorRecord]:
