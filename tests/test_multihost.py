@@ -119,7 +119,7 @@ def test_unreachable_store_is_one_line_naming_the_hosts_within_the_timeout(clust
 # --- 6. exactness across hosts (also: the torch backend works across hosts, both strategies) --------
 
 def _final_state(folder):
-    from lmsdp.launcher.checkpoint import CheckpointManager
+    from lmsdp.launcher.train.checkpoint import CheckpointManager
 
     _path, state = CheckpointManager(folder, 3).load_latest()
     return state["model"]

@@ -13,11 +13,12 @@ import pytest
 import torch
 import yaml
 
-from lmsdp.launcher.checkpoint import CheckpointManager
+from lmsdp.launcher.train.checkpoint import CheckpointManager
 from lmsdp.launcher.config import load_config
-from lmsdp.launcher.plan import main as plan_main
-from lmsdp.launcher.plan import workload_from_config
-from lmsdp.launcher.worker import run_worker
+from lmsdp.launcher.cli import main
+from lmsdp.launcher.tools.plan import main as plan_main
+from lmsdp.launcher.tools.plan import workload_from_config
+from lmsdp.launcher.train.trainer import run_worker
 from lmsdp.swapping import SwapConfig, SwapEngine
 from lmsdp.swapping.plan_models import Settings, predict
 from lmsdp.swapping.planner import plan_swaps, policy_for
@@ -174,10 +175,7 @@ def test_bad_flags_are_one_line_errors(tmp_path, capsys, flags, words):
     if not flags and torch.cuda.is_available():
         pytest.skip("a GPU gives the default target")
     config = _write_config(tmp_path)
-    try:
-        code = plan_main([config, *flags])
-    except SystemExit as exc:  # argparse's own checks (types, unknown flags)
-        code = exc.code
+    code = main(["plan", config, *flags])  # through lmsrun's one error boundary
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("lmsrun: error: ") and words in err[0], err
 

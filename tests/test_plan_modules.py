@@ -11,9 +11,9 @@ import torch
 import yaml
 
 from lmsdp.launcher.config import load_config
-from lmsdp.launcher.plan import main as plan_main
-from lmsdp.launcher.plan import plan_config, workload_from_config
-from lmsdp.launcher.worker import run_worker
+from lmsdp.launcher.tools.plan import main as plan_main
+from lmsdp.launcher.tools.plan import plan_config, workload_from_config
+from lmsdp.launcher.train.trainer import run_worker
 from lmsdp.swapping import SwapConfig, SwapEngine
 from lmsdp.swapping.plan_models import Settings, predict
 from lmsdp.swapping.planner import PER_MODULE, plan_swaps, policy_for

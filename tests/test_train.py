@@ -13,9 +13,9 @@ import time
 import pytest
 import torch
 
-from lmsdp.launcher.checkpoint import CheckpointManager
+from lmsdp.launcher.train.checkpoint import CheckpointManager
 from lmsdp.launcher.config import load_config
-from lmsdp.launcher.worker import run_worker
+from lmsdp.launcher.train.trainer import run_worker
 
 from tests.support import LMSRUN
 

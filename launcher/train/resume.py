@@ -24,7 +24,7 @@ from torch import nn
 
 from .checkpoint import CheckpointManager
 from .checkpoint_sharded import ShardedCheckpointManager, load_full_into_sharded, sharded_candidates
-from .config import Config
+from lmsdp.launcher.config import Config
 
 SHARDED, FULL = "sharded", "full"
 

@@ -1,5 +1,5 @@
 """Drawing for ``lmsrun report`` (matplotlib, Agg): memory over one step, the timeline of one step per
-rank, curves over the run, and several runs overlaid. Input is ``launcher.report.Run``; output PNGs.
+rank, curves over the run, and several runs overlaid. Input is ``tools/run_data.Run``; output PNGs.
 
 One step = from the forward start of a steady-state step (the median-length step after the first,
 which pays warm-up) to the next step's forward start, on each rank's own clock."""
@@ -19,7 +19,7 @@ from matplotlib.patches import Patch  # noqa: E402
 from lmsdp.swapping.trace import MEMORY_COUNTER, TRACKS  # noqa: E402
 
 if TYPE_CHECKING:
-    from .report import Run
+    from .run_data import Run
 
 MiB = float(1 << 20)
 DEVICE_COUNTER = "device memory allocated"

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .config import Config, load_config
-from .errors import UserError
+from lmsdp.launcher.config import Config, load_config
+from lmsdp.launcher.config.errors import UserError
 
 TEMPLATES = {"single": "srun_single_node.sbatch", "multi": "srun_multi_node.sbatch", "mpirun": "mpirun.sbatch"}
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
@@ -288,13 +288,5 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"lmsrun slurm: submitted job {job_id} ({path}); watch: squeue -j {job_id}; "
               f"log: {job.log_path.replace('%j', job_id)}", file=sys.stderr)
         return 0
-    except UserError as exc:
-        print(f"lmsrun slurm: error: {exc}", file=sys.stderr)
-        return exc.exit_code
     except OSError as exc:
-        print(f"lmsrun slurm: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        raise UserError(str(exc)) from None

@@ -21,7 +21,7 @@ from lmsdp.swapping.config import SwapConfig
 from .errors import ConfigError
 from .input_checks import check_config_kwargs, check_name
 from .typed_yaml import apply_override, build, config_to_dict, read_yaml, reference_rows
-from .models import MODEL_NAMES
+from lmsdp.launcher.models import MODEL_NAMES
 
 
 @dataclass

@@ -25,7 +25,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from lmsdp.runtime import env as envvars
 
-from .errors import UserError
+from lmsdp.launcher.config.errors import UserError
 
 # Variables every rank needs, in this order, then every variable with one of the prefixes (sorted).
 EXPORT_NAMES = ("PATH", "PYTHONPATH", "LD_LIBRARY_PATH", "VIRTUAL_ENV", "PYTHONUNBUFFERED", "CUDA_VISIBLE_DEVICES")

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lmsdp.comm import get_backend, merge_traces
@@ -33,13 +32,12 @@ from .checkpoint_lock import CheckpointLock
 from .checkpoint_sharded import ShardedCheckpointManager
 from .resume import resume
 from .run_folders import check_run_folders, no_checkpoint_note
-from .input_checks import built_by_factory
-from .config import Config, config_to_dict, resolve_factory
+from lmsdp.launcher.config import Config, config_to_dict
+from .build import build_network, build_optimizer, compute_loss
 from .data import data_spec, make_batches
-from .models import build_model
-from . import threads as module_threads
+from lmsdp.launcher.train import threads as module_threads
 from .metrics import MetricsWriter, Progress, RunSummary
-from .plan import JobPlan, plan_for_job, plan_log_line
+from .job_plan import JobPlan, plan_for_job, plan_log_line
 from .tensorboard import open_scalars
 
 CHECKPOINT_OVERHEAD = 64 << 10  # RNG states of every rank, the config, zip records: beyond the tensors
@@ -82,30 +80,6 @@ class RunParts:
     job_plan: Optional[JobPlan] = None                    # swap.plan: auto / FILE, else None
     per_module: Optional[module_threads.ModuleThreads] = None  # launch.threads: auto, else None
     checkpoint_folder: Optional[FolderView] = None        # which hosts see the checkpoint folder
-
-
-def build_network(config: Config) -> nn.Module:
-    if config.model.factory:
-        return built_by_factory(resolve_factory(config.model.factory, "model.factory"), config.model.kwargs,
-                                "model.factory", config.model.factory, nn.Module)
-    return build_model(config.model.name, **config.model.kwargs)
-
-
-def build_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
-    opt = config.optimizer
-    params = [p for p in model.parameters() if p.requires_grad]
-    if opt.name == "sgd":
-        return torch.optim.SGD(params, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay, **opt.kwargs)
-    cls = torch.optim.Adam if opt.name == "adam" else torch.optim.AdamW
-    return cls(params, lr=opt.lr, weight_decay=opt.weight_decay, **opt.kwargs)
-
-
-def compute_loss(task: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    if task == "regress":
-        return F.mse_loss(output.float(), target.float())
-    if task == "lm":
-        return F.cross_entropy(output.float().flatten(0, 1), target.flatten())
-    return F.cross_entropy(output.float(), target)
 
 
 def total_steps(config: Config, steps_per_epoch: int) -> int:

@@ -1,18 +1,19 @@
-"""What every ``lmsrun`` subcommand's flags share: a parser whose errors are one line (``lmsrun:
-error: <flag>: <what>``, exit 2, no usage block) and the integer types its flags use."""
+"""What every ``lmsrun`` subcommand's flags share: a parser whose errors are UserErrors (printed by
+the one error boundary, ``lmsdp.launcher.cli.boundary``, as ``lmsrun: error: <flag>: <what>``, exit 2,
+no usage block) and the integer types its flags use."""
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import List, NoReturn
+
+from .errors import UserError
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line, exit 2, pointing at the command's --help."""
+    """argparse whose errors are UserErrors pointing at the command's --help."""
 
     def error(self, message: str) -> NoReturn:  # type: ignore[override]
-        print(f"lmsrun: error: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
-        sys.exit(2)
+        raise UserError(f"{message} (see {self.prog} --help)")
 
 
 def nonneg_int(text: str) -> int:

@@ -12,18 +12,18 @@ from typing import List, Optional
 
 from lmsdp.runtime.registry import Registry
 
-from .errors import UserError
+from lmsdp.launcher.config.errors import UserError
 
 SUBCOMMANDS = Registry("lmsrun subcommand")
-SUBCOMMANDS.register("plan", "lmsdp.launcher.plan:main",
+SUBCOMMANDS.register("plan", "lmsdp.launcher.tools.plan:main",
                      "predict peak memory and step time; choose what to keep, swap or recompute")
-SUBCOMMANDS.register("tune", "lmsdp.launcher.tune:main",
+SUBCOMMANDS.register("tune", "lmsdp.launcher.tools.tune:main",
                      "short trial runs choose ranks, threads, batch and binding; --write a tuned config")
-SUBCOMMANDS.register("report", "lmsdp.launcher.report:main",
+SUBCOMMANDS.register("report", "lmsdp.launcher.tools.report:main",
                      "plots and an HTML page of one or more finished runs")
-SUBCOMMANDS.register("export", "lmsdp.launcher.export:main",
+SUBCOMMANDS.register("export", "lmsdp.launcher.tools.export:main",
                      "one consolidated model.pt from a run's (sharded) checkpoint")
-SUBCOMMANDS.register("slurm", "lmsdp.launcher.slurm:main",
+SUBCOMMANDS.register("slurm", "lmsdp.launcher.tools.slurm:main",
                      "write (or submit) an sbatch script for a config")
 
 

@@ -4,9 +4,7 @@ binding by measurement, inside a time budget.
     lmsrun tune CONFIG [--time-budget 120s] [--write FILE] [--trial-steps N] [--max-batch N] [--ranks 1,2,4]
                        [--exhaustive] [--set k=v ..]
 
-Every trial is a real job: the same plan (``cli.make_plan``), command builder (``mpi_command``) and
-runner (``spawn``) as ``lmsrun CONFIG -np N``, with ``train.steps`` small, in a temporary output
-folder; samples/s is the median of rank 0's metrics after the warm-up steps.
+Every trial is a real job (``tune_trials``).
 
 The search itself (the space, the scaling models, the stages and the choice) is pure and lives in
 ``tune_search``; this module builds the space for the machine, runs trials, explains the pick and
@@ -15,23 +13,19 @@ writes the config.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import os
 import re
 import shutil
 import signal
-import statistics
-import sys
 import tempfile
-import threading
 import time
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
-from .argtypes import OneLineParser, positive_int, rank_list
-from .errors import UserError
+from lmsdp.launcher.config.argtypes import OneLineParser, positive_int, rank_list
+from lmsdp.launcher.config.errors import UserError
 from .tune_search import MARGIN, SLACK_S, Setting, Space, Trial, Tuner, choose, core_binding
+from .tune_trials import TrialRunner
 
 
 def planner_ceiling(config: Any) -> Tuple[Optional[int], str]:
@@ -52,7 +46,7 @@ def local_limits() -> Tuple[int, Optional[int], str]:
     allocation (its CPUs on this node; its task count caps the ranks, as mpirun takes its slots from it)."""
     from lmsdp.runtime.topology import slurm_allocation
 
-    from .mpi_command import physical_cores
+    from lmsdp.launcher.launch.mpi_command import physical_cores
 
     cores, notes = physical_cores(), []
     try:
@@ -99,141 +93,6 @@ def make_space(config: Any, max_batch: Optional[int], ranks: Optional[List[int]]
                  most_ranks=most_ranks), source
 
 
-
-# --------------------------------------------------------------------------------------------
-# trials: real jobs through the normal launch path
-
-
-class TrialRunner:
-    """Runs one Setting as ``lmsrun CONFIG -np N --threads T ...`` through mpirun and reads samples/s."""
-
-    def __init__(self, config_path: str, overrides: List[str], steps: int, warmup: int, workdir: str,
-                 deadline: float) -> None:
-        self.config_path, self.overrides = config_path, overrides
-        self.steps, self.warmup, self.workdir, self.deadline = steps, warmup, workdir, deadline
-        self.count = 0
-        self.interrupted = False
-
-    def run(self, setting: Setting) -> Trial:
-        from . import cli
-        from .spawn import Job, Runner
-
-        self.count += 1
-        out_dir = os.path.join(self.workdir, f"trial{self.count}")
-        argv = [self.config_path, "-np", str(setting.np), "--threads", str(setting.threads),
-                "--output-dir", out_dir]
-        for item in self.overrides + [
-                f"train.steps={self.steps}", "train.progress=false", "train.resume=false",
-                "train.checkpoint_every=0", f"train.checkpoint_dir={json.dumps(os.path.join(out_dir, 'ckpt'))}",
-                f"train.batch_size={setting.batch}", f"launch.interop_threads={setting.interop}"]:
-            argv += ["--set", item]
-        if setting.bind == "core":
-            argv += ["--mpi-args", core_binding(setting.threads)]
-        args = cli.build_parser().parse_args(argv)
-        plan = cli.make_plan(args, None)
-        command, flavor, env, _hosts = cli.mpi_command(plan)
-        job = Job(command=command, env=env, flavor=flavor, output_dir=out_dir, stop_timeout=5.0, np=plan.np)
-        started = time.monotonic()
-        runner = Runner(job)
-        with _quiet(os.path.join(out_dir, "lmsrun.log")), _deadline(self.deadline) as cut:
-            code = runner.run()
-        trial = Trial(setting, wall_s=time.monotonic() - started, backend=read_backend(out_dir))
-        if runner.signals and not cut.is_set():
-            self.interrupted = True  # the user's Ctrl-C / SIGTERM: stop tuning
-        if cut.is_set():  # stopped after a step at the budget: the steps it finished still count
-            trial.samples_per_s = read_samples_per_s(out_dir, self.warmup)
-            trial.note = "cut at the time budget"
-            if trial.samples_per_s is None:
-                trial.error = "cut at the time budget"
-        elif code != 0:  # a rank died or failed: its finished steps are no measure of the setting
-            trial.error = "interrupted" if self.interrupted else failure_reason(out_dir, code, runner.outcome)
-        else:
-            trial.samples_per_s = read_samples_per_s(out_dir, self.warmup)
-            if trial.samples_per_s is None:
-                trial.error = f"no step after the {self.warmup} warm-up step(s) was recorded"
-        return trial
-
-
-@contextlib.contextmanager
-def _quiet(log_path: str) -> Iterator[None]:
-    """Send the trial's output (rank 0's summary table, mpirun's words) to a log file, not the screen."""
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    handle = open(log_path, "ab")
-    text = io.TextIOWrapper(handle, write_through=True)
-    saved = sys.stdout, sys.stderr
-    sys.stdout = sys.stderr = text
-    try:
-        yield
-    finally:
-        sys.stdout, sys.stderr = saved
-        text.close()
-
-
-@contextlib.contextmanager
-def _deadline(deadline: float) -> Iterator[threading.Event]:
-    """At ``deadline`` send this process SIGTERM once: the runner turns it into 'every rank stops after
-    this step' (the same path as Ctrl-C). The event says whether it fired."""
-    fired, lock, running = threading.Event(), threading.Lock(), [True]
-
-    def fire() -> None:
-        with lock:
-            if running[0]:
-                fired.set()
-                os.kill(os.getpid(), signal.SIGTERM)
-
-    timer = threading.Timer(max(0.0, deadline - time.monotonic()), fire)
-    timer.daemon = True
-    timer.start()
-    try:
-        yield fired
-    finally:
-        with lock:
-            running[0] = False
-        timer.cancel()
-
-
-def read_samples_per_s(out_dir: str, warmup: int) -> Optional[float]:
-    """Median samples/s of rank 0's steps after ``warmup`` (None: no measured step)."""
-    path = os.path.join(out_dir, "metrics.rank0.jsonl")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            records = [json.loads(line) for line in handle if line.strip()]
-    except (OSError, ValueError):
-        return None
-    values = [r["samples_per_s"] for r in records if r.get("step", 0) > warmup and "samples_per_s" in r]
-    return statistics.median(values) if values else None
-
-
-def read_backend(out_dir: str) -> str:
-    """The comm backend rank 0 reported in the trial's summary.json ('' when it wrote none)."""
-    try:
-        with open(os.path.join(out_dir, "summary.json"), encoding="utf-8") as handle:
-            return str(json.load(handle).get("comm_backend", ""))
-    except (OSError, ValueError, AttributeError):
-        return ""
-
-
-def failure_reason(out_dir: str, code: int, outcome: str = "") -> str:
-    """One line: out of memory spelled out, else the runner's own account (``Runner.outcome``), else the
-    rank's error line, else the exit code."""
-    lines: List[str] = []
-    for name in ["lmsrun.log"] + sorted(f for f in os.listdir(out_dir) if f.startswith("rank")):
-        try:
-            with open(os.path.join(out_dir, name), encoding="utf-8", errors="replace") as handle:
-                lines += handle.read().splitlines()
-        except OSError:
-            continue
-    for line in lines:
-        if "out of memory" in line.lower() or "OutOfMemoryError" in line:
-            return "out of memory"
-    if outcome:
-        return outcome[:160]
-    for pattern in (r"\[lmsdp\] rank \d+ failed: .*", r"lmsrun: error: .*"):
-        for line in lines:
-            match = re.search(pattern, line)
-            if match:
-                return match.group(0)[:160]
-    return f"exit code {code}"
 
 # --------------------------------------------------------------------------------------------
 # explanation and output
@@ -328,8 +187,8 @@ def write_config(path_in: str, path_out: str, s: Setting, overrides: List[str]) 
     binding in launch.mpi_args); then loaded again to prove it is valid."""
     import yaml
 
-    from .config import Config, load_config
-    from .typed_yaml import apply_override, read_yaml
+    from lmsdp.launcher.config import Config, load_config
+    from lmsdp.launcher.config.typed_yaml import apply_override, read_yaml
 
     raw = read_yaml(path_in)
     for item in overrides:
@@ -389,11 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: List[str]) -> int:
-    try:
-        return run(argv)
-    except UserError as exc:
-        print(f"lmsrun: error: {exc}", file=sys.stderr, flush=True)
-        return exc.exit_code
+    return run(argv)
 
 
 def run(argv: List[str]) -> int:
@@ -409,7 +264,7 @@ def run(argv: List[str]) -> int:
     if launched is not None:  # every rank would tune, and each trial's mpirun would nest in the job's
         raise UserError(f"tune: this process is rank {launched.rank} of {launched.size} started by {launched.source}; "
                         "tune launches its own trials: run 'lmsrun tune CONFIG' once, not under mpirun/srun/torchrun")
-    from .config import load_config
+    from lmsdp.launcher.config import load_config
 
     config = load_config(args.config, args.overrides)
     space, batch_source = make_space(config, args.max_batch, args.ranks)

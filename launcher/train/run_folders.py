@@ -10,7 +10,7 @@ from typing import Any
 from lmsdp.runtime import env as envvars
 from lmsdp.runtime.shared_folder import FolderView, check_folder
 
-from .errors import UserError
+from lmsdp.launcher.config.errors import UserError
 
 
 def _inside(path: str, folder: str) -> bool:

@@ -24,7 +24,7 @@ from typing import Any, BinaryIO, Dict, List, Optional, Tuple
 
 import torch
 
-from .errors import UserError
+from lmsdp.launcher.config.errors import UserError
 
 _NAME = re.compile(r"^step-(\d{8,})\.pt$")
 DIGEST_SUFFIX = ".sha256"

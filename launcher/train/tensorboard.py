@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, Optional
 
-from .errors import ConfigError
+from lmsdp.launcher.config.errors import ConfigError
 
 # metric key in the step record -> TensorBoard tag (grouped: train/, swap/, comm/)
 SCALARS = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import ConfigError
+from lmsdp.launcher.config.errors import ConfigError
 
 
 def check_strategy(config: Any, world_size: int) -> None:
@@ -31,7 +31,7 @@ def check_strategy(config: Any, world_size: int) -> None:
         from lmsdp.comm.shard import named_blocks
         from lmsdp.runtime.errors import UserError
 
-        from .worker import build_network
+        from .build import build_network
 
         try:
             with torch.device("meta"):

@@ -49,7 +49,7 @@ def check_config_kwargs(config: Any, factory: Optional[Callable[..., Any]]) -> N
     if factory is not None:
         check_kwargs(factory, config.model.kwargs, "model.kwargs", f"model.factory '{config.model.factory}'")
     else:
-        from .models import ZOO
+        from lmsdp.launcher.models import ZOO
 
         entry = ZOO[config.model.name]
         check_kwargs(entry.build, config.model.kwargs, "model.kwargs", f"model '{config.model.name}'")

@@ -8,9 +8,9 @@ from typing import Any, List, Tuple
 
 import torch
 
-from .config import Config, resolve_factory
-from .errors import ConfigError
-from .models import model_io
+from lmsdp.launcher.config import Config, resolve_factory
+from lmsdp.launcher.config.errors import ConfigError
+from lmsdp.launcher.models import model_io
 
 
 @dataclass

@@ -10,7 +10,7 @@ import sys
 import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
-from .errors import UserError
+from lmsdp.launcher.config.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,8 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def find_checkpoints(run_dir: str) -> Tuple[str, List[Tuple[int, str]]]:
     """(checkpoint folder, [(step, path)] newest first, sharded folders and .pt files together)."""
-    from .checkpoint import CheckpointManager
-    from .checkpoint_sharded import sharded_candidates
+    from lmsdp.launcher.train.checkpoint import CheckpointManager
+    from lmsdp.launcher.train.checkpoint_sharded import sharded_candidates
 
     for directory in (os.path.join(run_dir, "checkpoints"), run_dir):
         found = sorted(sharded_candidates(directory) + CheckpointManager(directory).candidates(), reverse=True)
@@ -40,7 +40,7 @@ def load_model_state(path: str) -> Dict[str, Any]:
     import torch
 
     if os.path.isdir(path):
-        from .checkpoint_sharded import read_full
+        from lmsdp.launcher.train.checkpoint_sharded import read_full
 
         try:  # the model only: the optimizer state (2x the weights for Adam) is never read
             return dict(read_full(path, ("model",))["model"])
@@ -81,10 +81,6 @@ def export(run_dir: str, output: Optional[str] = None, step: Optional[int] = Non
 
 def main(argv: List[str]) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        source, output = export(args.run_dir, args.output, args.step)
-    except UserError as exc:
-        print(f"lmsrun: error: {exc}", file=sys.stderr, flush=True)
-        return exc.exit_code
+    source, output = export(args.run_dir, args.output, args.step)
     print(f"[lmsdp] exported {source} -> {output}", file=sys.stderr, flush=True)
     return 0

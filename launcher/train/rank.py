@@ -15,7 +15,7 @@ from lmsdp.runtime import env as envvars
 from lmsdp.runtime.error_file import write_error
 from lmsdp.runtime.lifeline import watch_launcher
 
-from .errors import UserError
+from lmsdp.launcher.config.errors import UserError
 
 
 def exec_program(program: List[str], env: Dict[str, str]) -> int:
@@ -62,7 +62,7 @@ def run_rank(config: Any, topology: Any) -> int:
     early = EarlyStop()
     early.install()
     try:
-        from .worker import run_worker
+        from .trainer import run_worker
 
         code = run_worker(config, topology)
     except UserError as exc:

@@ -19,7 +19,7 @@ from typing import Any, Dict, Optional
 
 from lmsdp.runtime.lifeline import start_time
 
-from .errors import UserError
+from lmsdp.launcher.config.errors import UserError
 
 LOCK_NAME = ".lmsdp.lock"
 
