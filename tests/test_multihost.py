@@ -268,6 +268,7 @@ def test_a_host_cut_from_the_network_ends_the_job_naming_a_rank_and_host(cluster
             run.proc.kill()
             run.proc.wait(timeout=30)
     print(f"\nh2 cut off: lmsrun returned {run.proc.returncode} {took:.1f} s after the cut (comm.timeout_s 5)")
+    print("\n".join(run.text("err").splitlines()[-12:]))
     assert run.proc.returncode != 0
     report = [l for l in run.text("err").splitlines() if l.startswith("lmsrun: rank")]
     assert report and " on host " in report[0], run.text("err")[-3000:]

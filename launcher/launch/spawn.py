@@ -51,6 +51,9 @@ OMPI_EXIT = re.compile(r"Exit code:\s+(\d+)")
 OMPI_SIGNAL = re.compile(r"process rank (\d+) with PID \d+ on node (\S+) exited on signal (\d+)")
 
 
+FAILED_RANK_GRACE_S = 10.0  # after a rank's failure, how long mpirun may take to end the job itself
+
+
 @dataclass
 class Job:
     """A command to run and how to treat it."""
@@ -136,7 +139,7 @@ class Runner:
                 print(f"lmsrun: error: cannot start {job.command[0]}: {exc.strerror}", file=sys.stderr)
                 return 2
             readers = [demux.reader(self.proc.stdout, "stdout"), demux.reader(self.proc.stderr, "stderr")]
-            self._wait()
+            self._wait(demux)
             self._cleanup()
             for thread in readers:
                 thread.join(timeout=3)
@@ -173,8 +176,9 @@ class Runner:
         except (ProcessLookupError, OSError):
             pass
 
-    def _wait(self) -> None:
+    def _wait(self, demux: Demux) -> None:
         assert self.proc is not None
+        failed_at: Optional[float] = None
         while True:
             try:
                 self.proc.wait(timeout=0.2)
@@ -183,6 +187,15 @@ class Runner:
                 pass
             self._snapshot()
             now = time.monotonic()
+            if failed_at is None and (demux.marks or demux.carried):
+                failed_at = now
+            elif failed_at is not None and now - failed_at > FAILED_RANK_GRACE_S:
+                # a rank failed and mpirun still waits: its daemon on an unreachable host cannot confirm
+                _say(f"lmsrun: a rank failed {FAILED_RANK_GRACE_S:g} s ago and mpirun has not ended the job "
+                     "(a host unreachable?); stopping it")
+                self._send(signal.SIGTERM)
+                self.kill_deadline = now + 3
+                failed_at = float("inf")  # once
             if self.hard_deadline is not None and now > self.hard_deadline:
                 print("lmsrun: ranks did not stop in time; terminating the job", file=sys.stderr, flush=True)
                 self.hard_deadline = None
