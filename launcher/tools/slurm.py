@@ -100,8 +100,8 @@ class SlurmJob:
 
 def template_dirs() -> List[Path]:
     """Where templates are looked for: the installed package data, then the source tree's slurm/."""
-    here = Path(__file__).resolve().parent
-    return [here / "templates", here.parent / "slurm"]
+    launcher = Path(__file__).resolve().parent.parent  # lmsdp/launcher (this file is in its tools/)
+    return [launcher / "templates", launcher.parent / "slurm"]
 
 
 def load_template(name: str) -> str:
