@@ -22,7 +22,10 @@ def validate(topology: Topology, env: Env) -> None:
         raise TopologyError(f"{src}: local rank {t.local_rank} is outside 0..{t.local_size - 1}")
     if t.local_size > t.size:
         raise TopologyError(f"{src}: {t.local_size} ranks on this node but only {t.size} in the job")
-    if src == SlurmEnvironment.name or "SLURM_JOB_ID" in env:
+    # an MPI rank on another node of the allocation runs inside the step that started Open MPI's
+    # daemon there (srun -n 1 per node): that step's SLURM_NTASKS says nothing about the job
+    daemon_step = src != SlurmEnvironment.name and "SLURM_STEP_ID" in env
+    if src == SlurmEnvironment.name or ("SLURM_JOB_ID" in env and not daemon_step):
         _check_slurm_counts(env)
     expected = env.get(envvars.EXPECTED_NP, "").strip()
     if expected:
