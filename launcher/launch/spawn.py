@@ -100,6 +100,7 @@ class Runner:
         self.kill_deadline: Optional[float] = None
         self.seen: Dict[int, object] = {}
         self.outcome = ""  # after a failed run: why, in one line (for callers that run many jobs)
+        self.stopped_for_failure = False  # lmsrun stopped mpirun itself after a rank failed
 
     def run(self) -> int:
         """Run the job to its end. Its ranks get lmsrun as their lifeline (``LMSDP_LAUNCHER``) and, unless
@@ -193,6 +194,7 @@ class Runner:
                 # a rank failed and mpirun still waits: its daemon on an unreachable host cannot confirm
                 _say(f"lmsrun: a rank failed {FAILED_RANK_GRACE_S:g} s ago and mpirun has not ended the job "
                      "(a host unreachable?); stopping it")
+                self.stopped_for_failure = True
                 self._send(signal.SIGTERM)
                 self.kill_deadline = now + 3
                 failed_at = float("inf")  # once
@@ -267,7 +269,7 @@ class Runner:
         kept = self._keep(records)
         # mpirun itself killed by a signal is the cause: what its ranks wrote after losing it (a broken
         # pipe, a dead peer) is a consequence, even when it reached an error file first
-        if returncode is not None and returncode < 0 and self.proc is not None:
+        if returncode is not None and returncode < 0 and self.proc is not None and not self.stopped_for_failure:
             self.outcome = (f"{os.path.basename(self.job.command[0])} was killed by signal {-returncode} "
                             f"({_signame(-returncode)})")
             print(f"lmsrun: {os.path.basename(self.job.command[0])} (pid {self.proc.pid}) was killed by signal "
