@@ -269,5 +269,6 @@ def test_a_host_cut_from_the_network_ends_the_job_naming_a_rank_and_host(cluster
     assert run.proc.returncode != 0
     report = [l for l in run.text("err").splitlines() if l.startswith("lmsrun: rank")]
     assert report and " on host " in report[0], run.text("err")[-3000:]
+    assert f"no word from host {cluster.hosts[1].address} (ranks 2, 3)" in run.text("err")
     assert took < BOUND_S * 2
     assert_hosts_idle(cluster, within=BOUND_S)

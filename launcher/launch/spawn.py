@@ -305,11 +305,24 @@ class Runner:
         if tail:
             lines.append(f"lmsrun: last lines of rank {failure.rank}:")
             lines += [f"  | {line}" for line in tail[-10:]]
+        silent = self._silent_hosts(demux, records) if self.stopped_for_failure else []
+        if silent:
+            lines.append(f"lmsrun: no word from host {', '.join(silent)} after the failure: unreachable?")
         if kept:
             lines.append(kept)
         lines.append(f"lmsrun: stopped all {self.job.np or len(demux.tails)} ranks; exit code {code}")
         print("\n".join(lines), file=sys.stderr, flush=True)
         return code
+
+    def _silent_hosts(self, demux: Demux, records: Sequence[ErrorRecord]) -> List[str]:
+        """Hosts none of whose ranks reported a failure, when mpirun had to be stopped: a host that
+        cannot be reached says nothing (its ranks' errors cannot travel)."""
+        spoke = {r.rank for r in records} | {rank for rank, _ in demux.marks}
+        hosts: Dict[str, List[int]] = {}
+        for rank, host in self.job.rank_hosts.items():
+            hosts.setdefault(host, []).append(rank)
+        return [f"{host} (ranks {', '.join(map(str, ranks))})" for host, ranks in hosts.items()
+                if not spoke.intersection(ranks)]
 
     def _keep(self, records: Sequence[ErrorRecord]) -> str:
         """Copy a failed job's error records into the run's output folder (the temporary folder is
