@@ -266,6 +266,8 @@ class Runner:
             print(f"lmsrun: error: {user_errors[0].message}", file=sys.stderr)
             return 2
         code = returncode if returncode and returncode > 0 else 128 + (-(returncode or 0)) if returncode else 1
+        if self.stopped_for_failure:
+            code = 1  # mpirun's own death on lmsrun's SIGTERM (Open MPI may crash) is not the job's verdict
         kept = self._keep(records)
         # mpirun itself killed by a signal is the cause: what its ranks wrote after losing it (a broken
         # pipe, a dead peer) is a consequence, even when it reached an error file first
