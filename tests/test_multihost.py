@@ -195,27 +195,27 @@ SLOW = ("--set", "train.steps=400", "--set", "model.kwargs.delay=0.05")
 
 @pytest.mark.parametrize("fail", ["raise", "exit", "kill"])
 def test_a_remote_rank_failing_is_named_with_its_host(cluster, fail):
-    """Rank 3 (on h2, whose /tmp does not hold lmsrun's error folder) fails at its 3rd step."""
+    """Rank 1 (on h2, whose /tmp does not hold lmsrun's error folder) fails at its 3rd step."""
     started = time.monotonic()
-    run = lmsrun(cluster, TINY, "--set", f"model.kwargs.fail={fail}", "--set", "model.kwargs.fail_rank=3",
-                 "--set", "train.steps=20", "--output-dir", shared_dir(cluster, f"fail-{fail}"))
+    run = lmsrun(cluster, TINY, "--set", f"model.kwargs.fail={fail}", "--set", "model.kwargs.fail_rank=1",
+                 "--set", "train.steps=20", "--output-dir", shared_dir(cluster, f"fail-{fail}"), np=2, slots=1)
     took = time.monotonic() - started
-    print(f"\nremote rank 3 {fail}: lmsrun returned {run.returncode} after {took:.1f} s (whole job, start-up included)")
+    print(f"\nremote rank 1 {fail}: lmsrun returned {run.returncode} after {took:.1f} s (whole job, start-up included)")
     assert run.returncode != 0
     report = [l for l in run.stderr.splitlines() if l.startswith("lmsrun: rank")]
-    assert report and report[0].startswith("lmsrun: rank 3 on host "), run.stderr[-3000:]
+    assert report and report[0].startswith("lmsrun: rank 1 on host "), run.stderr[-3000:]
     host = report[0].split(" on host ")[1].split()[0]
     assert host in ("h2", cluster.hosts[1].address), report
     if fail == "raise":  # the error file came over mpirun's output: the traceback is kept
         assert "RuntimeError: injected failure at step 3" in report[0]
-        kept = os.path.join(cluster.folder, "fail-raise", "errors", "rank3.json")
+        kept = os.path.join(cluster.folder, "fail-raise", "errors", "rank1.json")
         assert os.path.exists(kept), run.stderr[-2000:]
     assert_hosts_idle(cluster)
 
 
 def _kill_when_training(cluster, target, out):
     """Start a slow job, wait for its first steps, then ``target(run)``; returns (run, seconds to end)."""
-    run = Run(TINY, *SLOW, "--output-dir", out, "--hostfile", cluster.hostfile(2), "-np", "4",
+    run = Run(TINY, *SLOW, "--output-dir", out, "--hostfile", cluster.hostfile(1), "-np", "2",
               env=cluster.env(ENV))
     run.wait_for(lambda: "step 2/" in run.text(), timeout=180)
     hit = time.monotonic()
@@ -252,7 +252,7 @@ def test_a_host_cut_from_the_network_ends_the_job_naming_a_rank_and_host(cluster
     """h2's cable is pulled (ip link set down) while the job trains with the torch backend."""
     out = shared_dir(cluster, "cut")
     run = Run(TINY, *SLOW, "--set", "comm.backend=torch", "--set", "comm.timeout_s=5", "--output-dir", out,
-              "--hostfile", cluster.hostfile(2), "-np", "4", env=cluster.env(ENV))
+              "--hostfile", cluster.hostfile(1), "-np", "2", env=cluster.env(ENV))
     try:
         run.wait_for(lambda: "step 2/" in run.text(), timeout=180)
         hit = time.monotonic()
@@ -269,6 +269,6 @@ def test_a_host_cut_from_the_network_ends_the_job_naming_a_rank_and_host(cluster
     assert run.proc.returncode != 0
     report = [l for l in run.text("err").splitlines() if l.startswith("lmsrun: rank")]
     assert report and " on host " in report[0], run.text("err")[-3000:]
-    assert f"no word from host {cluster.hosts[1].address} (ranks 2, 3)" in run.text("err")
+    assert f"no word from host {cluster.hosts[1].address} (rank 1)" in run.text("err")
     assert took < BOUND_S * 2
     assert_hosts_idle(cluster, within=BOUND_S)

@@ -323,8 +323,8 @@ class Runner:
         hosts: Dict[str, List[int]] = {}
         for rank, host in self.job.rank_hosts.items():
             hosts.setdefault(host, []).append(rank)
-        return [f"{host} (ranks {', '.join(map(str, ranks))})" for host, ranks in hosts.items()
-                if not spoke.intersection(ranks)]
+        return [f"{host} (rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))})"
+                for host, ranks in hosts.items() if not spoke.intersection(ranks)]
 
     def _keep(self, records: Sequence[ErrorRecord]) -> str:
         """Copy a failed job's error records into the run's output folder (the temporary folder is
