@@ -25,6 +25,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass
 from typing import List, Optional
+from lmsdp.runtime import run_folder
 
 from . import env as envvars
 from .lifeline import Launcher
@@ -32,7 +33,7 @@ from .lifeline import Launcher
 ERROR_DIR_PREFIX = "lmsdp-errors-"
 OWNER_FILE = "owner"  # "pid:start_time@host" of the lmsrun that made the folder
 CARRIED_PREFIX = "[lmsdp] error record: "  # + one line of JSON, from a rank that cannot see the folder
-KEPT_SUBDIR = "errors"  # <output_dir>/errors/rank<R>.json after a failed job
+KEPT_SUBDIR = run_folder.ERRORS  # <output_dir>/errors/rank<R>.json after a failed job
 
 
 @dataclass

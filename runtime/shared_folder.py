@@ -14,8 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Tuple
 
-TOKEN_FILE = ".lmsdp-shared"
-LAUNCHER_MARK = ".lmsdp-launcher"
+from .run_folder import LAUNCHER_MARK, SHARED_TOKEN as TOKEN_FILE
 
 
 def _write(path: str, text: str) -> None:

@@ -16,24 +16,24 @@ class OneLineParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see {self.prog} --help)")
 
 
-def nonneg_int(text: str) -> int:
+def _int_at_least(text: str, least: int, wanted: str) -> int:
+    """``text`` as an integer >= ``least``; argparse's type error names what is ``wanted``."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 or more, got {text!r}")
+        value = None
+    if value is None or value < least:
+        plain = "an integer" if least == 0 and value is None else wanted
+        raise argparse.ArgumentTypeError(f"expected {plain}, got {text!r}")
     return value
+
+
+def nonneg_int(text: str) -> int:
+    return _int_at_least(text, 0, "0 or more")
 
 
 def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+    return _int_at_least(text, 1, "a positive integer")
 
 
 def rank_list(text: str) -> List[int]:

@@ -2,7 +2,7 @@
 and the cross-field checks that types alone cannot express.
 
 Field metadata (``help``, ``unit``, ``choices``, ``min``) drives validation and the README reference
-table; the generic typed-YAML machinery is in ``launcher/typed_yaml.py``.
+table; the generic typed-YAML machinery is in ``launcher/config/typed_yaml.py``.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from .errors import ConfigError
 from .input_checks import check_config_kwargs, check_name
 from .typed_yaml import apply_override, build, config_to_dict, read_yaml, reference_rows
 from lmsdp.launcher.models import MODEL_NAMES
+from lmsdp.runtime import run_folder
 
 
 @dataclass
@@ -113,7 +114,7 @@ class LaunchConfig:
     threads: Union[int, str] = field(default=0, metadata={
         "min": 0, "choices": ("auto",),
         "help": "intra-op threads per rank (0: cores per node / ranks per node; auto: measured per module, "
-                "see launcher/threads.py)"})
+                "see launcher/train/threads.py)"})
     interop_threads: int = field(default=0, metadata={
         "min": 0, "help": "inter-op threads per rank (0: torch's default)"})
 
@@ -158,7 +159,7 @@ class Config:
     def checkpoint_dir(self) -> str:
         if self.train.checkpoint_dir:
             return self.train.checkpoint_dir.replace("{name}", self.name)
-        return os.path.join(self.output_dir, "checkpoints")
+        return os.path.join(self.output_dir, run_folder.CHECKPOINTS)
 
 
 # --------------------------------------------------------------------------------------------

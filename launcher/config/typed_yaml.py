@@ -1,6 +1,6 @@
 """Typed YAML: a mapping of plain values -> nested dataclasses, checked key by key.
 
-Generic over any dataclass schema (lmsdp's is in ``launcher/config.py``). Field metadata drives
+Generic over any dataclass schema (lmsdp's is in ``launcher/config/schema.py``). Field metadata drives
 validation and reference tables: ``help`` (meaning), ``unit="bytes"`` (accepts ``1MiB``), ``choices``
 (allowed strings), ``min`` (smallest number), ``internal`` (not a key). Every error is one
 ``ConfigError`` line that names the key path and what is allowed, with a did-you-mean.

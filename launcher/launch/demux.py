@@ -13,6 +13,7 @@ import os
 import re
 import threading
 from typing import IO, Deque, Dict, List, Optional, Tuple
+from lmsdp.runtime import run_folder
 
 from lmsdp.runtime.error_file import CARRIED_PREFIX, ErrorRecord, carried_record
 
@@ -163,7 +164,7 @@ class Demux:
         if not self.output_dir:
             return None
         if rank not in self.logs:
-            self.logs[rank] = open(os.path.join(self.output_dir, f"rank{rank}.log"), "ab")
+            self.logs[rank] = open(run_folder.rank_log(self.output_dir, rank), "ab")
         return self.logs[rank]
 
     def flush_partials(self) -> None:

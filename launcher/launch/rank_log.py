@@ -7,6 +7,7 @@ import contextlib
 import os
 import sys
 from typing import IO, Any, Iterator, Optional
+from lmsdp.runtime import run_folder
 
 
 class _Tee:
@@ -40,7 +41,7 @@ def tee_rank_log(output_dir: Optional[str], rank: int = 0) -> Iterator[None]:
         yield
         return
     os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, f"rank{rank}.log"), "a", encoding="utf-8", errors="replace") as log:
+    with open(run_folder.rank_log(output_dir, rank), "a", encoding="utf-8", errors="replace") as log:
         saved = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = _Tee(sys.stdout, log), _Tee(sys.stderr, log)
         try:

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 from lmsdp.runtime import env as envvars
+from lmsdp.runtime.errors import UserError
+from lmsdp.runtime.signals import LAUNCHER_STOP_SIGNALS, SignalHandlers
 from lmsdp.runtime.error_file import (ErrorRecord, keep_errors, make_error_dir, read_errors,
                                       remove_stale_error_dirs, save_record)
 from lmsdp.runtime.shared_folder import mark_launcher
@@ -44,7 +46,6 @@ from lmsdp.runtime.lifeline import Launcher, parent_death_signal
 from .demux import Demux
 
 # SIGHUP is what a dropped SSH session sends: treated like SIGTERM (checkpoint, then stop).
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 MPIRUN_UNKNOWN_OPTION = re.compile(r"(?:Error: unknown option|unrecognized argument) \"?([^\"\s]+)")
 OMPI_FIRST = re.compile(r"Process name: \[\[\d+,\d+\],(\d+)\]")
 OMPI_EXIT = re.compile(r"Exit code:\s+(\d+)")
@@ -130,15 +131,14 @@ class Runner:
         demux = Demux(job.flavor, job.output_dir, out, err, verbose=job.verbose)
         for rank in range(job.np if job.output_dir else 0):
             demux.open_log(rank)
-        previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+        handlers = SignalHandlers(LAUNCHER_STOP_SIGNALS, self._on_signal).install()
         try:
             try:
                 self.proc = subprocess.Popen(job.command, env=job.env, stdin=subprocess.DEVNULL,
                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                              start_new_session=True, preexec_fn=parent_death_signal)
             except OSError as exc:
-                print(f"lmsrun: error: cannot start {job.command[0]}: {exc.strerror}", file=sys.stderr)
-                return 2
+                raise UserError(f"cannot start {job.command[0]}: {exc.strerror}") from None
             readers = [demux.reader(self.proc.stdout, "stdout"), demux.reader(self.proc.stderr, "stderr")]
             self._wait(demux)
             self._cleanup()
@@ -146,8 +146,7 @@ class Runner:
                 thread.join(timeout=3)
             demux.flush_partials()
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            handlers.restore()
             demux.close()
         return self._report(demux, self.proc.returncode)
 

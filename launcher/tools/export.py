@@ -11,6 +11,7 @@ import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
 from lmsdp.launcher.config.errors import UserError
+from lmsdp.runtime import run_folder
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +28,7 @@ def find_checkpoints(run_dir: str) -> Tuple[str, List[Tuple[int, str]]]:
     from lmsdp.launcher.train.checkpoint import CheckpointManager
     from lmsdp.launcher.train.checkpoint_sharded import sharded_candidates
 
-    for directory in (os.path.join(run_dir, "checkpoints"), run_dir):
+    for directory in (os.path.join(run_dir, run_folder.CHECKPOINTS), run_dir):
         found = sorted(sharded_candidates(directory) + CheckpointManager(directory).candidates(), reverse=True)
         if found:
             return directory, found

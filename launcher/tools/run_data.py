@@ -7,15 +7,14 @@ from __future__ import annotations
 import glob
 import json
 import os
-import re
 import statistics
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 from lmsdp.launcher.config.errors import UserError
+from lmsdp.runtime import run_folder
 
 Warn = Callable[[str], None]
-METRICS_RE = re.compile(r"metrics\.rank(\d+)\.jsonl$")
 TRACE_GLOBS = ("*trace*.json", "*timeline*.json")  # per-rank traces when trace.json was never merged
 
 
@@ -72,12 +71,12 @@ def load_run(path: str, warn: Warn) -> Run:
     if not os.path.isdir(path):
         raise UserError(f"RUN_DIR: {path} is not a directory; give a run's train.output_dir, e.g. runs/quickstart")
     run = Run(path=path)
-    for metrics_path in sorted(glob.glob(os.path.join(path, "metrics.rank*.jsonl"))):
-        match = METRICS_RE.search(metrics_path)
+    for metrics_path in sorted(glob.glob(os.path.join(path, run_folder.METRICS_GLOB))):
+        match = run_folder.METRICS_RE.search(metrics_path)
         if match:
             run.metrics[int(match.group(1))] = read_jsonl(metrics_path, warn)
-    run.summary = _read_json(os.path.join(path, "summary.json"), warn) or {}
-    run.config = _read_json(os.path.join(path, "config.json"), warn) or {}
+    run.summary = _read_json(os.path.join(path, run_folder.SUMMARY), warn) or {}
+    run.config = _read_json(os.path.join(path, run_folder.CONFIG), warn) or {}
     if not run.metrics and not run.summary:
         raise UserError(f"RUN_DIR: {path} holds no run (no metrics.rank<R>.jsonl, no summary.json); "
                         "give a run's train.output_dir, e.g. runs/quickstart")
@@ -118,7 +117,7 @@ def _read_json(path: str, warn: Warn) -> Optional[Dict[str, Any]]:
 def load_traces(path: str, warn: Warn) -> List[Dict[str, Any]]:
     """The merged ``trace.json``, else every per-rank trace in the directory (a run killed before
     rank 0 merged them); unclosed or cut-off files are read as far as they go."""
-    merged = os.path.join(path, "trace.json")
+    merged = os.path.join(path, run_folder.TRACE)
     files = [merged] if os.path.exists(merged) else sorted(
         {f for pattern in TRACE_GLOBS for f in glob.glob(os.path.join(path, pattern))})
     events: List[Dict[str, Any]] = []

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from typing import Iterator, List, Optional
+from lmsdp.runtime import run_folder
 
 from .tune_search import Setting, Trial, core_binding
 
@@ -112,7 +113,7 @@ def _deadline(deadline: float) -> Iterator[threading.Event]:
 
 def read_samples_per_s(out_dir: str, warmup: int) -> Optional[float]:
     """Median samples/s of rank 0's steps after ``warmup`` (None: no measured step)."""
-    path = os.path.join(out_dir, "metrics.rank0.jsonl")
+    path = run_folder.metrics_file(out_dir, 0)
     try:
         with open(path, encoding="utf-8") as handle:
             records = [json.loads(line) for line in handle if line.strip()]
@@ -125,7 +126,7 @@ def read_samples_per_s(out_dir: str, warmup: int) -> Optional[float]:
 def read_backend(out_dir: str) -> str:
     """The comm backend rank 0 reported in the trial's summary.json ('' when it wrote none)."""
     try:
-        with open(os.path.join(out_dir, "summary.json"), encoding="utf-8") as handle:
+        with open(os.path.join(out_dir, run_folder.SUMMARY), encoding="utf-8") as handle:
             return str(json.load(handle).get("comm_backend", ""))
     except (OSError, ValueError, AttributeError):
         return ""

@@ -19,6 +19,13 @@ def build_network(config: Config) -> nn.Module:
     return build_model(config.model.name, **config.model.kwargs)
 
 
+def amp_dtype(config: Config) -> "torch.dtype | None":
+    """The autocast dtype of ``train.amp`` (None when AMP is off)."""
+    if not config.train.amp:
+        return None
+    return torch.float16 if config.train.amp_dtype == "float16" else torch.bfloat16
+
+
 def build_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
     opt = config.optimizer
     params = [p for p in model.parameters() if p.requires_grad]

@@ -1,6 +1,6 @@
 """Sharded checkpoints (``comm.strategy: shard``): every rank writes its own shards with
 torch.distributed.checkpoint (DCP); same ``step-<N>`` naming, newest-valid-wins and retention as
-``launcher/checkpoint.py``, but each checkpoint is a folder.
+``launcher/train/checkpoint.py``, but each checkpoint is a folder.
 
 Atomic like the single-file checkpoints: all ranks write into ``.tmp-step-<N>/``; DCP's
 coordinator (rank 0) writes ``.metadata`` once every rank's files are fsynced; then rank 0 writes
@@ -11,7 +11,7 @@ older one, on every rank alike (rank 0 chooses, the others follow).
 DCP reshards on load, so a folder written by N ranks loads into M ranks under shard; the
 converters at the end move state between this layout (full state, optimizer keyed by parameter
 name) and a replicate checkpoint's (``step-N.pt``: optimizer keyed by index), so either strategy
-resumes the other's checkpoints (launcher/resume.py chooses)."""
+resumes the other's checkpoints (launcher/train/resume.py chooses)."""
 from __future__ import annotations
 
 import os

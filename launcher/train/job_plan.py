@@ -15,12 +15,10 @@ from lmsdp.launcher.config.errors import UserError
 
 def workload_from_config(config: Any) -> Any:
     """A planner ``Workload`` built with the worker's own builders (model, batches, optimizer, loss)."""
-    import torch
-
     from lmsdp.swapping.profile import Workload
 
     from lmsdp.launcher.train.data import data_spec, make_batches
-    from lmsdp.launcher.train.build import build_network, build_optimizer, compute_loss
+    from lmsdp.launcher.train.build import amp_dtype, build_network, build_optimizer, compute_loss
 
     task = data_spec(config).task
 
@@ -31,9 +29,7 @@ def workload_from_config(config: Any) -> Any:
         return make_batches(sized, 0, 1)[0].batch(0)
 
     factory_batch = _FactoryBatch(config)
-    amp = None
-    if config.train.amp:
-        amp = torch.float16 if config.train.amp_dtype == "float16" else torch.bfloat16
+    amp = amp_dtype(config)
     label = f"model.factory: {config.model.factory}" if config.model.factory else f"model.name: {config.model.name}"
     return Workload(build_model=lambda: build_network(config), make_batch=make_batch,
                     loss=lambda out, target: compute_loss(task, out, target),

@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional, TextIO
 
 from lmsdp.runtime import env as envvars
 from lmsdp.swapping.units import format_size
+from lmsdp.runtime import run_folder
 
 
 def on_terminal(stream: TextIO = sys.stderr) -> bool:
@@ -24,7 +25,7 @@ class MetricsWriter:
 
     def __init__(self, output_dir: str, rank: int, resumed_at: int = 0) -> None:
         os.makedirs(output_dir, exist_ok=True)
-        self.path = os.path.join(output_dir, f"metrics.rank{rank}.jsonl")
+        self.path = run_folder.metrics_file(output_dir, rank)
         kept = _records_up_to(self.path, resumed_at) if resumed_at else []
         self._file = open(self.path, "w", encoding="utf-8")
         self._file.writelines(kept)

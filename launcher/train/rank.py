@@ -1,4 +1,4 @@
-"""The rank side of ``lmsrun``: what runs inside one rank once the front end (``launcher/cli.py``)
+"""The rank side of ``lmsrun``: what runs inside one rank once the front end (``launcher/cli/``)
 has resolved the plan: the worker with early signals kept, failures written as error files
 (``lmsdp.runtime.error_file``) and a loud, immediate exit; or, in script mode, the user's program."""
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any, Dict, List
 from lmsdp.runtime import env as envvars
 from lmsdp.runtime.error_file import write_error
 from lmsdp.runtime.lifeline import watch_launcher
+from lmsdp.runtime.signals import RANK_STOP_SIGNALS, SignalHandlers
 
 from lmsdp.launcher.config.errors import UserError
 
@@ -33,15 +34,12 @@ class EarlyStop:
     """A stop signal that arrives while the rank is still importing/building is not lost: it is
     recorded and sent again once the worker has installed its own handlers."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
-
     def __init__(self) -> None:
         self.pending: List[int] = []
         self.done = threading.Event()
 
     def install(self) -> None:
-        for sig in self.SIGNALS:
-            signal.signal(sig, self._record)
+        SignalHandlers(RANK_STOP_SIGNALS, self._record).install()  # replaced, not restored: the worker's follow
         threading.Thread(target=self._watch, daemon=True, name="lmsdp-early-stop").start()
 
     def _record(self, signum: int, _frame: Any) -> None:
