@@ -27,7 +27,9 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
+
+import pytest
 
 from tests.slurm_cluster import ClusterUnavailable
 
@@ -181,6 +183,20 @@ exec nsenter --net=/run/netns/$ns unshare --uts --mount --propagation private \\
         with open(self.agent, "w", encoding="utf-8") as handle:
             handle.write(script)
         os.chmod(self.agent, os.stat(self.agent).st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+
+
+def started(hosts: int = 2) -> Iterator[NetnsCluster]:
+    """For a pytest fixture: a started cluster (skips with the reason when this machine has none),
+    stopped afterwards, also after a failure."""
+    cluster = NetnsCluster(hosts)
+    try:
+        cluster.start()
+    except ClusterUnavailable as exc:
+        pytest.skip(str(exc))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 def _quote(word: str) -> str:

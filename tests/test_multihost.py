@@ -13,8 +13,7 @@ import time
 import pytest
 import torch
 
-from tests.netns_cluster import NetnsCluster
-from tests.slurm_cluster import ClusterUnavailable
+from tests.netns_cluster import started
 from tests.support import ENV, LMSRUN, REPO, TINY, Run, metric_lines
 
 pytestmark = [pytest.mark.integration, pytest.mark.mpi]
@@ -23,15 +22,7 @@ BOUND_S = 30  # a fault must end the job within this (start-up of 4 ranks on 2 b
 
 @pytest.fixture(scope="module")
 def cluster():
-    cluster = NetnsCluster(2)
-    try:
-        cluster.start()
-    except ClusterUnavailable as exc:
-        pytest.skip(str(exc))
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
+    yield from started(2)
 
 
 def lmsrun(cluster, *args, np=4, slots=2, timeout=240, env=None):

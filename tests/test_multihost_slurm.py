@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.netns_cluster import NetnsCluster
+from tests.netns_cluster import started
 from tests.slurm_cluster import ClusterUnavailable, SlurmCluster
 from tests.support import LMSRUN, SCRIPTS, TINY
 
@@ -24,12 +24,7 @@ TRAIN = [f"train.steps={STEPS}", "launch.np=1", "comm.backend=torch", "model.kwa
 
 @pytest.fixture(scope="module")
 def slurm_hosts():
-    hosts = NetnsCluster(2)
-    try:
-        hosts.start()
-    except ClusterUnavailable as exc:
-        pytest.skip(str(exc))
-    try:
+    for hosts in started(2):
         root = os.path.join(hosts.folder, "slurm")
         os.makedirs(root)
         try:
@@ -40,8 +35,6 @@ def slurm_hosts():
             yield cluster
         finally:
             cluster.stop()
-    finally:
-        hosts.stop()
 
 
 def submit(cluster, name, launcher, *flags, sets=()):
