@@ -56,7 +56,8 @@ class CommConfig:
     cycle_time_ms: float = field(default=1.0, metadata={
         "help": "Horovod background cycle time (HOROVOD_CYCLE_TIME)"})
     timeline: Optional[str] = field(default=None, metadata={
-        "help": "Horovod timeline / allreduce chrome-trace path ({output_dir}, {rank} are replaced)"})
+        "help": "Horovod timeline / allreduce chrome-trace path, for the steps train.trace_steps names "
+                "({output_dir}, {rank} are replaced)"})
     interface: str = field(default="auto", metadata={
         "help": "network the ranks talk over: an interface name (eth0), a CIDR (10.0.0.0/8) or auto (one "
                 "host: loopback; several: rank 0's interface whose network reaches every host); sets the "

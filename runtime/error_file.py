@@ -11,7 +11,11 @@ rank's traceback (a consequence, printed as one line) exists nowhere else.
 
 On another host the folder is not there (lmsrun made it in its own ``/tmp``): the rank then carries
 its record over its output instead, as one ``CARRIED_PREFIX`` line on stderr that lmsrun's output
-reader turns back into ``rank<R>.json`` in the folder, so the contract is the same on every host."""
+reader turns back into ``rank<R>.json`` in the folder, so the contract is the same on every host.
+
+Names here are predictable (``rank<R>.json.<pid>.tmp``, ``<output_dir>/errors``) and the run folder
+may be shared: files are created new with the user's umask, never through a planted link
+(runtime/new_file.py), and a link planted at ``errors`` is removed, not written through."""
 from __future__ import annotations
 
 import json
@@ -29,6 +33,7 @@ from lmsdp.runtime import run_folder
 
 from . import env as envvars
 from .lifeline import Launcher
+from .new_file import open_new
 
 ERROR_DIR_PREFIX = "lmsdp-errors-"
 OWNER_FILE = "owner"  # "pid:start_time@host" of the lmsrun that made the folder
@@ -84,11 +89,11 @@ def save_record(record: ErrorRecord, directory: str) -> Optional[str]:
     """``rank<R>.json`` for ``record`` in ``directory``, atomically (temp file, rename); the first
     failure of a rank wins. Returns the path, or None when it cannot be written."""
     path = os.path.join(directory, f"rank{record.rank}.json")
-    if os.path.exists(path):
+    if os.path.exists(path) and not os.path.islink(path):
         return path
     try:
         tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as handle:
+        with open_new(tmp) as handle:
             json.dump(asdict(record), handle)
             handle.flush()
             os.fsync(handle.fileno())
@@ -129,7 +134,7 @@ def make_error_dir(owner: Launcher, parent: Optional[str] = None) -> str:
     """A new private error folder with ``owner`` recorded in it (written before any rank starts)."""
     directory = tempfile.mkdtemp(prefix=ERROR_DIR_PREFIX, dir=parent)
     tmp = os.path.join(directory, f".{OWNER_FILE}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
+    with open_new(tmp) as handle:
         handle.write(owner.encode())
     os.replace(tmp, os.path.join(directory, OWNER_FILE))
     return directory
@@ -172,10 +177,13 @@ def keep_errors(records: List[ErrorRecord], output_dir: str) -> Optional[str]:
     returns that folder, or None when it cannot be written."""
     folder = os.path.join(output_dir, KEPT_SUBDIR)
     try:
+        if os.path.islink(folder) or os.path.isfile(folder):
+            os.unlink(folder)  # the link goes, never what it points at
         shutil.rmtree(folder, ignore_errors=True)
-        os.makedirs(folder, exist_ok=True)
+        os.makedirs(output_dir, exist_ok=True)
+        os.mkdir(folder)  # fails on a name re-planted in between: nothing is written then
         for record in records:
-            with open(os.path.join(folder, f"rank{record.rank}.json"), "w", encoding="utf-8") as handle:
+            with open_new(os.path.join(folder, f"rank{record.rank}.json")) as handle:
                 json.dump(asdict(record), handle, indent=1)
     except OSError:
         return None

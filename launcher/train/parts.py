@@ -4,8 +4,7 @@ per-module thread plan. The trainer drives what this builds and builds nothing i
 from __future__ import annotations
 
 import dataclasses
-import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -15,8 +14,10 @@ from lmsdp.comm import get_backend
 from lmsdp.runtime.shared_folder import FolderView
 from lmsdp.comm.base import Backend
 from lmsdp.comm.strategy import Strategy, get_strategy
+from lmsdp.runtime import warning_lines
 from lmsdp.runtime.chrome_trace import rank_path
 from lmsdp.runtime.topology import Topology
+from lmsdp.runtime.trace_schedule import TraceWindow
 from lmsdp.swapping import SwapEngine
 
 from lmsdp.launcher.config import Config
@@ -45,6 +46,7 @@ class RunParts:
     engine: SwapEngine
     whole: CheckpointManager          # the folder's whole-model checkpoints (resume reads both kinds)
     checkpoints: Checkpoints          # where this run saves: whole-model (rank 0) or sharded (every rank)
+    trace_window: TraceWindow = field(default_factory=TraceWindow)  # train.trace_steps: swap.trace, comm.timeline
     autocast: Optional[torch.dtype] = None                # train.amp's dtype, None when off
     job_plan: Optional[JobPlan] = None                    # swap.plan: auto / FILE, else None
     per_module: Optional[module_threads.ModuleThreads] = None  # launch.threads: auto, else None
@@ -68,7 +70,7 @@ def build_parts(config: Config, topology: Topology, whole: CheckpointManager, lo
     if lock is not None:  # before training (and before the backend's start-up): room for a checkpoint
         whole.check_space(estimate_checkpoint_bytes(model, config.optimizer))
     backend = get_backend(config.comm, device, topology)
-    quiet_warnings(backend.rank)
+    warning_lines.install(backend.rank, one_line_others=True)  # one line each; lmsdp's from rank 0 only
     checkpoint_folder = check_run_folders(config, backend, sharded=config.comm.strategy == "shard")
     swap_config = config.swap
     if swap_config.trace:  # one file per rank unless the path says where {rank} goes
@@ -76,7 +78,9 @@ def build_parts(config: Config, topology: Topology, whole: CheckpointManager, lo
     job_plan = plan_for_job(config, backend, device)  # swap.plan: auto / FILE (None otherwise)
     if job_plan is not None:
         swap_config = dataclasses.replace(job_plan.swap_config, trace=swap_config.trace)
-    engine = SwapEngine(swap_config, device, policy=job_plan.policy if job_plan else None)
+    trace_window = TraceWindow(config.train.trace_schedule)  # one window for every trace of this rank
+    backend.trace_window(trace_window)
+    engine = SwapEngine(swap_config, device, policy=job_plan.policy if job_plan else None, trace_window=trace_window)
     model = engine.wrap_model(model)
     per_module = module_threads.attach(model, config.launch, base_threads,
                                        reduce=lambda t: backend.allreduce(t, op="sum"))
@@ -87,7 +91,8 @@ def build_parts(config: Config, topology: Topology, whole: CheckpointManager, lo
     scaler = strategy.grad_scaler(device, enabled=autocast == torch.float16)
     return RunParts(device=device, backend=backend, strategy=strategy, model=model, optimizer=optimizer,
                     scaler=scaler, engine=engine, whole=whole,
-                    checkpoints=checkpoints_for(config, strategy, backend, whole), autocast=autocast,
+                    checkpoints=checkpoints_for(config, strategy, backend, whole), trace_window=trace_window,
+                    autocast=autocast,
                     job_plan=job_plan, per_module=per_module, checkpoint_folder=checkpoint_folder)
 
 
@@ -97,10 +102,3 @@ def estimate_checkpoint_bytes(model: nn.Module, optimizer: Any) -> int:
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values() if torch.is_tensor(t))
     slots = 2 if optimizer.name in ("adam", "adamw") else int(optimizer.momentum > 0)
     return weights * (1 + slots) + CHECKPOINT_OVERHEAD
-
-
-def quiet_warnings(rank: int) -> None:
-    """One line per warning, and run-wide lmsdp notices from rank 0 only (N ranks, one message)."""
-    warnings.formatwarning = lambda message, category, *_args, **_kw: f"[lmsdp] {category.__name__}: {message}\n"
-    if rank != 0:
-        warnings.filterwarnings("ignore", message="lmsdp ")
