@@ -125,6 +125,8 @@ class NetnsCluster:
                 except ProcessLookupError:
                     pass
             _ip("netns", "del", host.netns, check=False)
+        for index in range(1, len(self.hosts) + 1):  # a namespace outlives its del while a killed process exits
+            _ip("link", "del", f"lmv{self.tag}{index}", check=False)
         if self.bridge:
             _ip("link", "del", self.bridge, check=False)
         if self.folder:
