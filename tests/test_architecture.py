@@ -31,8 +31,8 @@ def sources(*folders: str, suffixes=(".py",)):
 def test_only_topology_reads_rank_variables():
     pattern = re.compile(r"environ(?:\.get)?\s*[\[(]\s*[\"'](" + "|".join(RANK_VARIABLES) + r")[\"']")
     readers = sorted({path for path, text in sources(*PACKAGES) if pattern.search(text)})
-    assert readers == [], f"rank variables read outside runtime/topology.py: {readers}"
-    topology = open(os.path.join(REPO, "runtime", "topology.py"), encoding="utf-8").read()
+    assert readers == [], f"rank variables read outside runtime/topology/: {readers}"
+    topology = "".join(text for _path, text in sources(os.path.join("runtime", "topology")))
     assert "OMPI_COMM_WORLD_RANK" in topology and "SLURM_PROCID" in topology
 
 

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Union
 import yaml
 
 from lmsdp.comm.config import CommConfig
+from lmsdp.runtime.network import check_spec
 from lmsdp.runtime.trace_schedule import DEFAULT_STEPS, TraceSchedule
 from lmsdp.swapping.config import SwapConfig
 from .errors import ConfigError
@@ -248,6 +249,9 @@ def check_config(config: Config) -> None:
         raise ConfigError("launch.hosts and launch.hostfile are both set: use one of them")
     if config.launch.hostfile and not os.path.isfile(config.launch.hostfile):
         raise ConfigError(f"launch.hostfile: file not found: {config.launch.hostfile}")
+    interface_problem = check_spec(config.comm.interface)
+    if interface_problem:
+        raise ConfigError(f"comm.interface: {interface_problem}")
     recompute = config.swap.recompute
     if isinstance(recompute, list) and "auto" in recompute:
         raise ConfigError("swap.recompute: 'auto' stands alone, not inside a list")
