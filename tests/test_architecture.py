@@ -104,23 +104,30 @@ def test_every_launcher_module_is_in_a_layer():
     assert loose == []
 
 
-def test_swapping_has_no_import_cycle():
-    """A protocol breaks a cycle; a deferred or TYPE_CHECKING import does not, so all of them count."""
-    from tests.architecture_graph import import_graph
+def test_no_import_cycles():
+    """Over the whole package. A protocol breaks a cycle; a deferred or TYPE_CHECKING import does not."""
+    from tests.architecture_graph import cycles, import_graph
 
-    graph = {m: {t for t in ts if t.startswith("lmsdp.swapping")} for m, ts in import_graph().items()
-             if m.startswith("lmsdp.swapping")}
-    state = {}
+    assert cycles(import_graph()) == []
 
-    def visit(node, trail):
-        state[node] = "open"
-        for dep in sorted(graph.get(node, ())):
-            if state.get(dep) == "open":
-                raise AssertionError("import cycle: " + " -> ".join(trail[trail.index(dep):] + [dep]))
-            if dep not in state:
-                visit(dep, trail + [dep])
-        state[node] = "done"
 
-    for module in sorted(graph):
-        if module not in state:
-            visit(module, [module])
+def test_no_module_over_the_line_limit():
+    from tests.architecture_graph import package_modules
+
+    long = {m: n for m, path in package_modules().items()
+            if (n := sum(1 for _ in open(path, encoding="utf-8"))) > MAX_LINES}
+    assert long == {}, f"modules over {MAX_LINES} lines (split along their seams): {long}"
+
+
+def test_no_two_classes_share_a_name():
+    import ast
+    import collections
+
+    from tests.architecture_graph import package_modules
+
+    where = collections.defaultdict(list)
+    for module, path in package_modules().items():
+        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+            if isinstance(node, ast.ClassDef):
+                where[node.name].append(module)
+    assert {name: mods for name, mods in where.items() if len(mods) > 1} == {}
