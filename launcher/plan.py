@@ -162,25 +162,54 @@ def _time_batch(workload: Any, batch: int, requested: Optional[int]) -> int:
     return batch if saved <= (1 << 30) else 1
 
 
-def plan_config(config: Any, target: int, batch: int, link: float, device: Any,
-                time_batch: Optional[int] = None, tflops: Optional[float] = None) -> Any:
-    """Profile the job's step at ``batch`` and plan it for ``target`` device bytes."""
-    from lmsdp.swapping.plan_models import Settings
-    from lmsdp.swapping.planner import plan
-    from lmsdp.swapping.profile import RECOMPUTE_VARIANTS, profile_aligned, profile_variants
+def _variants(config: Any) -> List[Any]:
+    from lmsdp.swapping.profile import RECOMPUTE_VARIANTS
 
-    workload = workload_from_config(config)
     variants = list(RECOMPUTE_VARIANTS)
     if config.swap.recompute and config.swap.recompute not in variants:
         variants.append(config.swap.recompute)
-    tb = 0 if tflops else _time_batch(workload, batch, time_batch)
-    profiles = profile_variants(workload, batch, device, tb, variants, tflops * 1e12 if tflops else None)
+    return variants
+
+
+def _configured(config: Any) -> Tuple[int, Any]:
+    """The swap threshold and the configured engine settings (None with swap off), for the table's row."""
+    from lmsdp.swapping.plan_models import Settings
+
     swap = config.swap
     threshold = parse_size(swap.threshold) or 0
-    configured = (Settings(threshold, swap.prefetch, swap.keep_last, parse_size(swap.budget) or 0)
-                  if swap.enabled else None)
+    return threshold, (Settings(threshold, swap.prefetch, swap.keep_last, parse_size(swap.budget) or 0)
+                       if swap.enabled else None)
+
+
+def batch_planner(config: Any, target: int, link: float, flops_rate: float, workload: Any = None,
+                  optimizer_bytes: Optional[int] = None) -> Any:
+    """The planner at any batch for this job, times from FLOPs at ``flops_rate`` (``BatchPlanner``)."""
+    from lmsdp.swapping.batch_profiles import BatchProfiles
+    from lmsdp.swapping.batch_search import BatchPlanner
+    from lmsdp.swapping.profile import optimizer_state_bytes
+
+    workload = workload or workload_from_config(config)
+    opt_bytes = optimizer_state_bytes(workload) if optimizer_bytes is None else optimizer_bytes
+    threshold, configured = _configured(config)
+    return BatchPlanner(BatchProfiles(workload, flops_rate, opt_bytes), target, link, threshold, _variants(config),
+                        configured, config.swap.recompute)
+
+
+def plan_config(config: Any, target: int, batch: int, link: float, device: Any,
+                time_batch: Optional[int] = None, tflops: Optional[float] = None) -> Any:
+    """Profile the job's step at ``batch`` and plan it for ``target`` device bytes (``tflops``: times
+    from FLOPs at that rate, on the same profiles the largest-batch search uses)."""
+    from lmsdp.swapping.planner import plan
+    from lmsdp.swapping.profile import profile_aligned, profile_variants
+
+    if tflops:
+        return batch_planner(config, target, link, tflops * 1e12).plan(batch)
+    workload = workload_from_config(config)
+    tb = _time_batch(workload, batch, time_batch)
+    profiles = profile_variants(workload, batch, device, tb, _variants(config))
+    threshold, configured = _configured(config)
     base = profiles["none"]
-    return plan(profiles, target, link, threshold, configured, swap.recompute,
+    return plan(profiles, target, link, threshold, configured, config.swap.recompute,
                 profile_spec=lambda spec: profile_aligned(workload, base, spec, device))
 
 
@@ -317,8 +346,7 @@ def plan_for_job(config: Any, backend: Any, device: Any) -> Optional[JobPlan]:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 if result.chosen is None:
-                    error = (f"swap.memory_target: batch {config.train.batch_size} needs at least "
-                             f"{format_size(result.min_peak)} (smallest achievable peak); target is {format_size(target)}")
+                    error = f"swap.memory_target: batch {config.train.batch_size} does not fit: {result.shortfall()}"
                 else:
                     from lmsdp.swapping.planner import plan_document
 
@@ -370,10 +398,11 @@ def main(argv: List[str]) -> int:
         return 0
 
 
-def _does_not_fit(name: str, batch: int, min_peak: int, target: int) -> int:
-    """One line: what the smallest achievable peak is against the target (exit code 2)."""
-    print(f"lmsrun: error: --memory: {name} at batch {batch} needs at least {format_size(min_peak)} "
-          f"(smallest achievable peak); target is {format_size(target)}", file=sys.stderr, flush=True)
+def _does_not_fit(name: str, batch: int, result: Any, largest: int) -> int:
+    """One line: the lowest peak the search found against the target, and the largest batch that fits."""
+    fits = f"largest batch that fits: {largest}" if largest else "not even batch 1 fits"
+    print(f"lmsrun: error: --memory: {name} at batch {batch} does not fit: {result.shortfall()}; {fits}",
+          file=sys.stderr, flush=True)
     return EXIT_DOES_NOT_FIT
 
 
@@ -400,39 +429,33 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     import torch
 
-    from lmsdp.swapping.planner import BatchSizes, max_batch
-    from lmsdp.swapping.profile import RECOMPUTE_VARIANTS, optimizer_state_bytes, variant_key
+    from lmsdp.swapping.profile import optimizer_state_bytes
 
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     target = default_target(config, device, args.memory)
     link = link_bps(device, args.link_gbps)
     workload = workload_from_config(config)
-    threshold = parse_size(config.swap.threshold) or 0
     opt_bytes = optimizer_state_bytes(workload)
-    if batch_text in (None, "max"):  # 'max': plan the configured batch first, for the time per sample
-        batch = config.train.batch_size
-    result = plan_config(config, target, batch, link, device, args.time_batch, args.tflops)
-    if result.chosen is None and batch_text != "max":
-        return _does_not_fit(config.name, batch, result.min_peak, target)
-    base = result.profiles["none"]
-    per_sample = (base.forward_s + base.backward_s) / base.batch
-    sizes = {variant_key(r): BatchSizes(workload, r, opt_bytes, per_sample) for r in RECOMPUTE_VARIANTS}
-    limits = {
-        "no swap": max_batch(sizes["none"], target, threshold, False, link),
-        "recompute only": max(max_batch(sizes[variant_key(r)], target, threshold, False, link)
-                              for r in RECOMPUTE_VARIANTS[1:]),
-        "planned": max(max_batch(sz, target, threshold, True, link) for sz in sizes.values()),
-    }
+    start = config.train.batch_size if batch_text in (None, "max") else batch
+    if args.tflops:
+        rate = args.tflops * 1e12
+    else:  # the timed step at the planned batch sets the FLOP rate other batches are planned at
+        timed = plan_config(config, target, start, link, device, args.time_batch)
+        base = timed.profiles["none"]
+        rate = base.flops / max(1e-12, base.forward_s + base.backward_s)
+    planner = batch_planner(config, target, link, rate, workload, opt_bytes)
     if batch_text == "max":
-        batch = limits["planned"]
+        batch = planner.largest(start)
         if batch == 0:
-            raise UserError(f"--memory: not even batch 1 fits {format_size(target)}, with every saved tensor swapped "
-                            "and cheap layers recomputed")
-        result = plan_config(config, target, batch, link, device, args.time_batch, args.tflops)
-        if result.chosen is None:
-            return _does_not_fit(config.name, batch, result.min_peak, target)
+            raise UserError(f"--memory: not even batch 1 fits {format_size(target)}: "
+                            f"{planner.plan(1).shortfall()}")
+    result = planner.plan(batch) if args.tflops or batch_text == "max" else timed
+    if result.chosen is None:
+        return _does_not_fit(config.name, batch, result, planner.largest(batch))
+    limits = planner.limits(batch)
     render(result, args.depth, config.name)
-    print("\nlargest batch that fits: " + ", ".join(f"{k} {v}" for k, v in limits.items()))
+    print("\nlargest batch that fits: " + ", ".join(f"{k} {v}" for k, v in limits.items())
+          + f" (times from FLOPs at {rate / 1e12:.3g} TFLOP/s)")
     text = document_yaml(result, config.name, args.write)
     if args.write:
         try:
