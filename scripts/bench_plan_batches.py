@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from lmsdp.launcher.config import load_config
-from lmsdp.launcher.plan import batch_planner, workload_from_config
+from lmsdp.launcher.train.job_plan import batch_planner, workload_from_config
 from lmsdp.swapping.batch_search import APPROACHES
 from lmsdp.swapping.profile import optimizer_state_bytes
 

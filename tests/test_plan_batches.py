@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lmsdp.launcher.config import load_config
-from lmsdp.launcher.plan import workload_from_config
+from lmsdp.launcher.train.job_plan import workload_from_config
 from lmsdp.swapping.batch_profiles import BatchProfiles
 from lmsdp.swapping.batch_search import BatchPlanner, largest_fitting
 from lmsdp.swapping.profile import RECOMPUTE_VARIANTS, Workload, optimizer_state_bytes, profile_workload
@@ -151,7 +151,7 @@ def test_largest_fitting_asks_each_batch_once_and_handles_the_ends():
 
 
 def test_lmsrun_plan_batch_max_is_the_largest_batch_whose_own_plan_fits(tmp_path, capsys):
-    from lmsdp.launcher.plan import main as plan_main
+    from lmsdp.launcher.tools.plan import main as plan_main
 
     overrides = ["--set", "model.name=gpt", "--set", "model.kwargs={vocab: 4096, seq_len: 4096, layers: 2, width: 1024, "
                  "heads: 16}", "--set", "train.amp=true", "--set", "train.batch_size=2"]
