@@ -6,7 +6,7 @@ memory targets of real GPUs, planned from fake tensors: no processes, no device)
 * the chosen plan is the fastest predicted row that fits, and the table's "planned" row is it;
 * profiles extrapolated from batch 1 and 2 are the fake runs' own profiles at that batch.
 
-Over the zoo (GPT, ResNet, U-Net) and two model shapes from outside it (a Transformer encoder and an
+Over the zoo (GPT, ResNet-18, U-Net) and two model shapes from outside it (a Transformer encoder and an
 MLP-mixer), each coarse (large activations per sample) so that a 8-80 GiB target holds a few dozen
 samples and a linear scan takes seconds."""
 from __future__ import annotations
@@ -26,17 +26,35 @@ from lmsdp.swapping.profile import RECOMPUTE_VARIANTS, Workload, optimizer_state
 GIB = 1 << 30
 
 
+class EncoderLayer(nn.Module):
+    """Pre-norm self-attention and MLP, written out (torch's nn.TransformerEncoderLayer takes paths that
+    its own checkpointing cannot replay under fake tensors)."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width), nn.Dropout(0.1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, c = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(n, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        att = torch.softmax(q @ k.transpose(-2, -1) / (c // self.heads) ** 0.5, dim=-1)
+        x = x + self.proj((att @ v).transpose(1, 2).reshape(n, t, c))
+        return x + self.mlp(self.norm2(x))
+
+
 class Encoder(nn.Module):
-    """A small Transformer encoder classifier (torch's own layers), on float token features."""
+    """A small Transformer encoder classifier on float token features."""
 
     def __init__(self, width: int = 256, heads: int = 8, layers: int = 2, classes: int = 10) -> None:
         super().__init__()
-        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.1, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.layers = nn.Sequential(*[EncoderLayer(width, heads) for _ in range(layers)])
         self.head = nn.Linear(width, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(x).mean(dim=1))
+        return self.head(self.layers(x).mean(dim=1))
 
 
 class MixerBlock(nn.Module):
@@ -81,13 +99,13 @@ def _zoo(*overrides: str) -> Workload:
 # model -> (workload, memory target GiB, TFLOP/s, link GB/s): coarse shapes so the largest batch is small
 CASES: Dict[str, Tuple[Callable[[], Workload], int, float, float]] = {
     "gpt": (lambda: _zoo("model.name=gpt", "model.kwargs={vocab: 4096, seq_len: 4096, layers: 2, width: 1024, heads: 16}",
-                         "train.amp=true", "train.amp_dtype=bfloat16"), 16, 400.0, 50.0),
-    "resnet50": (lambda: _zoo("model.name=resnet50", "model.kwargs={width: 64, num_classes: 10}",
-                              "data.shape=[3, 512, 512]"), 8, 100.0, 25.0),
+                         "train.amp=true", "train.amp_dtype=bfloat16"), 8, 400.0, 50.0),
+    "resnet18": (lambda: _zoo("model.name=resnet18", "model.kwargs={num_classes: 10, stem: imagenet}",
+                              "data.shape=[3, 640, 640]"), 8, 100.0, 25.0),
     "unet3d": (lambda: _zoo("model.name=unet3d", "model.kwargs={width: 16, levels: 3, classes: 3}",
                             "data.shape=[1, 128, 128, 128]"), 32, 200.0, 12.0),
     "transformer-encoder": (lambda: _external(lambda: Encoder(1024, 16, 2), [2048, 1024]), 24, 300.0, 32.0),
-    "mlp-mixer": (lambda: _external(lambda: Mixer(512, 8, 512, 2), [3, 512, 512]), 80, 1000.0, 64.0),
+    "mlp-mixer": (lambda: _external(lambda: Mixer(512, 4, 1024, 2), [3, 512, 512]), 80, 1000.0, 64.0),
 }
 
 
@@ -104,7 +122,7 @@ def test_fits_is_monotone_and_the_search_finds_the_scans_largest_batch(name):
     planner = _planner(name)
     largest = planner.largest(start=1)
     assert 2 <= largest <= 64, largest  # the shapes are sized for a short scan
-    fits = [planner.fits(b) for b in range(1, largest + largest // 2 + 3)]
+    fits = [planner.fits(b) for b in range(1, largest + 3)]
     assert fits == [True] * largest + [False] * (len(fits) - largest), fits  # monotone, ends at the search's answer
     assert planner.largest(start=3 * largest) == planner.largest(start=largest // 2 + 1) == largest  # any start
     for approach in ("no swap", "recompute only", "swap only"):
@@ -121,7 +139,7 @@ def test_fits_is_monotone_and_the_search_finds_the_scans_largest_batch(name):
     assert over.min_peak == min(r.prediction.peak_device_bytes for r in over.strategies if r.name != "configured")
 
 
-@pytest.mark.parametrize("name", ["gpt", "unet3d", "transformer-encoder"])
+@pytest.mark.parametrize("name", ["gpt", "resnet18", "mlp-mixer"])
 def test_extrapolated_profiles_are_the_fake_runs_profiles(name):
     torch.set_num_threads(1)
     planner = _planner(name)
