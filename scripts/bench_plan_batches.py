@@ -3,7 +3,7 @@
 GPT-2 small and ResNet-50 on a GPU of each memory size, planned from this machine (fake tensors, times
 from FLOPs at ``--tflops``, the link at ``--link-gbps``). Predictions only: nothing runs on a GPU.
 
-    python scripts/bench_plan_batches.py [--tflops 400] [--link-gbps 50] [--memory 16 80]
+    python scripts/bench_plan_batches.py [--tflops 400] [--link-gbps 50] [--memory 16 80] [--models NAME ..]
 """
 from __future__ import annotations
 
@@ -43,12 +43,13 @@ def main() -> None:
     parser.add_argument("--tflops", type=float, default=400.0)
     parser.add_argument("--link-gbps", type=float, default=50.0)
     parser.add_argument("--memory", type=int, nargs="+", default=[16, 80], metavar="GIB")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), metavar="NAME")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"# predictions: {args.tflops:g} TFLOP/s, link {args.link_gbps:g} GB/s, bf16 autocast, AdamW")
     print(f"{'model':<12} {'memory':>7} {'strategy':<15} {'largest batch':>13} {'step':>10} {'samples/s':>10}")
-    for name, overrides in MODELS.items():
-        config = load_config(None, [*overrides, "train.batch_size=8", "swap.enabled=false"])
+    for name in args.models:
+        config = load_config(None, [*MODELS[name], "train.batch_size=8", "swap.enabled=false"])
         workload = workload_from_config(config)
         first = batch_planner(config, 1 << 30, args.link_gbps * 1e9, args.tflops * 1e12, workload,
                               optimizer_state_bytes(workload))

@@ -171,15 +171,15 @@ def test_largest_fitting_asks_each_batch_once_and_handles_the_ends():
 def test_lmsrun_plan_batch_max_is_the_largest_batch_whose_own_plan_fits(tmp_path, capsys):
     from lmsdp.launcher.tools.plan import main as plan_main
 
-    overrides = ["--set", "model.name=gpt", "--set", "model.kwargs={vocab: 4096, seq_len: 4096, layers: 2, width: 1024, "
-                 "heads: 16}", "--set", "train.amp=true", "--set", "train.batch_size=2"]
-    flags = ["--memory", "16GiB", "--tflops", "400", "--link-gbps", "50", "--time-batch", "0", *overrides]
+    overrides = ["--set", "model.name=gpt", "--set", "model.kwargs={vocab: 256, seq_len: 256, layers: 2, width: 64, "
+                 "heads: 4}", "--set", "train.batch_size=2"]
+    flags = ["--memory", "64MiB", "--tflops", "400", "--link-gbps", "50", "--time-batch", "0", *overrides]
     config = tmp_path / "job.yaml"
     config.write_text("name: batches\n")
     assert plan_main([str(config), *flags, "--batch", "max"]) == 0
     out = capsys.readouterr().out
     largest = int(out.split("largest batch that fits:")[1].split("planned ")[1].split()[0])
-    assert f"batch {largest}, memory target 16.0 GiB" in out.splitlines()[0]
+    assert f"batch {largest}, memory target 64.0 MiB" in out.splitlines()[0]
     assert plan_main([str(config), *flags, "--batch", str(largest)]) == 0
     capsys.readouterr()
     assert plan_main([str(config), *flags, "--batch", str(largest + 1)]) == 2
