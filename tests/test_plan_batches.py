@@ -152,7 +152,10 @@ def test_extrapolated_profiles_are_the_fake_runs_profiles(name):
         assert got.forward_s == pytest.approx(want.forward_s) and got.backward_s == pytest.approx(want.backward_s)
         assert [t.pack_s for t in got.tensors] == pytest.approx([t.pack_s for t in want.tensors])
         assert [t.use_s for t in got.tensors] == pytest.approx([t.use_s for t in want.tensors])
-        assert got.module_inputs == want.module_inputs
+        # input bytes per module agree; which saved tensor an input is matched to can differ between fake
+        # runs (the recorder keys tensors by storage, and an unsaved input's storage may be reused)
+        assert {m: [n for _, n in ins] for m, ins in got.module_inputs.items()} == \
+            {m: [n for _, n in ins] for m, ins in want.module_inputs.items()}
 
 
 def test_largest_fitting_asks_each_batch_once_and_handles_the_ends():
