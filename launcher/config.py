@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 import os
 import re
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ import yaml
 from lmsdp.comm.config import CommConfig
 from lmsdp.swapping.config import SwapConfig
 from .errors import ConfigError
-from .input_checks import check_config_kwargs, check_name
+from .input_checks import built_by_factory, check_config_kwargs, check_name, check_optimizer_kwargs
 from .typed_yaml import apply_override, build, config_to_dict, read_yaml, reference_rows
 from .models import MODEL_NAMES
 
@@ -32,7 +33,14 @@ class ModelConfig:
     factory: Optional[str] = field(default=None, metadata={
         "help": "'package.module:function' returning an nn.Module; called with kwargs"})
     kwargs: Dict[str, Any] = field(default_factory=dict, metadata={
-        "help": "keyword arguments for the zoo model or the factory (e.g. depth, width, layers)"})
+        "help": "keyword arguments for the zoo model or the factory (e.g. depth, width, layers); "
+                "with config_factory, for the config instead"})
+    config_factory: Optional[str] = field(default=None, metadata={
+        "help": "'package.module:Class' building a config from kwargs; the factory is then called with it "
+                "(transformers:GPT2Config with factory transformers:GPT2LMHeadModel)"})
+    pass_labels: bool = field(default=False, metadata={
+        "help": "call forward(inputs, labels=targets) and train on the loss the model returns "
+                "(Hugging Face; task lm passes the input tokens, which the model shifts)"})
 
 
 @dataclass
@@ -48,6 +56,9 @@ class DataConfig:
         "help": "shape of one input sample; default follows the model (e.g. [3, 32, 32])"})
     classes: Optional[int] = field(default=None, metadata={
         "min": 1, "help": "number of classes / vocabulary size; default follows the model"})
+    vocab: Optional[int] = field(default=None, metadata={
+        "min": 1, "help": "synthetic inputs are token ids below this (text models); default: lm draws tokens "
+                          "below classes, other tasks draw float inputs"})
     samples: int = field(default=4096, metadata={
         "min": 1, "help": "samples in one epoch (all ranks together) for synthetic data"})
     factory: Optional[str] = field(default=None, metadata={
@@ -94,6 +105,11 @@ class TrainConfig:
     resume: bool = field(default=False, metadata={
         "help": "continue from the newest valid checkpoint in checkpoint_dir, if any"})
     progress: bool = field(default=True, metadata={"help": "progress bar / log lines on rank 0"})
+    loss: Optional[str] = field(default=None, metadata={
+        "help": "'package.module:function' computing the loss as f(output, target) -> scalar tensor "
+                "(default: from the task, read from the model's output)"})
+    aux_weight: float = field(default=0.3, metadata={
+        "min": 0.0, "help": "weight of each auxiliary head's loss (torchvision aux_logits, 'aux' outputs)"})
     tensorboard: bool = field(default=False, metadata={
         "help": "rank 0 writes the per-step scalars to <output_dir>/tb (needs the tensorboard package)"})
 
@@ -184,15 +200,9 @@ def load_config(path: Optional[str], overrides: Optional[List[str]] = None) -> C
 def check_config(config: Config) -> None:
     """Cross-field checks that types alone cannot express."""
     check_name(config.name)
-    if config.model.factory:
-        check_config_kwargs(config, resolve_factory(config.model.factory, "model.factory"))
-    elif config.model.name not in MODEL_NAMES:
-        close = difflib.get_close_matches(config.model.name, MODEL_NAMES, n=1)
-        guess = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"model.name: unknown model '{config.model.name}'{guess}; "
-                          f"allowed: {', '.join(MODEL_NAMES)}, or set model.factory")
-    else:
-        check_config_kwargs(config, None)
+    _check_model(config)
+    if config.train.loss:
+        _check_user_loss(config.train.loss)
     if config.data.kind == "factory":
         if not config.data.factory:
             raise ConfigError("data.factory: required when data.kind is 'factory' ('package.module:function')")
@@ -219,6 +229,59 @@ def check_config(config: Config) -> None:
     if config.swap.plan not in ("none", "auto") and not os.path.isfile(config.swap.plan):
         raise ConfigError(f"swap.plan: '{config.swap.plan}' is not a file; allowed: none, auto, or a plan file "
                           "written by 'lmsrun plan --write'")
+
+
+def _check_model(config: Config) -> None:
+    """model.name or model.factory (with model.config_factory), and model.kwargs against what takes them."""
+    model = config.model
+    if model.config_factory and not model.factory:
+        raise ConfigError("model.config_factory: needs model.factory, the class or function its config is "
+                          "passed to (e.g. transformers:GPT2LMHeadModel)")
+    if model.factory:
+        factory = resolve_factory(model.factory, "model.factory")
+        if model.config_factory:  # built here (a config is cheap): its signature may not list every key
+            make_config = resolve_factory(model.config_factory, "model.config_factory")
+            try:
+                built_by_factory(make_config, model.kwargs, "model.config_factory", model.config_factory, object)
+            except ConfigError:
+                check_config_kwargs(config, make_config, f"model.config_factory '{model.config_factory}'")
+                raise
+            check_optimizer_kwargs(config)
+        else:
+            check_config_kwargs(config, factory)
+    elif model.name not in MODEL_NAMES:
+        close = difflib.get_close_matches(model.name, MODEL_NAMES, n=1)
+        guess = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"model.name: unknown model '{model.name}'{guess}; "
+                          f"allowed: {', '.join(MODEL_NAMES)}, or set model.factory")
+    elif model.pass_labels:
+        raise ConfigError(f"model.pass_labels: zoo model '{model.name}' computes no loss from labels; "
+                          "allowed: false, or true with a model.factory whose forward takes labels=")
+    else:
+        check_config_kwargs(config, None)
+
+
+def _check_user_loss(spec: str) -> None:
+    """train.loss names a function that can be called as f(output, target)."""
+    loss = resolve_factory(spec, "train.loss")
+    try:
+        inspect.signature(loss).bind(None, None)
+    except TypeError:
+        raise ConfigError(f"train.loss: '{spec}' cannot be called as f(output, target); "
+                          f"its signature is {inspect.signature(loss)}") from None
+    except ValueError:  # a builtin without a signature: the first step tells
+        pass
+
+
+def model_from_factory(model: ModelConfig, expected: type) -> Any:
+    """``factory(**kwargs)``, or ``factory(config_factory(**kwargs))`` (Hugging Face: a model class or
+    ``AutoModelForCausalLM.from_config`` with its config class); failures are one line."""
+    factory = resolve_factory(model.factory or "", "model.factory")
+    if not model.config_factory:
+        return built_by_factory(factory, model.kwargs, "model.factory", model.factory or "", expected)
+    made = built_by_factory(resolve_factory(model.config_factory, "model.config_factory"), model.kwargs,
+                            "model.config_factory", model.config_factory, object)
+    return built_by_factory(factory, {}, "model.factory", model.factory or "", expected, args=(made,))
 
 
 def resolve_factory(spec: str, path: str) -> Any:
@@ -253,7 +316,7 @@ def config_reference_rows() -> List[tuple]:
 
 
 __all__ = ["Config", "ConfigError", "build", "config_to_dict", "dump_config", "load_config", "read_yaml",
-           "check_config", "resolve_factory", "config_reference_rows"]
+           "check_config", "resolve_factory", "model_from_factory", "config_reference_rows"]
 
 
 _MODULE_NAME = re.compile(r"^(module:)?[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, List, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 
@@ -18,6 +18,7 @@ class DataSpec:
     task: str
     shape: List[int]
     classes: int
+    vocab: Optional[int] = None  # token-id inputs below this (lm: classes when unset)
 
 
 def data_spec(config: Config) -> DataSpec:
@@ -27,7 +28,7 @@ def data_spec(config: Config) -> DataSpec:
         task, shape, classes = model_io(config.model.name, config.model.kwargs)
     if config.data.task != "auto":
         task = config.data.task
-    return DataSpec(task, list(config.data.shape or shape), config.data.classes or classes)
+    return DataSpec(task, list(config.data.shape or shape), config.data.classes or classes, config.data.vocab)
 
 
 class SyntheticBatches:
@@ -40,9 +41,10 @@ class SyntheticBatches:
         gen = torch.Generator().manual_seed(_mix(self.seed, step, self.rank))
         spec, n = self.spec, self.batch_size
         if spec.task == "lm":
-            tokens = torch.randint(0, spec.classes, [n, spec.shape[0] + 1], generator=gen)
+            tokens = torch.randint(0, spec.vocab or spec.classes, [n, spec.shape[0] + 1], generator=gen)
             return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-        inputs = torch.randn([n, *spec.shape], generator=gen)
+        inputs = (torch.randint(0, spec.vocab, [n, *spec.shape], generator=gen) if spec.vocab
+                  else torch.randn([n, *spec.shape], generator=gen))
         if spec.task == "segment":
             return inputs, torch.randint(0, spec.classes, [n, *spec.shape[1:]], generator=gen)
         if spec.task == "regress":

@@ -55,10 +55,11 @@ def workload_from_config(config: Any) -> Any:
 
     from lmsdp.swapping.profile import Workload
 
-    from .data import data_spec, make_batches
-    from .worker import build_network, build_optimizer, compute_loss
+    from .data import make_batches
+    from .loss import StepLoss
+    from .worker import build_network, build_optimizer
 
-    task = data_spec(config).task
+    step_loss = StepLoss.from_config(config)
 
     def make_batch(n: int) -> Tuple[Any, Any]:
         if config.data.kind == "factory":
@@ -72,7 +73,7 @@ def workload_from_config(config: Any) -> Any:
         amp = torch.float16 if config.train.amp_dtype == "float16" else torch.bfloat16
     label = f"model.factory: {config.model.factory}" if config.model.factory else f"model.name: {config.model.name}"
     return Workload(build_model=lambda: build_network(config), make_batch=make_batch,
-                    loss=lambda out, target: compute_loss(task, out, target),
+                    loss=step_loss.loss, forward=step_loss.forward,
                     build_optimizer=lambda model: build_optimizer(config, model), autocast=amp, label=label)
 
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lmsdp.comm import get_backend, merge_traces
@@ -31,9 +30,9 @@ from .checkpoint import CheckpointManager
 from .checkpoint_lock import CheckpointLock
 from .checkpoint_sharded import ShardedCheckpointManager
 from .resume import resume
-from .input_checks import built_by_factory
-from .config import Config, config_to_dict, resolve_factory
-from .data import data_spec, make_batches
+from .config import Config, config_to_dict, model_from_factory
+from .data import make_batches
+from .loss import StepLoss
 from .models import build_model
 from . import threads as module_threads
 from .metrics import MetricsWriter, Progress, RunSummary
@@ -83,8 +82,7 @@ class RunParts:
 
 def build_network(config: Config) -> nn.Module:
     if config.model.factory:
-        return built_by_factory(resolve_factory(config.model.factory, "model.factory"), config.model.kwargs,
-                                "model.factory", config.model.factory, nn.Module)
+        return model_from_factory(config.model, nn.Module)
     return build_model(config.model.name, **config.model.kwargs)
 
 
@@ -95,14 +93,6 @@ def build_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay, **opt.kwargs)
     cls = torch.optim.Adam if opt.name == "adam" else torch.optim.AdamW
     return cls(params, lr=opt.lr, weight_decay=opt.weight_decay, **opt.kwargs)
-
-
-def compute_loss(task: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    if task == "regress":
-        return F.mse_loss(output.float(), target.float())
-    if task == "lm":
-        return F.cross_entropy(output.float().flatten(0, 1), target.flatten())
-    return F.cross_entropy(output.float(), target)
 
 
 def total_steps(config: Config, steps_per_epoch: int) -> int:
@@ -202,7 +192,7 @@ def _train(config: Config, parts: RunParts) -> int:
 
     batches, steps_per_epoch = make_batches(config, rank, size)
     steps = total_steps(config, steps_per_epoch)
-    task = data_spec(config).task
+    step_loss = StepLoss.from_config(config)  # reads the output of any library's model
     is_main = rank == 0
     if is_main and resumed_from:
         print(f"[lmsdp] resumed from {resumed_from} at step {start_step}/{steps}", file=sys.stderr, flush=True)
@@ -239,7 +229,7 @@ def _train(config: Config, parts: RunParts) -> int:
             inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             with _autocast(device, use_amp, amp_dtype), engine:
-                loss = compute_loss(task, model(inputs), targets)
+                loss = step_loss(model, inputs, targets)
             scaler.scale(loss).backward()
             if train.clip_grad_norm:
                 grad_norm = strategy.clip_grad_norm(model, optimizer, train.clip_grad_norm, scaler)
