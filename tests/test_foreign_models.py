@@ -351,3 +351,23 @@ def test_a_hugging_face_class_method_factory_builds_from_its_config_without_down
                                 "model.config_factory=transformers:GPT2Config", f"model.kwargs={_yaml(GPT2)}"])
     model = build_network(config)
     assert type(model).__name__ == "GPT2LMHeadModel" and model.config.n_layer == 2
+
+
+@needs_transformers
+def test_hugging_face_gpt2_recomputes_its_dropouts_bit_exactly():
+    """swap.recompute (and the planner's recompute variants) wraps modules Hugging Face reads attributes
+    of (GPT-2's ``self.attn_dropout.p``): the wrapper answers for them, and the step is unchanged."""
+    from lmsdp.swapping.recompute import apply_recompute
+
+    config = {**GPT2, "resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1}
+    grads = []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        model = _hf("GPT2LMHeadModel")(_hf("GPT2Config")(**config))
+        if recompute:
+            assert apply_recompute(model, ["dropout"]) > 0
+            assert model.transformer.h[0].attn.attn_dropout.p == 0.1
+        x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+        model(x, labels=x).loss.backward()
+        grads.append([p.grad for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
