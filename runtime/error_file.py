@@ -20,13 +20,14 @@ import time
 import traceback
 from dataclasses import asdict, dataclass
 from typing import List, Optional
+from lmsdp.runtime import run_folder
 
 from . import env as envvars
 from .lifeline import Launcher
 
 ERROR_DIR_PREFIX = "lmsdp-errors-"
 OWNER_FILE = "owner"  # "pid:start_time@host" of the lmsrun that made the folder
-KEPT_SUBDIR = "errors"  # <output_dir>/errors/rank<R>.json after a failed job
+KEPT_SUBDIR = run_folder.ERRORS  # <output_dir>/errors/rank<R>.json after a failed job
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Any, Dict, List
 import torch
 
 from lmsdp.launcher.config import load_config
-from lmsdp.launcher.plan import workload_from_config
+from lmsdp.launcher.tools.plan import workload_from_config
 from lmsdp.swapping import SwapConfig, SwapEngine
 from lmsdp.swapping.plan_models import Settings, predict
 from lmsdp.swapping.planner import plan_swaps, policy_for
@@ -72,7 +72,7 @@ def recompute_table(threshold: int = 1 << 20) -> None:
     """Predicted step time of the best per-kind plan (swap only, or swap + a recompute kind rule) against
     the per-module plan, at targets from loose to below what swapping alone reaches (a fraction of the
     way from swap-only's smallest peak to the no-swap peak; negative: below it). Predictions only."""
-    from lmsdp.launcher.plan import plan_config
+    from lmsdp.launcher.tools.plan import plan_config
     from lmsdp.swapping.planner import PER_MODULE
 
     device = torch.device("cpu")

@@ -19,7 +19,7 @@ import sys
 import tempfile
 from typing import Dict, List
 
-from lmsdp.launcher.tune_search import core_binding
+from lmsdp.launcher.tools.tune_search import core_binding
 
 LMSRUN = [sys.executable, "-m", "lmsdp.launcher.cli"]  # this interpreter's lmsrun, wherever pip put the script
 WORKLOADS: Dict[str, str] = {

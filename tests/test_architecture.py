@@ -66,3 +66,39 @@ def test_config_choices_come_from_the_registries():
 def test_registry_rejects_unknown_names_with_a_guess():
     with pytest.raises(ValueError, match="did you mean 'horovod'"):
         BACKENDS.get("horovd")
+
+
+# --------------------------------------------------------------------------------- layout (issue 19)
+# launcher/'s sub-packages, lowest first: a module may import its own sub-package and lower layers only;
+# launch and train (one layer) never import each other; tools are reached only by name (subcommands).
+LAUNCHER_LAYERS = {"models": 0, "config": 1, "launch": 2, "train": 2, "tools": 3, "cli": 4}
+MAX_LINES = 400
+
+
+def _launcher_part(module: str) -> str:
+    parts = module.split(".")
+    return parts[2] if len(parts) > 2 and parts[:2] == ["lmsdp", "launcher"] else ""
+
+
+def test_launcher_layers_import_downwards_only():
+    from tests.architecture_graph import import_graph
+
+    bad = []
+    for module, targets in import_graph().items():
+        here = _launcher_part(module)
+        if here not in LAUNCHER_LAYERS:
+            continue
+        for target in targets:
+            there = _launcher_part(target)
+            if there not in LAUNCHER_LAYERS or there == here:
+                continue
+            if LAUNCHER_LAYERS[there] >= LAUNCHER_LAYERS[here] or (here == "cli" and there == "tools"):
+                bad.append(f"{module} -> {target}")
+    assert bad == [], "imports against the layering models <- config <- {launch, train} <- tools <- cli: " + str(bad)
+
+
+def test_every_launcher_module_is_in_a_layer():
+    from tests.architecture_graph import package_modules
+
+    loose = [m for m in package_modules() if m.startswith("lmsdp.launcher.") and _launcher_part(m) not in LAUNCHER_LAYERS]
+    assert loose == []

@@ -15,8 +15,8 @@ import psutil
 import pytest
 import torch
 
-from lmsdp.launcher.checkpoint import CheckpointManager
-from lmsdp.launcher.checkpoint_lock import CheckpointInUse, CheckpointLock
+from lmsdp.launcher.train.checkpoint import CheckpointManager
+from lmsdp.launcher.train.checkpoint_lock import CheckpointInUse, CheckpointLock
 from tests.support import ENV, LMSRUN, REPO, SCRIPTS, TINY, Run, assert_no_leftovers, rank_process
 
 needs_mpirun = pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed")
@@ -234,7 +234,7 @@ def test_second_job_on_a_held_checkpoint_folder_is_refused(tmp_path):
 @pytest.mark.integration
 def test_stale_lock_of_a_dead_holder_is_taken_over(tmp_path, capfd):
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys,time; from lmsdp.launcher.checkpoint_lock import CheckpointLock; "
+        "import sys,time; from lmsdp.launcher.train.checkpoint_lock import CheckpointLock; "
         f"CheckpointLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(60)")],
         stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
@@ -387,7 +387,7 @@ def test_read_only_checkpoint_folder_is_one_line_before_training(tmp_path, read_
 
 
 def test_save_on_a_full_disk_is_one_line_naming_path_and_cause(small_disk):
-    from lmsdp.launcher.checkpoint import CheckpointWriteError
+    from lmsdp.launcher.train.checkpoint import CheckpointWriteError
 
     manager = CheckpointManager(small_disk)
     with pytest.raises(CheckpointWriteError) as caught:

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmsdp.launcher.config import load_config
-from lmsdp.launcher.data import DataSpec, SyntheticBatches
-from lmsdp.launcher.errors import ConfigError
-from lmsdp.launcher.loss import StepLoss, read_output
+from lmsdp.launcher.train.data import DataSpec, SyntheticBatches
+from lmsdp.launcher.config import ConfigError
+from lmsdp.launcher.train.loss import StepLoss, read_output
 from tests.support import LMSRUN, REPO, SCRIPTS
 
 from lmsdp.launcher.models import aux_heads
@@ -312,7 +312,7 @@ def test_a_user_loss_that_is_not_a_scalar_and_a_forward_without_labels_are_one_l
 
 
 def test_the_planner_workload_uses_the_step_loss(tmp_path):
-    from lmsdp.launcher.plan import workload_from_config
+    from lmsdp.launcher.train.job_plan import workload_from_config
 
     path = tmp_path / "job.yaml"
     path.write_text("model: {factory: foreign_outputs:scores_net}\ntrain: {loss: 'foreign_outputs:scores_loss'}\n"
@@ -345,7 +345,7 @@ def test_bad_keys_are_one_line(overrides, words):
 
 @needs_transformers
 def test_a_hugging_face_class_method_factory_builds_from_its_config_without_downloading():
-    from lmsdp.launcher.worker import build_network
+    from lmsdp.launcher.train.build import build_network
 
     config = load_config(None, ["model.factory=transformers:AutoModelForCausalLM.from_config",
                                 "model.config_factory=transformers:GPT2Config", f"model.kwargs={_yaml(GPT2)}"])

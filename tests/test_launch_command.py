@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from lmsdp.launcher.config import dump_config, load_config
-from lmsdp.launcher.errors import UserError
-from lmsdp.launcher.mpi_command import MPIRequest, build_command, parse_hostfile, parse_hosts
+from lmsdp.launcher.config.errors import UserError
+from lmsdp.launcher.launch.mpi_command import MPIRequest, build_command, parse_hostfile, parse_hosts
 
 from tests.support import HERE
 SCRIPTS = os.path.join(HERE, "scripts")
@@ -17,7 +17,7 @@ if SCRIPTS not in sys.path:
 TINY = os.path.join(SCRIPTS, "tiny.yaml")
 PY = sys.executable
 from tests.support import LMSRUN
-SITE = os.path.join(os.path.dirname(HERE), "launcher", "script_mode")
+SITE = os.path.join(os.path.dirname(HERE), "launcher", "launch", "script_mode")
 ROOT = "--allow-run-as-root " if os.geteuid() == 0 else ""
 # A fixed environment, so the -x list is known: PATH and PYTHONPATH (for the test model factory).
 ENV = {"PATH": f"{os.path.dirname(PY)}:/usr/bin:/bin", "PYTHONPATH": SCRIPTS, "HOME": os.environ.get("HOME", "/")}
@@ -79,7 +79,7 @@ def test_dry_run_mpi_args_replace_our_binding_and_come_last():
 
 @pytest.mark.integration
 def test_dry_run_oversubscribes_only_beyond_local_cores():
-    from lmsdp.launcher.mpi_command import physical_cores
+    from lmsdp.launcher.launch.mpi_command import physical_cores
 
     many = physical_cores() + 1
     assert "--oversubscribe" in dry_run(TINY, "-np", str(many)).splitlines()[0]

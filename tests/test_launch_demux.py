@@ -3,8 +3,8 @@ import io
 
 import pytest
 
-from lmsdp.launcher.demux import Demux
-from lmsdp.launcher.spawn import Runner
+from lmsdp.launcher.launch.demux import Demux
+from lmsdp.launcher.launch.spawn import Runner
 
 STREAM = (b"[1,0]<stderr>:partial-0[1,1]<stderr>:rank one line\n"
           b"[1,0]<stderr>: rest\n"

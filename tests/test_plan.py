@@ -13,11 +13,13 @@ import pytest
 import torch
 import yaml
 
-from lmsdp.launcher.checkpoint import CheckpointManager
+from lmsdp.launcher.train.checkpoint import CheckpointManager
 from lmsdp.launcher.config import load_config
-from lmsdp.launcher.plan import main as plan_main
-from lmsdp.launcher.plan import workload_from_config
-from lmsdp.launcher.worker import run_worker
+from lmsdp.launcher.cli import main
+from lmsdp.launcher.tools.plan import main as plan_main
+from lmsdp.launcher.tools.plan import workload_from_config
+from lmsdp.launcher.train.trainer import run_worker
+from lmsdp.runtime.topology import detect_topology
 from lmsdp.swapping import SwapConfig, SwapEngine
 from lmsdp.swapping.plan_models import Settings, predict
 from lmsdp.swapping.planner import plan_swaps, policy_for
@@ -135,7 +137,7 @@ def test_lmsrun_plan_prints_tables_and_writes_a_plan_the_job_meets(tmp_path, cap
     plan = doc["plan"]
     assert plan["predicted_peak_bytes"] <= int(1.8 * 2 ** 20) and plan["tensors"]["swap"]
     cfg = load_config(config, [f"swap.plan={out_file}"])
-    assert run_worker(cfg) == 0
+    assert run_worker(cfg, detect_topology()) == 0
     records = [json.loads(line) for line in open(tmp_path / "out" / "metrics.rank0.jsonl")]
     assert all(r["peak_saved_bytes"] == plan["predicted_peak_saved_bytes"] for r in records)
     assert all(r["swapped_tensors"] == len(plan["tensors"]["swap"]) for r in records)
@@ -143,7 +145,7 @@ def test_lmsrun_plan_prints_tables_and_writes_a_plan_the_job_meets(tmp_path, cap
     # the same plan on another batch: a warning at start, unmatched tensors stay, and the log says so
     other = load_config(config, [f"swap.plan={out_file}", "train.batch_size=2", f"train.output_dir={tmp_path}/b2"])
     with pytest.warns(RuntimeWarning, match="was made for batch 4, this job runs batch 2"):
-        assert run_worker(other) == 0
+        assert run_worker(other, detect_topology()) == 0
     assert "did not match the plan and stayed on the device" in capsys.readouterr().err
 
 
@@ -174,10 +176,7 @@ def test_bad_flags_are_one_line_errors(tmp_path, capsys, flags, words):
     if not flags and torch.cuda.is_available():
         pytest.skip("a GPU gives the default target")
     config = _write_config(tmp_path)
-    try:
-        code = plan_main([config, *flags])
-    except SystemExit as exc:  # argparse's own checks (types, unknown flags)
-        code = exc.code
+    code = main(["plan", config, *flags])  # through lmsrun's one error boundary
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("lmsrun: error: ") and words in err[0], err
 
@@ -194,7 +193,7 @@ def test_swap_plan_auto_trains_bit_exact_vs_engine_off(tmp_path, capfd, model, t
     config = _write_config(tmp_path, model)
     off = load_config(config, ["swap.enabled=false", f"train.output_dir={tmp_path}/off"])
     auto = load_config(config, ["swap.plan=auto", f"swap.memory_target={target}", f"train.output_dir={tmp_path}/auto"])
-    assert run_worker(off) == 0 and run_worker(auto) == 0
+    assert run_worker(off, detect_topology()) == 0 and run_worker(auto, detect_topology()) == 0
     a, b = _final_state(f"{tmp_path}/off"), _final_state(f"{tmp_path}/auto")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     records = [json.loads(line) for line in open(tmp_path / "auto" / "metrics.rank0.jsonl")]
@@ -209,7 +208,7 @@ def test_plan_auto_without_swaps_still_runs_the_engine_for_its_accounting(tmp_pa
     """A target met without swapping: the plan swaps nothing, and the job's accounting equals the prediction."""
     config = _write_config(tmp_path)
     auto = load_config(config, ["swap.enabled=false", "swap.plan=auto", "swap.memory_target=1GiB"])
-    assert run_worker(auto) == 0
+    assert run_worker(auto, detect_topology()) == 0
     records = [json.loads(line) for line in open(tmp_path / "out" / "metrics.rank0.jsonl")]
     assert all(r["swap_out_bytes"] == 0 and r["peak_saved_bytes"] > 0 for r in records)
     log = [line for line in capfd.readouterr().err.splitlines() if line.startswith("[lmsdp] plan step")]

@@ -11,9 +11,10 @@ import torch
 import yaml
 
 from lmsdp.launcher.config import load_config
-from lmsdp.launcher.plan import main as plan_main
-from lmsdp.launcher.plan import plan_config, workload_from_config
-from lmsdp.launcher.worker import run_worker
+from lmsdp.launcher.tools.plan import main as plan_main
+from lmsdp.launcher.tools.plan import plan_config, workload_from_config
+from lmsdp.launcher.train.trainer import run_worker
+from lmsdp.runtime.topology import detect_topology
 from lmsdp.swapping import SwapConfig, SwapEngine
 from lmsdp.swapping.plan_models import Settings, predict
 from lmsdp.swapping.planner import PER_MODULE, plan_swaps, policy_for
@@ -110,7 +111,7 @@ def test_per_module_plan_file_trains_bit_exact_vs_no_recompute(tmp_path, capsys)
     plan_file.write_text(yaml.safe_dump(doc))
     off = load_config(config, ["swap.enabled=false", f"train.output_dir={tmp_path}/off"])
     on = load_config(config, [f"swap.plan={plan_file}", f"train.output_dir={tmp_path}/on"])
-    assert run_worker(off) == 0 and run_worker(on) == 0
+    assert run_worker(off, detect_topology()) == 0 and run_worker(on, detect_topology()) == 0
     a, b = _final_state(f"{tmp_path}/off"), _final_state(f"{tmp_path}/on")
     # wrapped modules gain a 'body' level in their names; values, in order, are what must not change
     assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a.values(), b.values()))

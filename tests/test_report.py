@@ -78,7 +78,7 @@ def test_report_of_a_two_rank_run_draws_every_picture_and_a_self_contained_page(
     assert f"report: {out}/report.html" in done.stdout
     for name in RUN_PNGS:
         assert plotted_pixels(out / name) > 0.02, name  # decodable and not blank
-    from lmsdp.launcher.plots import COLORS
+    from lmsdp.launcher.tools.plots import COLORS
     assert has_color(out / "timeline_step.png", COLORS["forward"])   # compute bars drawn
     assert has_color(out / "timeline_step.png", COLORS["backward"])
     assert has_color(out / "timeline_step.png", COLORS["comm"])      # allreduce lane drawn
@@ -191,8 +191,8 @@ def test_tensorboard_event_files_hold_the_step_scalars(quickstart):
 
 
 def test_tensorboard_missing_is_a_config_error(monkeypatch, tmp_path):
-    from lmsdp.launcher.errors import ConfigError
-    from lmsdp.launcher.tensorboard import open_scalars
+    from lmsdp.launcher.config.errors import ConfigError
+    from lmsdp.launcher.train.tensorboard import open_scalars
 
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard -> ImportError
     with pytest.raises(ConfigError, match=r"^train\.tensorboard: the 'tensorboard' package is not installed"):

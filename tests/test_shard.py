@@ -290,7 +290,7 @@ def test_unknown_strategy_lists_the_registered_ones(tmp_path):
 # --------------------------------------------------------------------------- in-process units
 @pytest.mark.integration
 def test_export_of_a_replicated_checkpoint_and_of_nothing(tmp_path):
-    from lmsdp.launcher.checkpoint import CheckpointManager
+    from lmsdp.launcher.train.checkpoint import CheckpointManager
 
     run = tmp_path / "run"
     CheckpointManager(str(run / "checkpoints")).save(4, {"step": 4, "model": {"w": torch.arange(3.0)}})

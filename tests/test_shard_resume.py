@@ -19,7 +19,7 @@ from typing import Dict, List, Tuple
 import pytest
 import torch
 
-from lmsdp.launcher.checkpoint_sharded import optim_by_index, optim_by_name
+from lmsdp.launcher.train.checkpoint_sharded import optim_by_index, optim_by_name
 from lmsdp.launcher.models import build_model
 
 from .test_shard import GPT, LMSRUN, _env, config_file, export, metrics

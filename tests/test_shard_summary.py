@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lmsdp.launcher.metrics import RunSummary, collective_totals
+from lmsdp.launcher.train.metrics import RunSummary, collective_totals
 from lmsdp.swapping.units import format_size
 from tests.test_shard import GPT, SHARD, lmsrun, metrics
 

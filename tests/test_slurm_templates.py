@@ -10,7 +10,8 @@ from typing import List
 
 import pytest
 
-from lmsdp.launcher import slurm
+from lmsdp.launcher.cli import main
+from lmsdp.launcher.tools import slurm
 
 from tests.support import REPO_PATH as REPO
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
@@ -143,14 +144,14 @@ def test_output_file_is_written_executable_and_output_dir_created(capsys, tmp_pa
     (["--set", "slurm.launcher=aprun"], "slurm.launcher: 'aprun' is not allowed"),
 ])
 def test_bad_flags_are_one_line_errors(capsys, tmp_path, argv, message):
-    code = slurm.main([QUICKSTART, *argv, "--set", f"train.output_dir={tmp_path}/out"])
+    code = main(["slurm", QUICKSTART, *argv, "--set", f"train.output_dir={tmp_path}/out"])
     err = capsys.readouterr().err
     assert code == 2
-    assert err.count("\n") == 1 and err.startswith("lmsrun slurm: error: ") and message in err, err
+    assert err.count("\n") == 1 and err.startswith("lmsrun: error: ") and message in err, err
 
 
 def test_missing_config_is_a_one_line_error(capsys, tmp_path):
-    assert slurm.main([str(tmp_path / "nope.yaml")]) == 2
+    assert main(["slurm", str(tmp_path / "nope.yaml")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "config file not found" in err
 

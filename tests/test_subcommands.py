@@ -5,7 +5,7 @@ import subprocess
 import pytest
 
 from lmsdp.launcher.cli import main
-from lmsdp.launcher.subcommands import SUBCOMMANDS
+from lmsdp.launcher.cli.subcommands import SUBCOMMANDS
 from tests.support import ENV, LMSRUN, REPO
 
 

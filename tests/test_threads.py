@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from lmsdp.launcher.threads import ModuleThreads, candidate_counts, choose_count
+from lmsdp.launcher.train.threads import ModuleThreads, candidate_counts, choose_count
 
 LMSRUN = os.path.join(os.path.dirname(sys.executable), "lmsrun")
 

@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from lmsdp.launcher.errors import TopologyError
+from lmsdp.launcher.config.errors import TopologyError
 from lmsdp.runtime.topology import (SlurmEnvironment, Topology, check_devices, cpu_share, detect_launched,
                                      detect_topology)
 

@@ -13,9 +13,10 @@ import time
 import pytest
 import torch
 
-from lmsdp.launcher.checkpoint import CheckpointManager
+from lmsdp.launcher.train.checkpoint import CheckpointManager
 from lmsdp.launcher.config import load_config
-from lmsdp.launcher.worker import run_worker
+from lmsdp.launcher.train.trainer import run_worker
+from lmsdp.runtime.topology import detect_topology
 
 from tests.support import LMSRUN
 
@@ -42,7 +43,7 @@ def read_metrics(path: str):
 @pytest.mark.parametrize("name", sorted(ZOO_CASES))
 def test_zoo_model_trains_two_steps(tmp_path, name):
     config = tiny(tmp_path, f"model.name={name}", *ZOO_CASES[name])
-    assert run_worker(config) == 0
+    assert run_worker(config, detect_topology()) == 0
     records = read_metrics(f"{tmp_path}/out/metrics.rank0.jsonl")
     assert [r["step"] for r in records] == [1, 2]
     assert all(math.isfinite(r["loss"]) and r["samples_per_s"] > 0 for r in records)
@@ -52,7 +53,7 @@ def test_zoo_model_trains_two_steps(tmp_path, name):
 def test_zoo_model_trains_with_swap_engine_on(tmp_path):
     config = tiny(tmp_path, "model.name=resnet18", *ZOO_CASES["resnet18"], "swap.enabled=true",
                   "swap.threshold=0", "swap.keep_last=0", "swap.transport=loopback")
-    assert run_worker(config) == 0
+    assert run_worker(config, detect_topology()) == 0
     records = read_metrics(f"{tmp_path}/out/metrics.rank0.jsonl")
     assert all(r["swap_out_bytes"] > 0 for r in records)
 
@@ -70,7 +71,7 @@ def test_user_model_and_dataset_factories(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     config = tiny(tmp_path, "model.factory=mymodels:mlp", "model.kwargs={hidden: 5}", "data.kind=factory",
                   "data.factory=mymodels:squares", "train.steps=0", "train.epochs=2", "train.batch_size=4")
-    assert run_worker(config) == 0
+    assert run_worker(config, detect_topology()) == 0
     records = read_metrics(f"{tmp_path}/out/metrics.rank0.jsonl")
     assert len(records) == 2 * (40 // 4)
 
@@ -194,6 +195,6 @@ def test_amp_autocast_with_swap_engine(tmp_path):
     """bfloat16 autocast (CPU here, CUDA on a GPU) with everything swapped: the loop trains, loss finite."""
     config = tiny(tmp_path, "model.name=gpt", *ZOO_CASES["gpt"], "train.amp=true", "train.amp_dtype=bfloat16",
                   "swap.enabled=true", "swap.threshold=0", "swap.keep_last=0", "swap.transport=loopback")
-    assert run_worker(config) == 0
+    assert run_worker(config, detect_topology()) == 0
     records = read_metrics(f"{tmp_path}/out/metrics.rank0.jsonl")
     assert all(math.isfinite(r["loss"]) and r["swap_out_bytes"] > 0 for r in records)

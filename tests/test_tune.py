@@ -12,8 +12,8 @@ import pytest
 
 from lmsdp.launcher.config import load_config
 from tests.support import ENV, Run, assert_no_leftovers, rank_process
-from lmsdp.launcher.tune import parse_duration
-from lmsdp.launcher.tune_search import BatchModel, Setting, Space, StepModel, Trial, Tuner, choose
+from lmsdp.launcher.tools.tune import parse_duration
+from lmsdp.launcher.tools.tune_search import BatchModel, Setting, Space, StepModel, Trial, Tuner, choose
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LMSRUN = os.path.join(os.path.dirname(sys.executable), "lmsrun")
@@ -141,8 +141,8 @@ def test_confirm_stage_is_skipped_when_the_best_is_clear():
 
 
 def test_the_batch_ceiling_comes_from_the_planner_when_memory_bounds_it():
-    from lmsdp.launcher.plan import largest_batch
-    from lmsdp.launcher.tune import make_space
+    from lmsdp.launcher.tools.plan import largest_batch
+    from lmsdp.launcher.tools.tune import make_space
 
     config = load_config(QUICKSTART, ["swap.memory_target=64MiB", "swap.enabled=true"])
     largest, why = largest_batch(config)

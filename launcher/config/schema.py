@@ -1,0 +1,340 @@
+"""The job's config schema (one dataclass per YAML section), loading with ``--set a.b=v`` overrides,
+and the cross-field checks that types alone cannot express.
+
+Field metadata (``help``, ``unit``, ``choices``, ``min``) drives validation and the README reference
+table; the generic typed-YAML machinery is in ``launcher/config/typed_yaml.py``.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Union
+
+import yaml
+
+from lmsdp.comm.config import CommConfig
+from lmsdp.swapping.config import SwapConfig
+from .errors import ConfigError
+from .input_checks import built_by_factory, check_config_kwargs, check_name, check_optimizer_kwargs
+from .typed_yaml import apply_override, build, config_to_dict, read_yaml, reference_rows
+from lmsdp.launcher.models import MODEL_NAMES
+from lmsdp.runtime import run_folder
+
+
+@dataclass
+class ModelConfig:
+    """Which network to train: a zoo model by name, or your own through ``factory``."""
+
+    name: str = field(default="resnet18", metadata={
+        "help": "zoo model: " + ", ".join(MODEL_NAMES) + " (ignored when factory is set)"})
+    factory: Optional[str] = field(default=None, metadata={
+        "help": "'package.module:function' returning an nn.Module; called with kwargs"})
+    kwargs: Dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "keyword arguments for the zoo model or the factory (e.g. depth, width, layers); "
+                "with config_factory, for the config instead"})
+    config_factory: Optional[str] = field(default=None, metadata={
+        "help": "'package.module:Class' building a config from kwargs; the factory is then called with it "
+                "(transformers:GPT2Config with factory transformers:GPT2LMHeadModel)"})
+    pass_labels: bool = field(default=False, metadata={
+        "help": "call forward(inputs, labels=targets) and train on the loss the model returns "
+                "(Hugging Face; task lm passes the input tokens, which the model shifts)"})
+
+
+@dataclass
+class DataConfig:
+    """Training data: seeded synthetic batches, or a map-style Dataset from ``factory``."""
+
+    kind: str = field(default="synthetic", metadata={
+        "choices": ("synthetic", "factory"), "help": "synthetic batches or a Dataset from factory"})
+    task: str = field(default="auto", metadata={
+        "choices": ("auto", "classify", "lm", "segment", "regress"),
+        "help": "what the targets are; auto follows the model (resnet: classify, gpt: lm, unet3d: segment)"})
+    shape: Optional[List[int]] = field(default=None, metadata={
+        "help": "shape of one input sample; default follows the model (e.g. [3, 32, 32])"})
+    classes: Optional[int] = field(default=None, metadata={
+        "min": 1, "help": "number of classes / vocabulary size; default follows the model"})
+    vocab: Optional[int] = field(default=None, metadata={
+        "min": 1, "help": "synthetic inputs are token ids below this (text models); default: lm draws tokens "
+                          "below classes, other tasks draw float inputs"})
+    samples: int = field(default=4096, metadata={
+        "min": 1, "help": "samples in one epoch (all ranks together) for synthetic data"})
+    factory: Optional[str] = field(default=None, metadata={
+        "help": "'package.module:function' returning a map-style Dataset of (input, target)"})
+    kwargs: Dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "keyword arguments for the data factory"})
+
+
+@dataclass
+class OptimizerConfig:
+    """Optimizer and its arguments."""
+
+    name: str = field(default="sgd", metadata={"choices": ("sgd", "adam", "adamw"), "help": "optimizer"})
+    lr: float = field(default=0.1, metadata={"min": 0.0, "help": "learning rate"})
+    momentum: float = field(default=0.0, metadata={"min": 0.0, "help": "momentum (sgd only)"})
+    weight_decay: float = field(default=0.0, metadata={"min": 0.0, "help": "weight decay"})
+    kwargs: Dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "further keyword arguments for the torch optimizer (e.g. betas, nesterov)"})
+
+
+@dataclass
+class TrainConfig:
+    """The training loop: length, batch, seed, logging, checkpoints."""
+
+    steps: int = field(default=0, metadata={"min": 0, "help": "optimizer steps to run (0: use epochs)"})
+    epochs: int = field(default=1, metadata={"min": 0, "help": "epochs over data.samples when steps is 0"})
+    batch_size: int = field(default=32, metadata={"min": 1, "help": "samples per rank per step"})
+    seed: int = field(default=0, metadata={"help": "seed for weights, data and dropout"})
+    log_every: int = field(default=10, metadata={"min": 1, "help": "steps between log lines when not on a terminal"})
+    amp: bool = field(default=False, metadata={"help": "mixed precision autocast (GradScaler for float16)"})
+    amp_dtype: str = field(default="bfloat16", metadata={
+        "choices": ("bfloat16", "float16"), "help": "autocast dtype"})
+    clip_grad_norm: float = field(default=0.0, metadata={
+        "min": 0.0, "help": "clip the global gradient norm to this before each step (0: off)"})
+    deterministic: bool = field(default=False, metadata={
+        "help": "torch.use_deterministic_algorithms for bit-exact reruns"})
+    output_dir: str = field(default="runs/{name}", metadata={
+        "help": "metrics JSONL, logs and summary; {name} is the config name"})
+    checkpoint_dir: Optional[str] = field(default=None, metadata={
+        "help": "where checkpoints go (default: <output_dir>/checkpoints)"})
+    checkpoint_every: int = field(default=0, metadata={
+        "min": 0, "help": "steps between checkpoints (0: only at the end and on SIGTERM/SIGINT/SIGUSR1)"})
+    keep_checkpoints: int = field(default=3, metadata={"min": 1, "help": "newest checkpoints kept on disk"})
+    resume: bool = field(default=False, metadata={
+        "help": "continue from the newest valid checkpoint in checkpoint_dir, if any"})
+    progress: bool = field(default=True, metadata={"help": "progress bar / log lines on rank 0"})
+    loss: Optional[str] = field(default=None, metadata={
+        "help": "'package.module:function' computing the loss as f(output, target) -> scalar tensor "
+                "(default: from the task, read from the model's output)"})
+    aux_weight: float = field(default=0.3, metadata={
+        "min": 0.0, "help": "weight of each auxiliary head's loss (torchvision aux_logits, 'aux' outputs)"})
+    tensorboard: bool = field(default=False, metadata={
+        "help": "rank 0 writes the per-step scalars to <output_dir>/tb (needs the tensorboard package)"})
+
+
+@dataclass
+class LaunchConfig:
+    """How ranks are started (flags of the same names override these)."""
+
+    np: int = field(default=1, metadata={"min": 1, "help": "number of ranks (one per GPU); -np"})
+    hosts: Optional[str] = field(default=None, metadata={
+        "help": "'host1:slots,host2:slots' as in horovodrun -H; default: this machine"})
+    hostfile: Optional[str] = field(default=None, metadata={"help": "Open MPI / horovodrun hostfile; --hostfile"})
+    mpi_args: str = field(default="", metadata={"help": "extra arguments passed to mpirun verbatim"})
+    oversubscribe: bool = field(default=False, metadata={
+        "help": "allow more ranks than cores (added anyway when ranks exceed local cores)"})
+    threads: Union[int, str] = field(default=0, metadata={
+        "min": 0, "choices": ("auto",),
+        "help": "intra-op threads per rank (0: cores per node / ranks per node; auto: measured per module, "
+                "see launcher/train/threads.py)"})
+    interop_threads: int = field(default=0, metadata={
+        "min": 0, "help": "inter-op threads per rank (0: torch's default)"})
+
+
+@dataclass
+class SlurmConfig:
+    """Defaults for ``lmsrun slurm`` (flags of the same names override these)."""
+
+    nodes: int = field(default=1, metadata={"min": 1, "help": "nodes to allocate"})
+    gpus_per_node: int = field(default=0, metadata={"min": 0, "help": "GPUs (= tasks) per node; 0: CPU, launch.np tasks"})
+    time: str = field(default="01:00:00", metadata={"help": "wall-time limit (sbatch --time)"})
+    partition: Optional[str] = field(default=None, metadata={"help": "sbatch --partition"})
+    account: Optional[str] = field(default=None, metadata={"help": "sbatch --account"})
+    launcher: str = field(default="srun", metadata={
+        "choices": ("srun", "mpirun"), "help": "start ranks with srun --mpi=pmix or mpirun inside the allocation"})
+    signal_seconds: int = field(default=90, metadata={
+        "min": 0, "help": "seconds before the time limit that USR1 asks ranks to checkpoint"})
+    requeue: bool = field(default=False, metadata={
+        "help": "after a preemption/time-limit checkpoint, requeue the job; it resumes automatically"})
+
+
+@dataclass
+class Config:
+    """A whole job."""
+
+    name: str = field(default="lmsdp", metadata={"help": "job name (output paths, Slurm job name)"})
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    swap: SwapConfig = field(default_factory=SwapConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    source: Optional[str] = field(default=None, compare=False, metadata={"internal": True})
+
+    @property
+    def output_dir(self) -> str:
+        return self.train.output_dir.replace("{name}", self.name)
+
+    @property
+    def checkpoint_dir(self) -> str:
+        if self.train.checkpoint_dir:
+            return self.train.checkpoint_dir.replace("{name}", self.name)
+        return os.path.join(self.output_dir, run_folder.CHECKPOINTS)
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+
+
+def load_config(path: Optional[str], overrides: Optional[List[str]] = None) -> Config:
+    """Read YAML ``path`` (None: defaults), apply ``KEY=VALUE`` overrides, validate, return Config."""
+    raw: Dict[str, Any] = {}
+    if path is not None:
+        raw = read_yaml(path)
+    empty = path is not None and not raw
+    for item in overrides or []:
+        apply_override(raw, item, Config)
+    config = build(Config, raw, "")
+    if empty:  # would train every default for minutes
+        raise ConfigError(f"{path}: the config is empty; expected sections such as model:, train: "
+                          "(see configs/quickstart.yaml)")
+    config.source = path
+    check_config(config)
+    return config
+
+
+def check_config(config: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    check_name(config.name)
+    _check_model(config)
+    if config.train.loss:
+        _check_user_loss(config.train.loss)
+    if config.data.kind == "factory":
+        if not config.data.factory:
+            raise ConfigError("data.factory: required when data.kind is 'factory' ('package.module:function')")
+        resolve_factory(config.data.factory, "data.factory")
+    elif config.data.factory:
+        raise ConfigError("data.factory: set data.kind to 'factory' to use it (data.kind is 'synthetic')")
+    if config.data.shape is not None and (not config.data.shape or any(d < 1 for d in config.data.shape)):
+        raise ConfigError(f"data.shape: expected a non-empty list of positive integers, got {config.data.shape}")
+    if config.train.steps == 0 and config.train.epochs == 0:
+        raise ConfigError("train.steps and train.epochs are both 0: set one of them to a positive number")
+    if config.launch.hosts and config.launch.hostfile:
+        raise ConfigError("launch.hosts and launch.hostfile are both set: use one of them")
+    if config.launch.hostfile and not os.path.isfile(config.launch.hostfile):
+        raise ConfigError(f"launch.hostfile: file not found: {config.launch.hostfile}")
+    recompute = config.swap.recompute
+    if isinstance(recompute, list) and "auto" in recompute:
+        raise ConfigError("swap.recompute: 'auto' stands alone, not inside a list")
+    _check_recompute_entries(recompute)
+    if config.comm.strategy == "shard" and config.comm.backend == "horovod":
+        raise ConfigError("comm.backend: horovod has no sharding (comm.strategy is 'shard'); "
+                          "use comm.backend: torch (or auto, which picks torch for shard)")
+    if config.swap.keep_last < 0 or config.swap.prefetch < 0:
+        raise ConfigError("swap.prefetch and swap.keep_last must be 0 or more")
+    if config.swap.plan not in ("none", "auto") and not os.path.isfile(config.swap.plan):
+        raise ConfigError(f"swap.plan: '{config.swap.plan}' is not a file; allowed: none, auto, or a plan file "
+                          "written by 'lmsrun plan --write'")
+
+
+def _check_model(config: Config) -> None:
+    """model.name or model.factory (with model.config_factory), and model.kwargs against what takes them."""
+    model = config.model
+    if model.config_factory and not model.factory:
+        raise ConfigError("model.config_factory: needs model.factory, the class or function its config is "
+                          "passed to (e.g. transformers:GPT2LMHeadModel)")
+    if model.factory:
+        factory = resolve_factory(model.factory, "model.factory")
+        if model.config_factory:  # built here (a config is cheap): its signature may not list every key
+            make_config = resolve_factory(model.config_factory, "model.config_factory")
+            try:
+                built_by_factory(make_config, model.kwargs, "model.config_factory", model.config_factory, object)
+            except ConfigError:
+                check_config_kwargs(config, make_config, f"model.config_factory '{model.config_factory}'")
+                raise
+            check_optimizer_kwargs(config)
+        else:
+            check_config_kwargs(config, factory)
+    elif model.name not in MODEL_NAMES:
+        close = difflib.get_close_matches(model.name, MODEL_NAMES, n=1)
+        guess = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"model.name: unknown model '{model.name}'{guess}; "
+                          f"allowed: {', '.join(MODEL_NAMES)}, or set model.factory")
+    elif model.pass_labels:
+        raise ConfigError(f"model.pass_labels: zoo model '{model.name}' computes no loss from labels; "
+                          "allowed: false, or true with a model.factory whose forward takes labels=")
+    else:
+        check_config_kwargs(config, None)
+
+
+def _check_user_loss(spec: str) -> None:
+    """train.loss names a function that can be called as f(output, target)."""
+    loss = resolve_factory(spec, "train.loss")
+    try:
+        inspect.signature(loss).bind(None, None)
+    except TypeError:
+        raise ConfigError(f"train.loss: '{spec}' cannot be called as f(output, target); "
+                          f"its signature is {inspect.signature(loss)}") from None
+    except ValueError:  # a builtin without a signature: the first step tells
+        pass
+
+
+def model_from_factory(model: ModelConfig, expected: type) -> Any:
+    """``factory(**kwargs)``, or ``factory(config_factory(**kwargs))`` (Hugging Face: a model class or
+    ``AutoModelForCausalLM.from_config`` with its config class); failures are one line."""
+    factory = resolve_factory(model.factory or "", "model.factory")
+    if not model.config_factory:
+        return built_by_factory(factory, model.kwargs, "model.factory", model.factory or "", expected)
+    made = built_by_factory(resolve_factory(model.config_factory, "model.config_factory"), model.kwargs,
+                            "model.config_factory", model.config_factory, object)
+    return built_by_factory(factory, {}, "model.factory", model.factory or "", expected, args=(made,))
+
+
+def resolve_factory(spec: str, path: str) -> Any:
+    """Import 'package.module:function' and return the callable, or raise a ConfigError naming ``path``."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"{path}: expected 'package.module:function', got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - any import failure is the user's to fix
+        raise ConfigError(f"{path}: cannot import module '{module_name}': {type(exc).__name__}: {exc}",
+                          hint="is it installed, or on PYTHONPATH?") from None
+    target: Any = module
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise ConfigError(f"{path}: module '{module_name}' has no attribute '{attr}'")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ConfigError(f"{path}: '{spec}' is not callable")
+    return target
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)
+
+
+
+
+def config_reference_rows() -> List[tuple]:
+    """(key, type, default, meaning) for every key of the job config: the README's reference."""
+    return reference_rows(Config)
+
+
+__all__ = ["Config", "ConfigError", "build", "config_to_dict", "dump_config", "load_config", "read_yaml",
+           "check_config", "resolve_factory", "model_from_factory", "config_reference_rows"]
+
+
+_MODULE_NAME = re.compile(r"^(module:)?[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
+
+
+def _check_recompute_entries(recompute: Any) -> None:
+    """Each swap.recompute entry is a kind or a module name (the model, built later, checks the name)."""
+    from lmsdp.swapping.config import RECOMPUTE_KINDS
+
+    entries = [recompute] if isinstance(recompute, str) else list(recompute or [])
+    for i, entry in enumerate(entries):
+        if entry.strip().lower() in ("auto",) + RECOMPUTE_KINDS:
+            continue
+        if ("." in entry or entry.startswith("module:")) and _MODULE_NAME.match(entry):
+            continue
+        close = difflib.get_close_matches(entry.lower(), ("auto",) + RECOMPUTE_KINDS, n=1)
+        guess = f" (did you mean '{close[0]}'?)" if close else ""
+        where = "swap.recompute" if isinstance(recompute, str) else f"swap.recompute[{i}]"
+        raise ConfigError(f"{where}: '{entry}' is not allowed{guess}; allowed: auto, " + ", ".join(RECOMPUTE_KINDS)
+                          + ", or module names: dotted paths from named_modules() (blocks.0.mlp) or module:NAME")

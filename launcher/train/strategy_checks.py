@@ -1,0 +1,44 @@
+"""Checks of ``comm.strategy`` that need the world size or the model, done by ``lmsrun`` before any
+rank starts, so a bad combination is one line and exit 2 instead of N failing ranks. The ranks
+check the same again (``comm/shard.py``) when run without lmsrun's front end."""
+from __future__ import annotations
+
+from typing import Any
+
+from lmsdp.launcher.config.errors import ConfigError
+
+
+def check_strategy(config: Any, world_size: int) -> None:
+    """shard needs two or more ranks (one only with GPU offload) and ``comm.shard_modules`` must
+    name classes of the model (built on the meta device: no memory, no time)."""
+    comm = config.comm
+    if comm.strategy != "shard":
+        return
+    if comm.compression != "none":
+        raise ConfigError(f"comm.compression: {comm.compression} applies to replicate's allreduce; under "
+                          "shard set comm.mixed_precision.reduce_dtype: float16 (or bfloat16) instead")
+    if comm.op != "average":
+        raise ConfigError(f"comm.op: {comm.op} is not available under shard (FSDP averages gradients); "
+                          "use average, or strategy replicate")
+    import torch
+
+    offload_on_gpu = comm.offload == "optimizer_and_params" and torch.cuda.is_available()
+    if world_size < 2 and not offload_on_gpu:
+        raise ConfigError("comm.strategy: shard needs 2 or more ranks (this job has 1: nothing to shard "
+                          "across); use replicate, run with -np 2 or more, or add "
+                          "comm.offload: optimizer_and_params on a GPU")
+    if comm.shard_modules:
+        from lmsdp.comm.shard import named_blocks
+        from lmsdp.runtime.errors import UserError
+
+        from .build import build_network
+
+        try:
+            with torch.device("meta"):
+                model = build_network(config)
+        except Exception:  # noqa: BLE001 - a factory that cannot build on meta: the ranks check instead
+            return
+        try:
+            named_blocks(model, comm.shard_modules)
+        except UserError as exc:
+            raise ConfigError(str(exc)) from None

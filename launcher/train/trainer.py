@@ -1,0 +1,205 @@
+"""One rank's training: the parts built once from the config (``parts.build_parts``), then a Trainer
+that drives them through its named stages: resume, step, save, finish. Metrics, checkpoints and a
+clean stop on SIGTERM/SIGINT/SIGUSR1/SIGHUP.
+
+Every rank runs the same loop; per step one small allreduce carries the loss (for metrics) and a
+stop flag, so when any rank is asked to stop all ranks stop after the same step and checkpoint it."""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import time
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+from lmsdp.runtime import run_folder
+from lmsdp.runtime.signals import RANK_STOP_SIGNALS, SignalHandlers
+from lmsdp.runtime.topology import Topology
+
+from lmsdp.launcher.config import Config, config_to_dict
+
+from . import threads as module_threads
+from .checkpoint import CheckpointManager
+from .data import make_batches
+from .job_plan import plan_log_line
+from .loss import StepLoss
+from .metrics import MetricsWriter, Progress, RunSummary
+from .outputs import engine_totals, merge_rank_traces, paths_in_output_dir, write_json
+from .parts import RunParts, build_parts, claim_checkpoint_dir
+from .resume import resume
+from .state import checkpoint_state, get_rng, restore_state
+from .tensorboard import open_scalars
+
+
+def run_worker(config: Config, topology: Topology) -> int:
+    """Train per ``config`` as this rank; returns the process exit code (128+signal when stopped)."""
+    base_threads = module_threads.configure_threads(config.launch, topology)
+    if config.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    torch.manual_seed(config.train.seed)
+    config = paths_in_output_dir(config)
+    whole = CheckpointManager(config.checkpoint_dir, config.train.keep_checkpoints, announce=topology.rank == 0)
+    lock = claim_checkpoint_dir(whole) if topology.rank == 0 else None
+    try:
+        return Trainer(config, build_parts(config, topology, whole, lock, base_threads)).run()
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def total_steps(config: Config, steps_per_epoch: int) -> int:
+    return config.train.steps if config.train.steps > 0 else config.train.epochs * steps_per_epoch
+
+
+class StopRequest:
+    """Set by a signal handler; read at step boundaries (never acted on mid-step)."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self.handlers = SignalHandlers(RANK_STOP_SIGNALS, self._handle)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C means: now
+        self.signum = signum
+
+
+class Trainer:
+    """Drives one rank's ``RunParts``: ``resume`` -> ``step`` x N (with ``save`` when due or asked)
+    -> ``finish``. Holds no model-building logic: everything it touches was built by ``build_parts``."""
+
+    def __init__(self, config: Config, parts: RunParts) -> None:
+        self.config, self.parts = config, parts
+        self.rank, self.size = parts.backend.rank, parts.backend.size
+        self.is_main = self.rank == 0
+        self.step_loss = StepLoss.from_config(config)  # reads the output of any library's model
+
+    # ----------------------------------------------------------------------------------- stages
+    def resume(self) -> Tuple[int, Optional[str]]:
+        """``--resume``: the newest usable checkpoint of either kind, from any world size; the step
+        to continue after (0 for a fresh start) and the checkpoint. Every rank then holds the same state."""
+        parts, start_step, resumed_from = self.parts, 0, None
+        if self.config.train.resume:
+            loaded = resume(self.config, parts.backend, parts.strategy, parts.model, parts.optimizer, parts.whole)
+            if loaded is not None:
+                resumed_from, state = loaded
+                start_step = restore_state(state, parts.scaler, self.rank)
+        parts.strategy.sync_state(parts.model, parts.optimizer)
+        return start_step, resumed_from
+
+    def step(self, step: int, batch: Tuple[torch.Tensor, torch.Tensor], stop: StopRequest) -> Tuple[Dict[str, Any], bool]:
+        """One optimizer step on ``batch``; returns its metrics record and whether any rank asked to stop."""
+        parts, train = self.parts, self.config.train
+        started = time.perf_counter()
+        inputs, targets = (t.to(parts.device, non_blocking=True) for t in batch)
+        parts.optimizer.zero_grad(set_to_none=True)
+        with self._autocast(), parts.engine:
+            loss = self.step_loss(parts.model, inputs, targets)
+        parts.scaler.scale(loss).backward()
+        if train.clip_grad_norm:
+            grad_norm = parts.strategy.clip_grad_norm(parts.model, parts.optimizer, train.clip_grad_norm, parts.scaler)
+        parts.scaler.step(parts.optimizer)
+        parts.scaler.update()
+        swap_stats = parts.engine.step_end()
+        comm_stats = parts.strategy.step_stats(parts.model, parts.optimizer)
+        if train.clip_grad_norm:
+            comm_stats["grad_norm"] = grad_norm
+        # One small collective per step carries the loss and the stop flag; built on the loss's
+        # device and read back once, so the step pays a single host sync.
+        flag = torch.tensor([float(bool(stop.signum))], device=loss.device)
+        loss_sum, stop_votes = parts.backend.allreduce(torch.cat([loss.detach().float().reshape(1), flag]),
+                                                       op="sum").tolist()
+        if parts.scaler.is_enabled():  # float16: halves on a skipped step; read after the sync above, so free
+            comm_stats["loss_scale"] = parts.scaler.get_scale()
+        elapsed = time.perf_counter() - started
+        record = {"step": step, "loss": loss_sum / self.size, "step_time_s": elapsed,
+                  "samples_per_s": train.batch_size * self.size / elapsed,
+                  "lr": parts.optimizer.param_groups[0]["lr"], **swap_stats, **comm_stats}
+        return record, stop_votes > 0
+
+    def save(self, step: int) -> Optional[str]:
+        """Checkpoint ``step``: RNG state is per rank, so every rank's goes in; the manager decides
+        who writes (rank 0 for whole-model, every rank for sharded)."""
+        parts = self.parts
+        rngs = parts.backend.allgather_object(get_rng())
+        state = checkpoint_state(step, self.config, parts.scaler, rngs, self.size)
+        return parts.checkpoints.save(step, parts.model, parts.optimizer, state)
+
+    def finish(self, summary: RunSummary) -> None:
+        """Summary and thread plan (rank 0), engine and threads closed, traces merged, backend down."""
+        parts = self.parts
+        if self.is_main:
+            totals = summary.totals({"ranks": self.size, "comm_backend": parts.backend.name,
+                                     "comm_strategy": parts.strategy.name, **engine_totals(parts.engine),
+                                     **(parts.per_module.summary() if parts.per_module else {})})
+            if parts.per_module:
+                parts.per_module.write(os.path.join(self.config.output_dir, run_folder.THREADS_PLAN))
+            write_json(os.path.join(self.config.output_dir, run_folder.SUMMARY), totals)
+            summary.render(totals)
+        parts.engine.close()
+        if parts.per_module:
+            parts.per_module.close()
+        merge_rank_traces(self.config, parts.engine, parts.backend)
+        parts.backend.shutdown()
+
+    # ------------------------------------------------------------------------------------- loop
+    def run(self) -> int:
+        """The whole run; returns the exit code (128+signal when a stop was requested)."""
+        config, train = self.config, self.config.train
+        start_step, resumed_from = self.resume()
+        batches, steps_per_epoch = make_batches(config, self.rank, self.size)
+        steps = total_steps(config, steps_per_epoch)
+        if self.is_main and resumed_from:
+            print(f"[lmsdp] resumed from {resumed_from} at step {start_step}/{steps}", file=sys.stderr, flush=True)
+        stop = StopRequest()
+        stop.handlers.install()
+        metrics = MetricsWriter(config.output_dir, self.rank, resumed_at=start_step)
+        scalars = open_scalars(train.tensorboard, self.is_main, config.output_dir)
+        if self.is_main:  # what the run was, for `lmsrun report` (titles, budget line, comparisons)
+            write_json(os.path.join(config.output_dir, run_folder.CONFIG), config_to_dict(config))
+        progress = Progress(steps, start_step, train.log_every, self.is_main and train.progress, config.name)
+        summary = RunSummary()
+        exit_code = 0
+        try:
+            for step in range(start_step + 1, steps + 1):
+                record, stop_now = self.step(step, batches.batch(step - 1), stop)
+                metrics.write(record)
+                if scalars is not None:
+                    scalars.write(record)
+                if self.is_main:
+                    summary.add(record)
+                    progress.update(record)
+                    self._log_plan(step, start_step, record)
+                if stop_now or (train.checkpoint_every and step % train.checkpoint_every == 0) or step == steps:
+                    path = self.save(step)
+                    if stop_now:
+                        # Nobody exits before rank 0's checkpoint is on disk: mpirun (and srun with
+                        # --kill-on-bad-exit) would kill rank 0 mid-write once another rank exits non-zero.
+                        self.parts.backend.barrier()
+                        if self.is_main:
+                            print(f"[lmsdp] stop requested: checkpoint {path} at step {step}", file=sys.stderr, flush=True)
+                if stop_now:
+                    exit_code = 128 + (stop.signum or signal.SIGTERM)
+                    break
+        finally:
+            stop.handlers.restore()
+            progress.close()
+            metrics.close()
+            if scalars is not None:
+                scalars.close()
+        self.finish(summary)
+        return exit_code
+
+    def _log_plan(self, step: int, start_step: int, record: Dict[str, Any]) -> None:
+        job_plan = self.parts.job_plan
+        if job_plan is not None and (step % self.config.train.log_every == 0 or step == start_step + 1):
+            print(plan_log_line(job_plan, step, record), file=sys.stderr, flush=True)
+
+    def _autocast(self) -> Any:
+        dtype = self.parts.autocast
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.parts.device.type, dtype=dtype)
