@@ -99,7 +99,7 @@ class StepLoss:
     aux_weight: float = 0.3
     user_loss: Optional[Callable[[Any, Any], Any]] = None
     user_loss_spec: str = ""
-    _labels_checked: bool = False
+    _labels_checked: bool = field(default=False, init=False, repr=False)  # forward takes labels=
 
     @classmethod
     def from_config(cls, config: Config) -> "StepLoss":
