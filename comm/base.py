@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from lmsdp.runtime.chrome_trace import ChromeTrace, rank_path
+from lmsdp.runtime.trace_schedule import TraceWindow
 
 from .config import CommConfig
 from .timing import ALLREDUCE_LANE, WAIT_LANE, StepTimer
@@ -67,6 +68,15 @@ class Backend(ABC):
             path = rank_path(self.config.timeline, self.rank, self.size)
             self.timer.trace = ChromeTrace(path, self.rank, {ALLREDUCE_LANE: f"allreduce ({self.name})",
                                                                WAIT_LANE: "comm wait in step()"})
+
+    def trace_window(self, window: TraceWindow) -> None:
+        """Record the comm timeline only in ``window``'s traced steps (the training loop moves it)."""
+        if self.timer.trace is not None:
+            self.timer.trace.window = window
+
+    def step_begins(self) -> None:
+        """A training step starts (the training loop calls this after moving the trace window);
+        backends with a trace of their own (Horovod's timeline) follow the window here."""
 
     @property
     def trace_path(self) -> Optional[str]:

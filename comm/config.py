@@ -56,7 +56,8 @@ class CommConfig:
     cycle_time_ms: float = field(default=1.0, metadata={
         "help": "Horovod background cycle time (HOROVOD_CYCLE_TIME)"})
     timeline: Optional[str] = field(default=None, metadata={
-        "help": "Horovod timeline / allreduce chrome-trace path ({output_dir}, {rank} are replaced)"})
+        "help": "Horovod timeline / allreduce chrome-trace path, for the steps train.trace_steps names "
+                "({output_dir}, {rank} are replaced)"})
     timeout_s: float = field(default=300.0, metadata={
         "min": 1.0,
         "help": "seconds a collective may wait for a live but stuck peer before the rank fails with an "

@@ -4,7 +4,8 @@ cycle), ``broadcast_parameters`` for the model and rank 0's optimizer state as a
 
 Works under the MPI controller (``mpirun``) and the Gloo controller (``horovodrun --gloo``); a single
 process (not launched) is a world of one. Knobs reach Horovod through its environment variables,
-which it reads in ``hvd.init()``: HOROVOD_FUSION_THRESHOLD, HOROVOD_CYCLE_TIME, HOROVOD_TIMELINE and
+which it reads in ``hvd.init()``: HOROVOD_FUSION_THRESHOLD, HOROVOD_CYCLE_TIME, HOROVOD_TIMELINE (DYNAMIC:
+started and stopped with the trace window, see ``HorovodBackend.trace_window``) and
 the stall check / shutdown times (from ``timeout_s``) so a stuck peer ends in an error, not a hang.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 from lmsdp.runtime.chrome_trace import now_us
 from lmsdp.runtime.topology import Topology
+from lmsdp.runtime.trace_schedule import TraceWindow
 
 from .base import Backend, CommError, OptimizerProxy, cpu_state, unwrap_optimizer
 from .peers import peer_error
@@ -40,8 +42,8 @@ def horovod_env(config: CommConfig) -> Dict[str, str]:
         "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": str(max(2, int(round(config.timeout_s)))),
         "HOROVOD_GLOO_TIMEOUT_SECONDS": str(max(30, int(round(config.timeout_s)))),
     }
-    if config.timeline:
-        env["HOROVOD_TIMELINE"] = horovod_timeline_path(config.timeline)
+    if config.timeline:  # started and stopped by HorovodBackend with the trace window
+        env["HOROVOD_TIMELINE"] = "DYNAMIC"
     return env
 
 
@@ -57,8 +59,9 @@ class HorovodBackend(Backend):
         if config.gradient_predivide_factor != 1.0 and config.op != "average":
             raise ValueError("gradient_predivide_factor needs op=average (Horovod's rule)")
         env = horovod_env(config)
-        if "HOROVOD_TIMELINE" in env:  # Horovod does not create the folder
-            os.makedirs(os.path.dirname(os.path.abspath(env["HOROVOD_TIMELINE"])), exist_ok=True)
+        self.timeline_path = horovod_timeline_path(config.timeline) if config.timeline else None
+        if self.timeline_path:  # Horovod does not create the folder
+            os.makedirs(os.path.dirname(os.path.abspath(self.timeline_path)), exist_ok=True)
         os.environ.update(env)
         import horovod.torch as hvd
 
@@ -79,6 +82,28 @@ class HorovodBackend(Backend):
         self.peers: List[Tuple[str, int]] = self._call("allgather", hvd.allgather_object,
                                                        (socket.gethostname(), os.getpid()))
         self._open_trace()
+        self._window: Optional[TraceWindow] = None
+        self._timeline_on = False
+        self._set_timeline(True)  # every step until a trace window says otherwise
+
+    # --- Horovod's own timeline: recorded in the trace window's steps (a restart rewrites the file)
+    def trace_window(self, window: TraceWindow) -> None:
+        super().trace_window(window)
+        self._window = window
+        self._set_timeline(window.active)
+
+    def step_begins(self) -> None:
+        if self._window is not None:
+            self._set_timeline(self._window.active)
+
+    def _set_timeline(self, on: bool) -> None:
+        if self.timeline_path is None or on == self._timeline_on:
+            return
+        if on:
+            self._call("timeline", self.hvd.start_timeline, self.timeline_path)
+        else:
+            self._call("timeline", self.hvd.stop_timeline)
+        self._timeline_on = on
 
     # --- errors ----------------------------------------------------------------------------------
     def comm_error(self, what: str, exc: BaseException) -> CommError:

@@ -11,6 +11,8 @@ import threading
 import time
 from typing import IO, Any, Dict, List, Mapping, Optional
 
+from .trace_schedule import TraceWindow
+
 
 def now_us() -> float:
     """The trace clock in microseconds."""
@@ -20,35 +22,36 @@ def now_us() -> float:
 class ChromeTrace:
     """Trace writer, ``pid`` = rank, one named ``tid`` per lane.
 
-    Streaming (default): events go to the file as they come (JSON array form) and ``close()`` ends
-    the array; an unclosed file (a rank that died) is still read by chrome://tracing, Perfetto and
-    :func:`load_trace`. ``buffered=True``: events stay in memory and ``close()`` writes the object
-    form atomically (temp file, rename), for producers whose events are cheap to keep."""
+    Events go to the file as they come (JSON array form; none are kept in memory) and ``close()``
+    ends the array; an unclosed file (a rank that died) is still read by
+    chrome://tracing, Perfetto and :func:`load_trace`.
 
-    def __init__(self, path: str, rank: int, lanes: Mapping[int, str], buffered: bool = False) -> None:
+    ``window`` (a :class:`TraceWindow`): span and counter events outside its traced steps are dropped
+    (metadata always goes in), so the file holds the scheduled steps only, however long the run."""
+
+    def __init__(self, path: str, rank: int, lanes: Mapping[int, str], window: Optional[TraceWindow] = None) -> None:
         self.path = path
         self.rank = rank
-        self.buffered = buffered
-        self.events: List[Dict[str, Any]] = []
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        self._f: Optional[IO[str]] = None
-        self._open = True
-        if not buffered:
-            self._f = open(path, "w", encoding="utf-8")
-            self._f.write("[\n")
+        self.window = window
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self._f: Optional[IO[str]] = open(path, "w", encoding="utf-8")
+        self._f.write("[\n")
         self._first = True
         self._lock = threading.Lock()
         self.emit({"name": "process_name", "ph": "M", "pid": rank, "args": {"name": f"rank {rank}"}})
         for tid, name in lanes.items():
             self.emit({"name": "thread_name", "ph": "M", "pid": rank, "tid": tid, "args": {"name": name}})
 
+    @property
+    def recording(self) -> bool:
+        """Whether events of the step running now go in (always, without a window)."""
+        return self.window is None or self.window.active
+
     def emit(self, event: Dict[str, Any]) -> None:
+        if event.get("ph") != "M" and not self.recording:
+            return
         with self._lock:
-            if not self._open:
-                return
             if self._f is None:
-                self.events.append(event)
                 return
             self._f.write(("" if self._first else ",\n") + json.dumps(event))
             self._first = False
@@ -68,18 +71,10 @@ class ChromeTrace:
 
     def close(self) -> None:
         with self._lock:
-            if not self._open:
-                return
-            self._open = False
             if self._f is not None:
                 self._f.write("\n]\n")
                 self._f.close()
                 self._f = None
-                return
-            tmp = self.path + ".tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump({"traceEvents": self.events, "displayTimeUnit": "ms"}, f)
-            os.replace(tmp, self.path)
 
 
 def load_trace(path: str) -> List[Dict[str, Any]]:

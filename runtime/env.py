@@ -9,6 +9,8 @@ import os
 from dataclasses import dataclass
 from typing import Dict, Mapping, Optional
 
+from .trace_schedule import DEFAULT_STEPS
+
 
 @dataclass(frozen=True)
 class Variable:
@@ -30,7 +32,8 @@ _ALL = [
     Variable("LMSDP_SWAP_HOST_LIMIT", "lmsrun", "script mode: swap.host_limit (--swap-host-limit)"),
     Variable("LMSDP_SWAP_RECOMPUTE", "lmsrun", "script mode: swap.recompute, 'auto' or a comma list (--swap-recompute)"),
     Variable("LMSDP_SWAP_TRANSPORT", "lmsrun", "script mode: swap.transport (--swap-transport)"),
-    Variable("LMSDP_SWAP_TRACE", "you", "script mode: swap.trace, chrome-trace path ({rank} is replaced)"),
+    Variable("LMSDP_SWAP_TRACE", "you", "script mode: swap.trace, chrome-trace path ({rank} is replaced) of steps "
+             + f"{DEFAULT_STEPS[0]}-{DEFAULT_STEPS[1]} (the default window)"),
     # set by lmsrun for its ranks
     Variable("LMSDP_LAUNCHED", "lmsrun", "1 in ranks started by lmsrun: a rank without MPI variables is an error, "
                                          "and a rank stopped by a signal exits 0 (lmsrun returns 128+signal)"),

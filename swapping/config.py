@@ -42,4 +42,5 @@ class SwapConfig:
         "unit": "bytes",
         "help": "device memory the planned step must fit (plan: auto); default on a GPU: its total memory"})
     trace: Optional[str] = field(default=None, metadata={
-        "help": "write chrome-trace JSON of compute / swap-out / swap-in / stall spans and the saved-bytes counter to this path ({output_dir}, {rank} are replaced)"})
+        "help": "write chrome-trace JSON of compute / swap-out / swap-in / stall spans and the saved-bytes counter "
+                "of the steps train.trace_steps names to this path ({output_dir}, {rank} are replaced)"})

@@ -27,6 +27,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
+from lmsdp.runtime.trace_schedule import TraceSchedule, TraceWindow
+
 from .config import SwapConfig
 from .policy import SwapPolicy, threshold_policy
 from .pool import HostPool
@@ -98,7 +100,7 @@ class _Handle:
                 eng.pool.release(self.host, lambda: out_tr.done() and (in_tr is None or in_tr.done()))
             if self.tensor is not None or self.in_tensor is not None:
                 # autograd freed the saved tensor (maybe on its device thread)
-                if eng.record_memory:  # a timeline sample: ordered with the others under the lock
+                if eng._recording:  # a timeline sample: ordered with the others under the lock
                     with eng._lock:
                         eng._held_change(-self.nbytes)
                 else:  # nobody reads the count now; kept so that switching the timeline on starts right
@@ -118,7 +120,10 @@ class SwapEngine:
     ``ThresholdPolicy`` built from ``config`` (threshold, budget, keep_last, prefetch)."""
 
     def __init__(self, config: SwapConfig, device: Union[torch.device, str],
-                 policy: Optional[SwapPolicy] = None) -> None:
+                 policy: Optional[SwapPolicy] = None,
+                 trace_window: Union[TraceWindow, TraceSchedule, None] = None) -> None:
+        """``trace_window``: which steps ``config.trace`` records (see ``Tracer``; default: the
+        default schedule over the engine's own step count)."""
         self.config = config
         device = torch.device(device)
         if device.type == "cuda" and device.index is None and torch.cuda.is_available():
@@ -146,9 +151,10 @@ class SwapEngine:
         self.tracer: Optional[Tracer] = None
         # Memory timeline (mechanism, cheap): candidate bytes the saved tensors hold on the device,
         # sampled at every pack / swap-out / swap-in / release when ``record_memory`` (on with
-        # ``trace``); the last finished step's samples are ``last_memory_timeline`` [(perf_counter s,
-        # bytes)] and, with ``trace``, counter events in the trace.
+        # ``trace``, in its traced steps); the last finished step's samples are ``last_memory_timeline``
+        # [(perf_counter s, bytes)] and, with ``trace``, counter events in the trace.
         self.record_memory = bool(config.trace)  # its only reader is the trace (and tests / scripts)
+        self._recording = False  # record_memory, and the step running now is traced
         self.last_memory_timeline: List[Tuple[float, int]] = []
         self._held = 0
         self._mem_log: List[Tuple[float, int]] = []
@@ -159,7 +165,7 @@ class SwapEngine:
         if isinstance(self.transport, LoopbackTransport) and device.type == "cpu":
             _warn_cpu_once(device)
         self.pool = HostPool(pin_memory=self.transport.pin_memory, limit=parse_size(config.host_limit))
-        self.tracer = Tracer(config.trace) if config.trace else None
+        self.tracer = Tracer(config.trace, window=trace_window) if config.trace else None
         # the allocator's own figure costs a stats query per sample: only when tracing, only on CUDA
         self._sample_device = self.tracer is not None and device.type == "cuda"
         self._reset_step()
@@ -214,7 +220,7 @@ class SwapEngine:
             self._hooks.__exit__(None, None, None)
             self._hooks = None
             if self.tracer is not None and self._t_fw is not None:
-                self.tracer.span("compute", "forward", self._t_fw, time.perf_counter(), {"step": self._step_id})
+                self.tracer.span("compute", "forward", self._t_fw, time.perf_counter(), {"step": self.tracer.step})
 
     def install_global(self) -> None:
         """Script mode: hooks for the whole process (no ``with``) and automatic step boundaries."""
@@ -305,6 +311,7 @@ class SwapEngine:
 
     def _begin_step(self) -> None:
         self._phase = "forward"
+        self._recording = self.record_memory and (self.tracer is None or self.tracer.begin_step(self._step_id))
         self.transport.step_begin()
         if self._t_fw is None:
             self._t_fw = time.perf_counter()
@@ -378,7 +385,7 @@ class SwapEngine:
     def _held_change(self, delta: int) -> None:
         """Saved bytes on the device went up or down: one timeline sample (a tuple append)."""
         held = self._held = self._held + delta
-        if self.record_memory:
+        if self._recording:
             t = time.perf_counter()
             self._mem_log.append((t, held))
             if self._sample_device:
@@ -420,7 +427,7 @@ class SwapEngine:
     def _on_backward_end(self) -> None:
         self._phase = "done"
         if self.tracer is not None and self._t_bw is not None:
-            self.tracer.span("compute", "backward", self._t_bw, time.perf_counter(), {"step": self._step_id})
+            self.tracer.span("compute", "backward", self._t_bw, time.perf_counter(), {"step": self.tracer.step})
         self._t_bw = None
 
     # ---------------------------------------------------------------------------------------- steps
@@ -438,10 +445,10 @@ class SwapEngine:
                 else:
                     st.swap_in_ms += ms
                 if self.tracer is not None:
-                    self.tracer.span(kind, f"{kind} #{seq}", start, end, {"bytes": tr.nbytes, "step": self._step_id})
+                    self.tracer.span(kind, f"{kind} #{seq}", start, end, {"bytes": tr.nbytes, "step": self.tracer.step})
             waits = [thunk() for thunk in self._stall_thunks]
             st.stall_ms = float(sum(waits))
-            if self.tracer is not None:
+            if self.tracer is not None and self.tracer.recording:
                 self._trace_memory_and_stalls(waits)
             self.last_memory_timeline = self._mem_log
             st.resident_saved_bytes = self._resident
@@ -462,7 +469,7 @@ class SwapEngine:
 
     def _trace_memory_and_stalls(self, waits: List[float]) -> None:
         """This step's memory samples as counter events and its swap-in stalls as spans (step end)."""
-        tracer, step = self.tracer, self._step_id
+        tracer, step = self.tracer, self.tracer.step
         assert tracer is not None
         for t, held in self._mem_log:
             tracer.counter(MEMORY_COUNTER, t, {"resident_bytes": held})
@@ -473,6 +480,7 @@ class SwapEngine:
             if ms >= _STALL_SPAN_MS and start is not None:
                 t0 = start()
                 tracer.span("stall", "swap-in stall", t0, t0 + ms / 1e3, {"ms": ms, "step": step})
+        tracer.flush()  # a killed run keeps its recorded steps
 
     def _auto_roll(self) -> None:
         self.step_end()

@@ -10,7 +10,8 @@ slurmd daemons on this host (``slurmd -N n1`` ...; each with its own port, spool
 Slurm's %n), which Slurm treats as N nodes: enough to run the multi-node templates for real.
 
 Use from pytest through the ``slurm_cluster`` fixture (tests/test_slurm_cluster.py and friends import it),
-or by hand: ``python tests/slurm_cluster.py`` starts one, prints SLURM_CONF and waits for Ctrl-C.
+or by hand: ``python tests/slurm_cluster.py`` starts one, prints SLURM_CONF and waits for Ctrl-C or a TERM
+(either stops the daemons).
 """
 from __future__ import annotations
 
@@ -288,6 +289,7 @@ if __name__ == "__main__":
     cluster = SlurmCluster(tempfile.mkdtemp(prefix="lmsdp-slurm-"), nodes=int(sys.argv[1]) if sys.argv[1:] else 1)
     cluster.start()
     print(f"export SLURM_CONF={cluster.conf}", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # kill PID too stops the daemons (finally)
     try:
         signal.pause()
     except KeyboardInterrupt:

@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 
+from lmsdp.runtime.chrome_trace import load_trace
+from lmsdp.runtime.trace_schedule import TraceSchedule
 from lmsdp.swapping import SwapEngine
 from lmsdp.swapping.config import SwapConfig
 from lmsdp.swapping.trace import MEMORY_COUNTER, TRACKS
@@ -33,7 +35,7 @@ def lmsrun(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
 
 def train(out: Path, *overrides: str, np_: int = 2) -> None:
     sets = [f"train.steps={STEPS}", "train.checkpoint_every=0", "train.progress=false", "launch.threads=1",
-            *overrides]
+            f"train.trace_steps=[2,{STEPS - 1}]", *overrides]
     args = ["configs/quickstart.yaml", "-np", str(np_), "--output-dir", str(out)]
     for item in sets:
         args += ["--set", item]
@@ -88,6 +90,8 @@ def test_report_of_a_two_rank_run_draws_every_picture_and_a_self_contained_page(
     assert sorted(alt for _, alt in embedded) == sorted(RUN_PNGS)
     assert all(data.startswith("iVBORw0KGgo") for data, _ in embedded)  # PNG signature
     assert "resnet18, 2 ranks" in page and "swap_out_bytes" in page   # what the run was + summary table
+    assert f"The traces hold steps 2-{STEPS - 1} (train.trace_steps [2, {STEPS - 1}])" in page  # which steps are drawn
+    assert "rss_peak_bytes" in page and "rss_peak_rank" in page          # host memory, a first-class figure
 
 
 @pytest.mark.integration
@@ -212,7 +216,8 @@ def test_memory_timeline_rises_in_forward_and_returns_to_zero_after_backward(tmp
     model = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU()) for _ in range(6)])
     x = torch.randn(64, 256)
     engine = SwapEngine(SwapConfig(enabled=True, threshold=4096, keep_last=1, budget=0, prefetch=2,
-                                   transport="loopback", trace=str(tmp_path / "t.json")), "cpu")
+                                   transport="loopback", trace=str(tmp_path / "t.json")), "cpu",
+                        trace_window=TraceSchedule(1, 2))  # both steps traced
     for _ in range(2):
         stats = _step(engine, model, x)
     timeline = engine.last_memory_timeline
@@ -222,7 +227,7 @@ def test_memory_timeline_rises_in_forward_and_returns_to_zero_after_backward(tmp
     assert all(b >= 0 for b in held)
     assert [t for t, _ in timeline] == sorted(t for t, _ in timeline)
     engine.close()
-    events = json.loads((tmp_path / "t.json").read_text())["traceEvents"]
+    events = load_trace(str(tmp_path / "t.json"))
     counters = [e for e in events if e["ph"] == "C" and e["name"] == MEMORY_COUNTER]
     assert len(counters) >= 2 * len(timeline) - 2  # both steps' samples
     assert any(e.get("tid") == TRACKS["swap-out"] for e in events)

@@ -89,7 +89,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
     if shutil.which("mpirun") is None:
         pytest.skip("mpirun not installed")
     root = tmp_path_factory.mktemp("shard")
-    trace = [f"swap.trace={root}/gpt-shard-swap/swap.json", f"comm.timeline={root}/gpt-shard-swap/comm.json"]
+    trace = [f"swap.trace={root}/gpt-shard-swap/swap.json", f"comm.timeline={root}/gpt-shard-swap/comm.json",
+             "train.trace_steps=[2,9]"]
     plans = {
         "gpt-replicate": GPT, "gpt-shard": GPT + SHARD + ["train.checkpoint_every=2"],
         "gpt-replicate-swap": GPT + SWAP, "gpt-shard-swap": GPT + SHARD + SWAP + trace,

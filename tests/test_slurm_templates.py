@@ -49,8 +49,11 @@ def test_one_node_gpus_with_partition_account_requeue(capsys, tmp_path):
     assert "REQUEUE=1" in text and "export LMSDP_EXPECTED_NP=4" in text
     assert f"LMSRUN={LMSRUN}" in text and f"CONFIG={QUICKSTART}" in text
     launch = [line for line in text.splitlines() if line.startswith("srun ")]
-    assert launch == [f'srun --mpi=pmix "$LMSRUN" "$CONFIG" --set train.output_dir={tmp_path}/out '
+    assert launch == [f'srun --mpi=pmix --kill-on-bad-exit=1 "$LMSRUN" "$CONFIG" --set train.output_dir={tmp_path}/out '
                       "--set train.resume=true &"]
+    # a failed task writes its error here, which rules out a requeue (a failure is not a preemption)
+    assert f"export LMSDP_ERROR_DIR={tmp_path}/out/errors" in text
+    assert '[ "$REQUEUE" = 1 ] && [ -z "$failed" ]' in text
     assert "scontrol requeue" in text and "trap 'forward USR1' USR1" in text and "trap 'forward TERM' TERM" in text
 
 

@@ -2,7 +2,6 @@
 stalls, dedupe, host_limit, leaks, pass-through, in-place detection, traces and configuration."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -13,6 +12,8 @@ import pytest
 import torch
 from torch import nn
 
+from lmsdp.runtime.chrome_trace import load_trace
+from lmsdp.runtime.trace_schedule import TraceSchedule
 from lmsdp.swapping import (HostMemoryLimitError, HostPool, SwapConfig, SwapEngine, config_from_env,
                             size_class)
 
@@ -245,19 +246,25 @@ def test_inplace_modification_after_save_is_detected(threshold: int) -> None:
         e.close()
 
 
-def test_trace_has_compute_and_swap_spans_with_rank(tmp_path, monkeypatch) -> None:
+def test_trace_has_compute_and_swap_spans_with_rank_of_the_scheduled_steps_only(tmp_path, monkeypatch) -> None:
+    """Without a training loop the engine follows the schedule by its own step count: steps 2-3 of 4."""
     monkeypatch.setenv("RANK", "3")
     path = tmp_path / "trace_{rank}.json"
-    e = engine(trace=str(path))
-    step(e, [[1024]] * 3)
-    step(e, [[1024]] * 3)
+    e = SwapEngine(SwapConfig(enabled=True, threshold=0, keep_last=0, transport="loopback", trace=str(path)), "cpu",
+                   trace_window=TraceSchedule(2, 3))
+    for _ in range(4):
+        step(e, [[1024]] * 3)
     e.close()
-    data = json.loads((tmp_path / "trace_3.json").read_text())
-    spans = [ev for ev in data["traceEvents"] if ev["ph"] == "X"]
+    events = load_trace(str(tmp_path / "trace_3.json"))
+    spans = [ev for ev in events if ev["ph"] == "X"]
     names = {ev["name"].split(" ")[0] for ev in spans}
     assert {"forward", "backward", "swap-out", "swap-in"} <= names
     assert all(ev["pid"] == 3 and ev["dur"] >= 0 for ev in spans)
+    assert {ev["args"]["step"] for ev in spans} == {2, 3}
     assert sum(ev["name"].startswith("swap-out") for ev in spans) == 6
+    first = min(ev["ts"] for ev in spans if ev["name"] == "forward")
+    counters = [ev for ev in events if ev["ph"] == "C"]
+    assert counters and all(ev["ts"] >= first for ev in counters)  # memory samples of the traced steps only
 
 
 def test_auto_recompute_saves_fewer_bytes() -> None:

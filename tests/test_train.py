@@ -176,6 +176,7 @@ def test_two_ranks_write_one_merged_trace(tmp_path):
         [LMSRUN, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "quickstart.yaml"),
          "-np", "2", "--set", "train.steps=3", "--set", f"train.output_dir={out}", "--set", "comm.backend=torch",
          "--set", f"swap.trace={out}/swap.json", "--set", f"comm.timeline={out}/comm.json",
+         "--set", "train.trace_steps=[1,3]",
          "--set", "comm.fusion_threshold=1MiB"],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -20,7 +20,7 @@ import os
 import shlex
 import signal
 import sys
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from lmsdp.runtime import env as envvars
 
@@ -56,10 +56,20 @@ def _main(argv: List[str]) -> int:
 
 
 def run(args: argparse.Namespace, script: Optional[List[str]]) -> int:
+    from lmsdp.runtime.abort import ends_job_on_failure
     from lmsdp.runtime.topology import detect_launched
 
-    plan = make_plan(args, script)
     topology = detect_launched()
+    if not ends_job_on_failure(topology) or args.dry_run:
+        return _run(args, script, topology)
+    from lmsdp.launcher.train.rank import failure_ends_rank
+
+    with failure_ends_rank(topology):  # a config or import error on one srun task ends the step
+        return _run(args, script, topology)
+
+
+def _run(args: argparse.Namespace, script: Optional[List[str]], topology: Any) -> int:
+    plan = make_plan(args, script)
     if plan.config is not None:
         from lmsdp.launcher.train.strategy_checks import check_strategy
 

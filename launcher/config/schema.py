@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Union
 import yaml
 
 from lmsdp.comm.config import CommConfig
+from lmsdp.runtime.trace_schedule import DEFAULT_STEPS, TraceSchedule
 from lmsdp.swapping.config import SwapConfig
 from .errors import ConfigError
 from .input_checks import built_by_factory, check_config_kwargs, check_name, check_optimizer_kwargs
@@ -113,6 +114,16 @@ class TrainConfig:
         "min": 0.0, "help": "weight of each auxiliary head's loss (torchvision aux_logits, 'aux' outputs)"})
     tensorboard: bool = field(default=False, metadata={
         "help": "rank 0 writes the per-step scalars to <output_dir>/tb (needs the tensorboard package)"})
+    trace_steps: List[int] = field(default_factory=lambda: list(DEFAULT_STEPS), metadata={
+        "help": "[first, last] step recorded by swap.trace and comm.timeline (traces of every step would "
+                "grow without end)"})
+    trace_every: int = field(default=0, metadata={
+        "min": 0, "help": "repeat the trace_steps window every N steps (0: record it once)"})
+
+    @property
+    def trace_schedule(self) -> TraceSchedule:
+        """The steps swap.trace and comm.timeline record (checked by ``check_config``)."""
+        return TraceSchedule(self.trace_steps[0], self.trace_steps[-1], self.trace_every)
 
 
 @dataclass
@@ -214,6 +225,7 @@ def check_config(config: Config) -> None:
         raise ConfigError(f"data.shape: expected a non-empty list of positive integers, got {config.data.shape}")
     if config.train.steps == 0 and config.train.epochs == 0:
         raise ConfigError("train.steps and train.epochs are both 0: set one of them to a positive number")
+    _check_trace_schedule(config.train)
     if config.launch.hosts and config.launch.hostfile:
         raise ConfigError("launch.hosts and launch.hostfile are both set: use one of them")
     if config.launch.hostfile and not os.path.isfile(config.launch.hostfile):
@@ -338,3 +350,15 @@ def _check_recompute_entries(recompute: Any) -> None:
         where = "swap.recompute" if isinstance(recompute, str) else f"swap.recompute[{i}]"
         raise ConfigError(f"{where}: '{entry}' is not allowed{guess}; allowed: auto, " + ", ".join(RECOMPUTE_KINDS)
                           + ", or module names: dotted paths from named_modules() (blocks.0.mlp) or module:NAME")
+
+
+def _check_trace_schedule(train: TrainConfig) -> None:
+    """train.trace_steps is [first, last] with 1 <= first <= last; a repeat is longer than the window."""
+    window = train.trace_steps
+    if len(window) != 2 or window[0] < 1 or window[1] < window[0]:
+        raise ConfigError(f"train.trace_steps: {window} is not a step window; allowed: [first, last] with "
+                          "1 <= first <= last, e.g. [10, 14]")
+    length = window[1] - window[0] + 1
+    if 0 < train.trace_every < length:
+        raise ConfigError(f"train.trace_every: {train.trace_every} is shorter than the trace_steps window "
+                          f"({length} steps); allowed: 0 (record the window once) or {length} or more")

@@ -82,8 +82,8 @@ def draw_run(run: "Run", out_dir: str, prefix: str, warn: Callable[[str], None])
     spans = compute_spans(run.trace)
     step = steady_step(spans)
     if run.trace and step is None:
-        warn(f"{run.path}: the trace has no complete forward+backward step (swap.trace unset?); "
-             "no memory or step timeline")
+        warn(f"{run.path}: the traces hold no complete forward+backward step (swap.trace unset, or the run "
+             "ended before train.trace_steps?); no memory or step timeline")
     if step is not None:
         path = os.path.join(out_dir, f"{prefix}memory_step.png")
         if draw_memory(run, spans, step, path):
@@ -240,7 +240,13 @@ CURVES = [  # (title, y label, metric key, scale)
     ("swap hidden fraction", "hidden / (swap-out + swap-in time)", "hidden_frac", 1.0),
     ("allreduce hidden fraction", "hidden behind backward", "allreduce_hidden_frac", 1.0),
     ("stall per step", "ms", "stall_ms", 1.0),
+    ("host memory (RSS)", "MiB", "rss_bytes", 1 / MiB),
+    ("device memory (CUDA)", "MiB", "device_reserved_bytes", 1 / MiB),
 ]
+OVERLAYS = {  # a second, dashed line in a panel: (metric key, what the dashes are)
+    "stall_ms": ("comm_wait_ms", "swap stall solid, allreduce wait dashed"),
+    "device_reserved_bytes": ("device_allocated_bytes", "reserved solid, allocated dashed"),
+}
 
 
 def series(run: "Run", key: str, scale: float) -> Optional[Tuple[List[int], List[float], List[float], List[float]]]:
@@ -260,7 +266,7 @@ def series(run: "Run", key: str, scale: float) -> Optional[Tuple[List[int], List
 
 def draw_curves(runs: List["Run"], path: str, title: str) -> None:
     """The run-long panels; one line per run (mean over ranks, min-max band when ranks differ)."""
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7.2))
+    fig, axes = plt.subplots(2, 4, figsize=(18, 7.2))
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (name, ylabel, key, scale) in zip(axes.flat, CURVES):
         steady_max = 0.0
@@ -276,18 +282,18 @@ def draw_curves(runs: List["Run"], path: str, title: str) -> None:
                 ax.fill_between(steps, low, high, color=color, alpha=0.18, lw=0)
             steady_max = max(steady_max, max(high[1:] or high))
             drawn = True
-            if key == "stall_ms":
-                wait = series(run, "comm_wait_ms", 1.0)
-                if wait is not None:
-                    ax.plot(wait[0], wait[1], color=color, lw=1.0, ls="--")
-                    steady_max = max(steady_max, max(wait[3][1:] or wait[3]))
+            if key in OVERLAYS:
+                second = series(run, OVERLAYS[key][0], scale)
+                if second is not None:
+                    ax.plot(second[0], second[1], color=color, lw=1.0, ls="--")
+                    steady_max = max(steady_max, max(second[3][1:] or second[3]))
         if not drawn:
             ax.text(0.5, 0.5, f"not recorded\n({key})", ha="center", va="center", transform=ax.transAxes, color="#888888")
         elif key not in ("loss",) and steady_max > 0:
             ax.set_ylim(0, steady_max * 1.15)  # step 1 pays warm-up: let it go off the top
         if key.endswith("hidden_frac"):
             ax.set_ylim(-0.02, 1.05)
-        ax.set_title(name + (" (swap stall solid, allreduce wait dashed)" if key == "stall_ms" else ""), fontsize=9)
+        ax.set_title(name + (f" ({OVERLAYS[key][1]})" if key in OVERLAYS else ""), fontsize=9)
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel, fontsize=8)
         ax.grid(alpha=0.3)

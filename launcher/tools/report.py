@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from lmsdp.launcher.config.errors import UserError
 
-from .run_data import Run, Warn, check_comparable, label_runs, load_run, size_text
+from .run_data import Run, Warn, check_comparable, label_runs, load_run, size_text, trace_note
 
 
 # ------------------------------------------------------------------------------------------- output
@@ -54,10 +54,8 @@ def write_html(path: str, runs: List[Run], images: Dict[str, List[str]], compari
                      f"<code>{html.escape(os.path.abspath(run.path))}</code></p>")
         if len(runs) == 1:
             parts.append(summary_table(runs))
-        if not run.trace:
-            parts.append("<p class='warn'>No trace in this run: set <code>swap.trace</code> and "
-                         "<code>comm.timeline</code> (e.g. <code>{output_dir}/swap_trace.json</code>) to see "
-                         "memory and the timeline of one step.</p>")
+        note, traced = trace_note(run)
+        parts.append(f"<p{'' if traced else ' class=warn'}>{html.escape(note)}</p>")
         parts.extend(img(p) for p in images.get(run.path, []))
     parts.append("</body></html>")
     with open(path, "w", encoding="utf-8") as handle:

@@ -9,7 +9,7 @@ import json
 import os
 import statistics
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from lmsdp.launcher.config.errors import UserError
 from lmsdp.runtime import run_folder
@@ -177,3 +177,40 @@ def check_comparable(runs: List[Run], warn: Warn) -> None:
     if len(models) > 1:
         warn("runs are of different models (" + ", ".join(f"{r.label}: {r.model}" for r in runs)
              + "); curves are overlaid by step, compare with care")
+
+
+def traced_steps(events: List[Dict[str, Any]]) -> List[int]:
+    """The steps the traces hold: those with a forward span (the swap engine's compute lane)."""
+    return sorted({int(ev["args"]["step"]) for ev in events if ev.get("ph") == "X" and ev.get("name") == "forward"
+                   and isinstance(ev.get("args"), dict) and isinstance(ev["args"].get("step"), int)})
+
+
+def step_ranges(steps: List[int]) -> str:
+    """[10, 11, 12, 14] -> '10-12, 14'."""
+    ranges: List[List[int]] = []
+    for step in steps:
+        if ranges and step == ranges[-1][1] + 1:
+            ranges[-1][1] = step
+        else:
+            ranges.append([step, step])
+    return ", ".join(f"{a}-{b}" if b > a else str(a) for a, b in ranges)
+
+
+def trace_note(run: Run) -> Tuple[str, bool]:
+    """Which steps the step pictures come from (and True), or why there are none (and False)."""
+    train = run.config.get("train") or {}
+    window = train.get("trace_steps")
+    every = train.get("trace_every") or 0
+    schedule = (f"train.trace_steps {window}" + (f", every {every} steps" if every else "")) if window else ""
+    steps = traced_steps(run.trace)
+    if steps:
+        return (f"The traces hold steps {step_ranges(steps)} ({schedule or 'every step'}); the step pictures "
+                "show the median-length one of them. Curves over the run come from every step's metrics.", True)
+    swap_trace = (run.config.get("swap") or {}).get("trace")
+    if not (swap_trace or (run.config.get("comm") or {}).get("timeline")):
+        return ("No trace in this run: set swap.trace and comm.timeline (e.g. {output_dir}/swap_trace.json) to "
+                "see memory and the timeline of one step.", False)
+    if not swap_trace or not (run.config.get("swap") or {}).get("enabled"):
+        return "No step pictures: they need the swap engine on and swap.trace set (its compute spans).", False
+    return (f"No traced step in this run: it records {schedule or 'train.trace_steps'}, and the run ended at step "
+            f"{run.summary.get('last_step', '?')}; set train.trace_steps to steps the run reaches.", False)

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from lmsdp.runtime.error_file import KEPT_SUBDIR
+
 from lmsdp.launcher.config import Config, load_config
 from lmsdp.launcher.config.errors import UserError
 
@@ -65,6 +67,12 @@ class SlurmJob:
         return os.path.join(self.output_dir, "slurm-%j.out")
 
     @property
+    def error_dir(self) -> str:
+        """Where failing tasks write rank<R>.json (``LMSDP_ERROR_DIR``): the folder lmsrun keeps a
+        failed job's errors in when it launches the ranks itself."""
+        return os.path.join(self.output_dir, KEPT_SUBDIR)
+
+    @property
     def template(self) -> str:
         if self.launcher == "mpirun":
             return TEMPLATES["mpirun"]
@@ -90,6 +98,7 @@ class SlurmJob:
             "lmsrun": shlex.quote(self.lmsrun),
             "config": shlex.quote(self.config_path),
             "expected_np": str(self.expected_np),
+            "error_dir": shlex.quote(self.error_dir),
             "set_args": set_args,
         }
 
@@ -100,8 +109,8 @@ class SlurmJob:
 
 def template_dirs() -> List[Path]:
     """Where templates are looked for: the installed package data, then the source tree's slurm/."""
-    here = Path(__file__).resolve().parent
-    return [here / "templates", here.parent / "slurm"]
+    launcher = Path(__file__).resolve().parent.parent  # lmsdp/launcher (this module is in launcher/tools)
+    return [launcher / "templates", launcher.parent / "slurm"]
 
 
 def load_template(name: str) -> str:

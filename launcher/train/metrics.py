@@ -3,8 +3,8 @@ lines otherwise), per-rank metrics JSONL, and the end-of-run summary table."""
 from __future__ import annotations
 
 import json
+import math
 import os
-import statistics
 import sys
 import time
 from typing import Any, Dict, List, Optional, TextIO
@@ -96,43 +96,89 @@ STEP_COLLECTIVES = ("allgather", "reduce_scatter")
 def collective_totals(records: List[Dict[str, Any]]) -> Dict[str, Any]:
     """``<kind>_ms_total``, ``_count_total`` and ``_bytes_total`` over the run for each collective
     some step actually ran (none under replicate, where the keys are absent or zero)."""
+    sums: Dict[str, float] = {}
+    for record in records:
+        _accumulate(sums, record)
+    return _collective_rows(sums)
+
+
+def _accumulate(sums: Dict[str, float], record: Dict[str, Any]) -> None:
+    for key, value in record.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            sums[key] = sums.get(key, 0) + value
+
+
+def _collective_rows(sums: Dict[str, float]) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     for kind in STEP_COLLECTIVES:
-        count = sum(r.get(f"{kind}_count", 0) for r in records)
+        count = sums.get(f"{kind}_count", 0)
         if not count:
             continue
-        out[f"{kind}_ms_total"] = sum(r.get(f"{kind}_ms", 0.0) for r in records)
+        out[f"{kind}_ms_total"] = sums.get(f"{kind}_ms", 0.0)
         out[f"{kind}_count_total"] = count
-        out[f"{kind}_bytes_total"] = sum(r.get(f"{kind}_bytes", 0) for r in records)
+        out[f"{kind}_bytes_total"] = sums.get(f"{kind}_bytes", 0)
     return out
 
 
+class LogHistogram:
+    """Median of positive numbers in fixed memory: counts per bucket of ``resolution`` relative width
+    (0.5%: the lower median to within 0.5%), however many values come."""
+
+    def __init__(self, resolution: float = 0.005) -> None:
+        self._log_base = math.log1p(resolution)
+        self._counts: Dict[int, int] = {}
+        self._n = 0
+
+    def add(self, value: float) -> None:
+        bucket = math.floor(math.log(value) / self._log_base) if value > 0 else -(1 << 30)
+        self._counts[bucket] = self._counts.get(bucket, 0) + 1
+        self._n += 1
+
+    def median(self) -> float:
+        seen = 0
+        for bucket in sorted(self._counts):
+            seen += self._counts[bucket]
+            if 2 * seen >= self._n:
+                return 0.0 if bucket == -(1 << 30) else math.exp((bucket + 0.5) * self._log_base)
+        return 0.0
+
+
 class RunSummary:
-    """Collects step records on rank 0 and renders the end-of-run table (and summary.json)."""
+    """Folds step records on rank 0 into running totals (fixed memory, however long the run) and
+    renders the end-of-run table (and summary.json). Medians and means are over the steady steps:
+    all but the first, which pays warm-up (the first alone when it is the only one)."""
 
     def __init__(self) -> None:
-        self.records: List[Dict[str, Any]] = []
         self.started = time.perf_counter()
+        self.steps_run = 0
+        self._last: Dict[str, Any] = {}
+        self._sums: Dict[str, float] = {}          # every numeric key over all steps
+        self._steady: Dict[str, float] = {}        # over the steady steps
+        self._step_time, self._throughput = LogHistogram(), LogHistogram()
 
     def add(self, record: Dict[str, Any]) -> None:
-        self.records.append(record)
+        self.steps_run += 1
+        if self.steps_run == 2:  # the first step was only steady while it was alone
+            self._steady, self._step_time, self._throughput = {}, LogHistogram(), LogHistogram()
+        _accumulate(self._sums, record)
+        _accumulate(self._steady, record)
+        self._step_time.add(record["step_time_s"])
+        self._throughput.add(record["samples_per_s"])
+        self._last = record
 
     def totals(self, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-        recs = self.records
-        steady = recs[1:] or recs  # the first step pays warm-up
-        out: Dict[str, Any] = {"steps_run": len(recs), "wall_s": time.perf_counter() - self.started}
-        if recs:
+        out: Dict[str, Any] = {"steps_run": self.steps_run, "wall_s": time.perf_counter() - self.started}
+        if self.steps_run:
+            steady_steps = max(1, self.steps_run - 1)
             out.update(
-                last_step=recs[-1]["step"], final_loss=recs[-1]["loss"],
-                step_time_median_s=statistics.median(r["step_time_s"] for r in steady),
-                samples_per_s_median=statistics.median(r["samples_per_s"] for r in steady),
+                last_step=self._last["step"], final_loss=self._last["loss"],
+                step_time_median_s=self._step_time.median(), samples_per_s_median=self._throughput.median(),
             )
             # Swap totals come from the engine itself (RunSummary.totals' extra); comm from the records.
-            if any("allreduce_ms" in r for r in recs):
-                out["allreduce_ms_total"] = sum(r.get("allreduce_ms", 0) for r in recs)
-                out["allreduce_hidden_frac_mean"] = statistics.fmean(r.get("allreduce_hidden_frac", 0.0)
-                                                                     for r in steady)
-            out.update(collective_totals(recs))
+            if "allreduce_ms" in self._sums:
+                out["allreduce_ms_total"] = self._sums["allreduce_ms"]
+                out["allreduce_hidden_frac_mean"] = self._steady.get("allreduce_hidden_frac", 0.0) / steady_steps
+            out.update(_collective_rows(self._sums))
         out.update(extra or {})
         return out
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -16,6 +16,7 @@ from lmsdp.comm.base import Backend
 from lmsdp.comm.strategy import Strategy, get_strategy
 from lmsdp.runtime.chrome_trace import rank_path
 from lmsdp.runtime.topology import Topology
+from lmsdp.runtime.trace_schedule import TraceWindow
 from lmsdp.swapping import SwapEngine
 
 from lmsdp.launcher.config import Config
@@ -43,6 +44,7 @@ class RunParts:
     engine: SwapEngine
     whole: CheckpointManager          # the folder's whole-model checkpoints (resume reads both kinds)
     checkpoints: Checkpoints          # where this run saves: whole-model (rank 0) or sharded (every rank)
+    trace_window: TraceWindow = field(default_factory=TraceWindow)  # train.trace_steps: swap.trace, comm.timeline
     autocast: Optional[torch.dtype] = None                # train.amp's dtype, None when off
     job_plan: Optional[JobPlan] = None                    # swap.plan: auto / FILE, else None
     per_module: Optional[module_threads.ModuleThreads] = None  # launch.threads: auto, else None
@@ -72,7 +74,9 @@ def build_parts(config: Config, topology: Topology, whole: CheckpointManager, lo
     job_plan = plan_for_job(config, backend, device)  # swap.plan: auto / FILE (None otherwise)
     if job_plan is not None:
         swap_config = dataclasses.replace(job_plan.swap_config, trace=swap_config.trace)
-    engine = SwapEngine(swap_config, device, policy=job_plan.policy if job_plan else None)
+    trace_window = TraceWindow(config.train.trace_schedule)  # one window for every trace of this rank
+    backend.trace_window(trace_window)
+    engine = SwapEngine(swap_config, device, policy=job_plan.policy if job_plan else None, trace_window=trace_window)
     model = engine.wrap_model(model)
     per_module = module_threads.attach(model, config.launch, base_threads,
                                        reduce=lambda t: backend.allreduce(t, op="sum"))
@@ -83,7 +87,8 @@ def build_parts(config: Config, topology: Topology, whole: CheckpointManager, lo
     scaler = strategy.grad_scaler(device, enabled=autocast == torch.float16)
     return RunParts(device=device, backend=backend, strategy=strategy, model=model, optimizer=optimizer,
                     scaler=scaler, engine=engine, whole=whole,
-                    checkpoints=checkpoints_for(config, strategy, backend, whole), autocast=autocast,
+                    checkpoints=checkpoints_for(config, strategy, backend, whole), trace_window=trace_window,
+                    autocast=autocast,
                     job_plan=job_plan, per_module=per_module)
 
 

@@ -1,6 +1,7 @@
 """The rank side of ``lmsrun``: what runs inside one rank once the front end (``launcher/cli/``)
 has resolved the plan: the worker with early signals kept, failures written as error files
-(``lmsdp.runtime.error_file``) and a loud, immediate exit; or, in script mode, the user's program."""
+(``lmsdp.runtime.error_file``) and a loud, immediate exit that, under srun or a user's own mpirun,
+takes the whole job down (``lmsdp.runtime.abort``); or, in script mode, the user's program."""
 from __future__ import annotations
 
 import os
@@ -9,9 +10,11 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Dict, List
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, List
 
 from lmsdp.runtime import env as envvars
+from lmsdp.runtime.abort import abort_world, ends_job_on_failure
 from lmsdp.runtime.error_file import write_error
 from lmsdp.runtime.lifeline import watch_launcher
 from lmsdp.runtime.signals import RANK_STOP_SIGNALS, SignalHandlers
@@ -60,20 +63,10 @@ def run_rank(config: Any, topology: Any) -> int:
     early = EarlyStop()
     early.install()
     try:
-        from .trainer import run_worker
+        with failure_ends_rank(topology):
+            from .trainer import run_worker
 
-        code = run_worker(config, topology)
-    except UserError as exc:
-        write_error(exc, topology.rank, user_error=True)
-        _die(f"lmsrun: error: {exc}", exc.exit_code)
-    except BaseException as exc:  # noqa: BLE001 - any failure must end this rank, loudly
-        if isinstance(exc, SystemExit) and exc.code in (0, None):
-            raise
-        write_error(exc, topology.rank)
-        if not _is_consequence(exc):
-            traceback.print_exc()
-        reason = f"{type(exc).__name__}: {exc}".strip().splitlines()[0] if str(exc) else type(exc).__name__
-        _die(f"[lmsdp] rank {topology.rank} failed: {reason}", 130 if isinstance(exc, KeyboardInterrupt) else 1)
+            code = run_worker(config, topology)
     finally:
         early.done.set()
     if code >= 128 and envvars.flag(envvars.LAUNCHED) and topology.size > 1:
@@ -81,6 +74,27 @@ def run_rank(config: Any, topology: Any) -> int:
         # lmsrun itself returns 128+signal.
         return 0
     return code
+
+
+@contextmanager
+def failure_ends_rank(topology: Any) -> Iterator[None]:
+    """The rank's error boundary: an exception inside writes this rank's error file, prints one line
+    (a traceback too when the rank is the cause, not a consequence) and ends the rank at once; under
+    a launcher other than lmsrun's own mpirun it ends the whole job too (``runtime.abort``)."""
+    try:
+        yield
+    except UserError as exc:
+        write_error(exc, topology.rank, user_error=True)
+        _die(f"lmsrun: error: {exc}", exc.exit_code, topology)
+    except BaseException as exc:  # noqa: BLE001 - any failure must end this rank, loudly
+        if isinstance(exc, SystemExit) and exc.code in (0, None):
+            raise
+        write_error(exc, topology.rank)
+        if not _is_consequence(exc):
+            traceback.print_exc()
+        reason = f"{type(exc).__name__}: {exc}".strip().splitlines()[0] if str(exc) else type(exc).__name__
+        _die(f"[lmsdp] rank {topology.rank} failed: {reason}", 130 if isinstance(exc, KeyboardInterrupt) else 1,
+             topology)
 
 
 def _is_consequence(exc: BaseException) -> bool:
@@ -92,11 +106,13 @@ def _is_consequence(exc: BaseException) -> bool:
     return isinstance(exc, CommError)
 
 
-def _die(line: str, code: int) -> None:
+def _die(line: str, code: int, topology: Any) -> None:
     try:
         sys.stdout.flush()
     except Exception:  # noqa: BLE001
         pass
     print(line, file=sys.stderr, flush=True)
+    if ends_job_on_failure(topology):  # srun, a user's own mpirun: nobody else ends the other ranks
+        abort_world(code, topology.mpi_world)
     time.sleep(0.05)  # let the line reach mpirun before the job is torn down
     os._exit(code)

@@ -15,7 +15,8 @@ SCALARS = {
     "lr": "train/lr",
     "swap_out_bytes": "swap/out_bytes", "swap_in_bytes": "swap/in_bytes", "stall_ms": "swap/stall_ms",
     "hidden_frac": "swap/hidden_frac", "peak_saved_bytes": "swap/peak_saved_bytes",
-    "max_memory_allocated": "memory/max_allocated_bytes",
+    "max_memory_allocated": "memory/max_allocated_bytes", "rss_bytes": "memory/rss_bytes",
+    "device_reserved_bytes": "memory/device_reserved_bytes", "device_allocated_bytes": "memory/device_allocated_bytes",
     "allreduce_ms": "comm/allreduce_ms", "allreduce_hidden_frac": "comm/allreduce_hidden_frac",
     "comm_wait_ms": "comm/wait_ms",
 }

@@ -26,6 +26,7 @@ from .checkpoint import CheckpointManager
 from .data import make_batches
 from .job_plan import plan_log_line
 from .loss import StepLoss
+from .memory_meter import MemoryMeter, peak_totals
 from .metrics import MetricsWriter, Progress, RunSummary
 from .outputs import engine_totals, merge_rank_traces, paths_in_output_dir, write_json
 from .parts import RunParts, build_parts, claim_checkpoint_dir
@@ -76,6 +77,7 @@ class Trainer:
         self.rank, self.size = parts.backend.rank, parts.backend.size
         self.is_main = self.rank == 0
         self.step_loss = StepLoss.from_config(config)  # reads the output of any library's model
+        self.memory = MemoryMeter(parts.device)
 
     # ----------------------------------------------------------------------------------- stages
     def resume(self) -> Tuple[int, Optional[str]]:
@@ -94,6 +96,8 @@ class Trainer:
         """One optimizer step on ``batch``; returns its metrics record and whether any rank asked to stop."""
         parts, train = self.parts, self.config.train
         started = time.perf_counter()
+        parts.trace_window.begin(step)
+        parts.backend.step_begins()
         inputs, targets = (t.to(parts.device, non_blocking=True) for t in batch)
         parts.optimizer.zero_grad(set_to_none=True)
         with self._autocast(), parts.engine:
@@ -117,7 +121,7 @@ class Trainer:
         elapsed = time.perf_counter() - started
         record = {"step": step, "loss": loss_sum / self.size, "step_time_s": elapsed,
                   "samples_per_s": train.batch_size * self.size / elapsed,
-                  "lr": parts.optimizer.param_groups[0]["lr"], **swap_stats, **comm_stats}
+                  "lr": parts.optimizer.param_groups[0]["lr"], **swap_stats, **comm_stats, **self.memory.sample()}
         return record, stop_votes > 0
 
     def save(self, step: int) -> Optional[str]:
@@ -131,9 +135,13 @@ class Trainer:
     def finish(self, summary: RunSummary) -> None:
         """Summary and thread plan (rank 0), engine and threads closed, traces merged, backend down."""
         parts = self.parts
+        peaks = peak_totals(parts.backend.allgather_object(self.memory.peaks))  # every rank's, for rank 0
         if self.is_main:
+            traced = ({"traced_steps": parts.trace_window.schedule.describe()}
+                      if parts.engine.tracer or parts.backend.trace_path else {})
             totals = summary.totals({"ranks": self.size, "comm_backend": parts.backend.name,
-                                     "comm_strategy": parts.strategy.name, **engine_totals(parts.engine),
+                                     "comm_strategy": parts.strategy.name, **peaks, **traced,
+                                     **engine_totals(parts.engine),
                                      **(parts.per_module.summary() if parts.per_module else {})})
             if parts.per_module:
                 parts.per_module.write(os.path.join(self.config.output_dir, run_folder.THREADS_PLAN))

@@ -4,7 +4,8 @@ lmsrun puts this folder first on every rank's PYTHONPATH, so Python imports this
 (``site`` imports ``sitecustomize``). It first runs the sitecustomize this one shadows (a distro's or a
 venv's); then it makes an uncaught exception in the script write this rank's error file (for
 lmsrun's report) and abort the whole MPI job when the script uses mpi4py (as ``python -m mpi4py``
-does: otherwise the other ranks wait in MPI_Finalize until they finish); it ends the rank when
+does: otherwise the other ranks wait in MPI_Finalize until they finish), or always when the rank runs
+under srun or a user's own mpirun (``lmsdp.runtime.abort``); it ends the rank when
 lmsrun itself is gone (``lmsdp.runtime.lifeline``); and when LMSDP_SWAP=1 it
 switches the swap engine on for the whole process through ``lmsdp.swapping.enable_from_env()`` --
 the user's script is not edited. The engine prints its ``[lmsdp swap] ...`` line at exit.
@@ -33,10 +34,6 @@ def _chain_previous() -> None:
 
 def _record_failures() -> None:
     """sys.excepthook that writes rank<R>.json, shows the traceback, then aborts an MPI world."""
-    from lmsdp.runtime import env as envvars
-
-    if not envvars.read(envvars.ERROR_DIR):
-        return
     previous = sys.excepthook
 
     def hook(kind, exc, tb):  # type: ignore[no-untyped-def]
@@ -44,7 +41,7 @@ def _record_failures() -> None:
             from lmsdp.runtime.error_file import write_error
             from lmsdp.runtime.topology import rank_hint
 
-            write_error(exc, rank_hint())
+            write_error(exc, rank_hint())  # nothing without LMSDP_ERROR_DIR
         except Exception:  # noqa: BLE001 - the user's traceback must still be shown
             pass
         previous(kind, exc, tb)
@@ -54,15 +51,19 @@ def _record_failures() -> None:
 
 
 def _abort_mpi_world() -> None:
-    """MPI_Abort when the script initialized MPI through mpi4py: the other ranks stop now."""
-    mpi = sys.modules.get("mpi4py.MPI")
-    if mpi is None:
-        return
+    """Under srun or a user's own mpirun: end every rank (``lmsdp.runtime.abort``; MPI is initialised
+    for it when a Horovod script's MPI is not mpi4py's). Under lmsrun's mpirun, which ends the job on
+    a non-zero exit anyway: MPI_Abort only when the script initialised MPI through mpi4py, so the
+    other ranks do not wait in MPI_Finalize until they finish."""
     try:
-        if mpi.Is_initialized() and not mpi.Is_finalized():
-            sys.stdout.flush()
-            sys.stderr.flush()
-            mpi.COMM_WORLD.Abort(1)
+        from lmsdp.runtime.abort import abort_if_mpi_initialised, abort_world, ends_job_on_failure
+        from lmsdp.runtime.topology import detect_launched
+
+        topology = detect_launched()
+        if ends_job_on_failure(topology):
+            abort_world(1, topology.mpi_world)  # type: ignore[union-attr]
+        else:
+            abort_if_mpi_initialised(1)
     except Exception:  # noqa: BLE001
         pass
 
