@@ -5,7 +5,8 @@ How it works
 - mpirun starts in its own session, so a terminal's Ctrl-C reaches only lmsrun, which decides what
   the ranks get. lmsrun makes itself a child subreaper, so ranks orphaned by a dying mpirun are
   still its descendants and are killed at the end: no process of the job outlives lmsrun.
-- Output goes through ``launcher.demux.Demux`` (rank prefixes, per-rank logs, last lines per rank).
+- Output goes through ``launcher.demux.Demux`` (whole lines, rank prefixes, per-rank logs, last lines per
+  rank); on a terminal a partial line quiet for 200 ms is shown as it is (a prompt, a progress line).
 - Failure: Open MPI aborts the whole job as soon as one rank exits non-zero or dies by a signal.
   A failing rank writes ``rank<R>.json`` into ``job.error_dir`` (``lmsdp.runtime.error_file``);
   lmsrun reports the earliest. Only deaths by signal, which leave no file, are read from Open MPI's
@@ -116,9 +117,10 @@ class Runner:
         err = sys.stderr.buffer if hasattr(sys.stderr, "buffer") else sys.stderr
         sys.stdout.flush()
         sys.stderr.flush()
-        demux = Demux(job.flavor, job.output_dir, out, err, verbose=job.verbose)
+        live = [name for name, sink in (("stdout", out), ("stderr", err)) if _isatty(sink)]
+        demux = Demux(job.flavor, job.output_dir, out, err, verbose=job.verbose, live=live)
         for rank in range(job.np if job.output_dir else 0):
-            demux.open_log(rank)
+            demux.rank_log(rank)
         handlers = SignalHandlers(LAUNCHER_STOP_SIGNALS, self._on_signal).install()
         try:
             try:
@@ -330,6 +332,13 @@ def _say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
     except (OSError, ValueError):
         pass
+
+
+def _isatty(stream: object) -> bool:
+    try:
+        return bool(stream.isatty())  # type: ignore[attr-defined]
+    except (AttributeError, ValueError, OSError):
+        return False
 
 
 def _signame(signum: int) -> str:

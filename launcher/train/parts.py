@@ -4,7 +4,6 @@ per-module thread plan. The trainer drives what this builds and builds nothing i
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -14,6 +13,7 @@ from torch import nn
 from lmsdp.comm import get_backend
 from lmsdp.comm.base import Backend
 from lmsdp.comm.strategy import Strategy, get_strategy
+from lmsdp.runtime import warning_lines
 from lmsdp.runtime.chrome_trace import rank_path
 from lmsdp.runtime.topology import Topology
 from lmsdp.runtime.trace_schedule import TraceWindow
@@ -67,7 +67,7 @@ def build_parts(config: Config, topology: Topology, whole: CheckpointManager, lo
     if lock is not None:  # before training (and before the backend's start-up): room for a checkpoint
         whole.check_space(estimate_checkpoint_bytes(model, config.optimizer))
     backend = get_backend(config.comm, device, topology)
-    quiet_warnings(backend.rank)
+    warning_lines.install(backend.rank, one_line_others=True)  # one line each; lmsdp's from rank 0 only
     swap_config = config.swap
     if swap_config.trace:  # one file per rank unless the path says where {rank} goes
         swap_config = dataclasses.replace(swap_config, trace=rank_path(swap_config.trace, backend.rank, backend.size))
@@ -98,10 +98,3 @@ def estimate_checkpoint_bytes(model: nn.Module, optimizer: Any) -> int:
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values() if torch.is_tensor(t))
     slots = 2 if optimizer.name in ("adam", "adamw") else int(optimizer.momentum > 0)
     return weights * (1 + slots) + CHECKPOINT_OVERHEAD
-
-
-def quiet_warnings(rank: int) -> None:
-    """One line per warning, and run-wide lmsdp notices from rank 0 only (N ranks, one message)."""
-    warnings.formatwarning = lambda message, category, *_args, **_kw: f"[lmsdp] {category.__name__}: {message}\n"
-    if rank != 0:
-        warnings.filterwarnings("ignore", message="lmsdp ")

@@ -2,7 +2,8 @@
 
 hvd.init, pin threads, DistributedOptimizer, broadcast_parameters; a small CNN on random data.
 Prints ``FIRST_STEP <unix time>`` after the first optimizer step (the launch benchmark reads it)
-and ``DONE rank=<r> steps=<n>`` at the end. ``--fail-rank R --fail-step S`` raises there."""
+and ``DONE rank=<r> steps=<n>`` at the end (``--done-words``: ``print("DONE", rank, flush=True)``, four writes
+with unbuffered output). ``--fail-rank R --fail-step S`` raises there."""
 import argparse
 import time
 
@@ -18,6 +19,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--fail-rank", type=int, default=-1)
     parser.add_argument("--fail-step", type=int, default=-1)
+    parser.add_argument("--done-words", action="store_true")
     parser.add_argument("--marker", default="", help="ignored; lets tests find this job's processes")
     args = parser.parse_args()
 
@@ -44,7 +46,10 @@ def main() -> None:
             print(f"FIRST_STEP {time.time():.6f}", flush=True)
         if hvd.rank() == 0:
             print(f"step {step} loss {loss.item():.4f}", flush=True)
-    print(f"DONE rank={hvd.rank()} steps={args.steps}", flush=True)
+    if args.done_words:
+        print("DONE", hvd.rank(), flush=True)
+    else:
+        print(f"DONE rank={hvd.rank()} steps={args.steps}", flush=True)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ venv's); then it makes an uncaught exception in the script write this rank's err
 lmsrun's report) and abort the whole MPI job when the script uses mpi4py (as ``python -m mpi4py``
 does: otherwise the other ranks wait in MPI_Finalize until they finish), or always when the rank runs
 under srun or a user's own mpirun (``lmsdp.runtime.abort``); it ends the rank when
-lmsrun itself is gone (``lmsdp.runtime.lifeline``); and when LMSDP_SWAP=1 it
+lmsrun itself is gone (``lmsdp.runtime.lifeline``); it prints lmsdp's own warnings as one
+``[lmsdp] ...`` line, on rank 0 (``lmsdp.runtime.warning_lines``); and when LMSDP_SWAP=1 it
 switches the swap engine on for the whole process through ``lmsdp.swapping.enable_from_env()`` --
 the user's script is not edited. The engine prints its ``[lmsdp swap] ...`` line at exit.
 
@@ -75,6 +76,14 @@ def _watch_launcher() -> None:
     watch_launcher()
 
 
+def _warning_lines() -> None:
+    """lmsdp's own warnings as one ``[lmsdp] ...`` line, from rank 0 only (every rank says the same)."""
+    from lmsdp.runtime import warning_lines
+    from lmsdp.runtime.topology import rank_hint
+
+    warning_lines.install(rank_hint())
+
+
 def _enable_swap() -> None:
     from lmsdp.runtime import env as envvars
 
@@ -85,7 +94,7 @@ def _enable_swap() -> None:
     enable_from_env()
 
 
-for _step in (_chain_previous, _record_failures, _watch_launcher, _enable_swap):
+for _step in (_chain_previous, _record_failures, _watch_launcher, _warning_lines, _enable_swap):
     try:
         _step()
     except Exception as _exc:  # noqa: BLE001 - report, never stop the user's program from starting
