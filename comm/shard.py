@@ -256,6 +256,10 @@ class ShardStrategy(Strategy):
                  + (", parameters and optimizer offloaded to host" if self.offload else ""))
         return model
 
+    def gradient_sync(self, model: nn.Module, enabled: bool) -> None:
+        """FSDP2 reduce-scatters in every backward unless told not to (accumulation's early micro-batches)."""
+        model.set_requires_gradient_sync(enabled)  # type: ignore[operator]
+
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> Any:
         return optimizer  # FSDP2 reduce-scatters gradients in backward; nothing to add
 

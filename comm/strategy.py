@@ -64,6 +64,10 @@ class Strategy(ABC):
         """Once per step: the backend's reduction stats, and the bytes this rank holds."""
         return {**self.backend.step_stats(), **self._held.measure(model, optimizer)}
 
+    def gradient_sync(self, model: nn.Module, enabled: bool) -> None:
+        """Whether the next backward reduces gradients (accumulation turns it off before the last
+        micro-batch). replicate's optimizers count backward passes themselves (backward_passes_per_step)."""
+
     def close(self) -> None:
         """Release what the strategy opened (trace lanes, hooks)."""
 

@@ -7,7 +7,11 @@ The folder (``/tmp/lmsdp-errors-*``) is private to one lmsrun and holds an ``own
 lmsrun's pid and start time (``runtime.lifeline.Launcher``). lmsrun removes it at the end; one that
 was killed (kill -9) cannot, so each lmsrun first removes the folders whose owner is gone. A failed
 job's records are copied into the run's output folder first (``keep_errors``), since a surviving
-rank's traceback (a consequence, printed as one line) exists nowhere else."""
+rank's traceback (a consequence, printed as one line) exists nowhere else.
+
+Names here are predictable (``rank<R>.json.<pid>.tmp``, ``<output_dir>/errors``) and the run folder
+may be shared: files are created new with the user's umask, never through a planted link
+(runtime/new_file.py), and a link planted at ``errors`` is removed, not written through."""
 from __future__ import annotations
 
 import json
@@ -24,6 +28,7 @@ from lmsdp.runtime import run_folder
 
 from . import env as envvars
 from .lifeline import Launcher
+from .new_file import open_new
 
 ERROR_DIR_PREFIX = "lmsdp-errors-"
 OWNER_FILE = "owner"  # "pid:start_time@host" of the lmsrun that made the folder
@@ -62,7 +67,7 @@ def write_error(exc: BaseException, rank: int, directory: Optional[str] = None, 
     if not directory:
         return None
     path = os.path.join(directory, f"rank{rank}.json")
-    if os.path.exists(path):
+    if os.path.exists(path) and not os.path.islink(path):
         return path
     record = ErrorRecord(rank=rank, type=type(exc).__name__, message=str(exc),
                          traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
@@ -70,7 +75,7 @@ def write_error(exc: BaseException, rank: int, directory: Optional[str] = None, 
     try:
         os.makedirs(directory, exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as handle:
+        with open_new(tmp) as handle:
             json.dump(asdict(record), handle)
             handle.flush()
             os.fsync(handle.fileno())
@@ -101,7 +106,7 @@ def make_error_dir(owner: Launcher, parent: Optional[str] = None) -> str:
     """A new private error folder with ``owner`` recorded in it (written before any rank starts)."""
     directory = tempfile.mkdtemp(prefix=ERROR_DIR_PREFIX, dir=parent)
     tmp = os.path.join(directory, f".{OWNER_FILE}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
+    with open_new(tmp) as handle:
         handle.write(owner.encode())
     os.replace(tmp, os.path.join(directory, OWNER_FILE))
     return directory
@@ -144,10 +149,13 @@ def keep_errors(records: List[ErrorRecord], output_dir: str) -> Optional[str]:
     returns that folder, or None when it cannot be written."""
     folder = os.path.join(output_dir, KEPT_SUBDIR)
     try:
+        if os.path.islink(folder) or os.path.isfile(folder):
+            os.unlink(folder)  # the link goes, never what it points at
         shutil.rmtree(folder, ignore_errors=True)
-        os.makedirs(folder, exist_ok=True)
+        os.makedirs(output_dir, exist_ok=True)
+        os.mkdir(folder)  # fails on a name re-planted in between: nothing is written then
         for record in records:
-            with open(os.path.join(folder, f"rank{record.rank}.json"), "w", encoding="utf-8") as handle:
+            with open_new(os.path.join(folder, f"rank{record.rank}.json")) as handle:
                 json.dump(asdict(record), handle, indent=1)
     except OSError:
         return None

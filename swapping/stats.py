@@ -77,3 +77,23 @@ class Totals:
         out = asdict(self)
         out["hidden_frac"] = hidden_fraction(self.stall_ms, self.swap_out_ms + self.swap_in_ms)
         return out
+
+
+_PEAKS = ("peak_saved_bytes", "max_memory_allocated")       # the largest of the micro-batches
+_LAST = ("resident_saved_bytes", "host_pool_bytes", "recomputed_modules")
+
+
+def combine_steps(first: Dict[str, float], second: Dict[str, float]) -> Dict[str, float]:
+    """Two engine steps' stats as one (gradient accumulation: one engine step per micro-batch, one
+    record per optimizer step): counts, bytes and times add, peaks take the larger, levels the later."""
+    if not first:
+        return dict(second)
+    out = dict(second)
+    for key, value in second.items():
+        if key in _PEAKS:
+            out[key] = max(value, first.get(key, 0))
+        elif key not in _LAST and key != "hidden_frac":
+            out[key] = first.get(key, 0) + value
+    if "hidden_frac" in out:
+        out["hidden_frac"] = hidden_fraction(out.get("stall_ms", 0.0), out.get("swap_out_ms", 0.0) + out.get("swap_in_ms", 0.0))
+    return out

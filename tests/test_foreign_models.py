@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmsdp.launcher.config import load_config
-from lmsdp.launcher.train.data import DataSpec, SyntheticBatches
+from lmsdp.launcher.train.data import make_batches
 from lmsdp.launcher.config import ConfigError
 from lmsdp.launcher.train.loss import StepLoss, read_output
 from tests.support import LMSRUN, REPO, SCRIPTS
@@ -58,7 +58,6 @@ class Case:
     overrides: List[str]
     build: Callable[[], nn.Module]
     loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
-    data: DataSpec
     np: int = 2
     hf: bool = False
 
@@ -69,39 +68,38 @@ def _hf(name: str) -> Any:
     return getattr(transformers, name)
 
 
-LM = DataSpec("lm", [16], 64)
 CASES: Dict[str, Case] = {
     "gpt2-labels": Case(  # a class-method factory; GPT-2 shifts labels=input_ids itself and returns .loss
         ["model.factory=transformers:AutoModelForCausalLM.from_config", "model.config_factory=transformers:GPT2Config",
          f"model.kwargs={_yaml(GPT2)}", "model.pass_labels=true", "data.task=lm", "data.shape=[16]", "data.classes=64"],
         lambda: _hf("GPT2LMHeadModel")(_hf("GPT2Config")(**GPT2)),
-        lambda model, x, y: model(x, labels=x).loss, LM, hf=True),
+        lambda model, x, y: model(x, labels=x).loss, hf=True),
     "gpt2-logits": Case(  # .logits read from the output object; the task's loss against the shifted targets
         ["model.factory=transformers:GPT2LMHeadModel", "model.config_factory=transformers:GPT2Config",
          f"model.kwargs={_yaml(GPT2)}", "data.task=lm", "data.shape=[16]", "data.classes=64"],
         lambda: _hf("GPT2LMHeadModel")(_hf("GPT2Config")(**GPT2)),
-        lambda model, x, y: F.cross_entropy(model(x).logits.flatten(0, 1), y.flatten()), LM, hf=True),
+        lambda model, x, y: F.cross_entropy(model(x).logits.flatten(0, 1), y.flatten()), hf=True),
     "bert": Case(  # sequence classification on token ids (data.vocab), labels passed
         ["model.factory=transformers:BertForSequenceClassification", "model.config_factory=transformers:BertConfig",
          f"model.kwargs={_yaml(BERT)}", "model.pass_labels=true", "data.task=classify", "data.shape=[16]",
          "data.classes=4", "data.vocab=64"],
         lambda: _hf("BertForSequenceClassification")(_hf("BertConfig")(**BERT)),
-        lambda model, x, y: model(x, labels=y).loss, DataSpec("classify", [16], 4, 64), hf=True),
+        lambda model, x, y: model(x, labels=y).loss, hf=True),
     "googlenet": Case(  # GoogLeNetOutputs(logits, aux_logits2, aux_logits1)
         ["model.factory=lmsdp.launcher.models.aux_heads:googlenet", "model.kwargs={num_classes: 10, width: 32, layers: 2}",
          "data.task=classify", "data.shape=[3, 8, 8]", "data.classes=10", f"train.aux_weight={AUX}"],
         lambda: aux_heads.googlenet(10, 32, 2),
-        lambda model, x, y: _googlenet_loss(model(x), y), DataSpec("classify", [3, 8, 8], 10)),
+        lambda model, x, y: _googlenet_loss(model(x), y)),
     "fcn-dict": Case(  # {'out': ..., 'aux': ...}, per-pixel classes
         ["model.factory=lmsdp.launcher.models.aux_heads:fcn", "model.kwargs={num_classes: 4, width: 32, layers: 2}",
          "data.task=segment", "data.shape=[3, 8, 8]", "data.classes=4", f"train.aux_weight={AUX}"],
         lambda: aux_heads.fcn(4, 32, 2),
-        lambda model, x, y: _fcn_loss(model(x), y), DataSpec("segment", [3, 8, 8], 4)),
+        lambda model, x, y: _fcn_loss(model(x), y)),
     "user-loss": Case(  # an output no reader knows, trained through train.loss
         ["model.factory=foreign_outputs:scores_net", "model.kwargs={inputs: 12, width: 32, classes: 4, layers: 2}",
          "train.loss=foreign_outputs:scores_loss", "data.task=classify", "data.shape=[12]", "data.classes=4"],
         lambda: foreign_outputs.scores_net(12, 32, 4, 2),
-        lambda model, x, y: foreign_outputs.scores_loss(model(x), y), DataSpec("classify", [12], 4)),
+        lambda model, x, y: foreign_outputs.scores_loss(model(x), y)),
 }
 # A job that must stop with one line before the first step (the other first-step refusals raise the
 # same ConfigError through the same path: they are checked in-process below).
@@ -132,13 +130,15 @@ def _env() -> Dict[str, str]:
 def _argv(out: Path, overrides: List[str], np: int) -> List[str]:
     job = out.parent / "job.yaml"
     job.write_text("name: foreign\n")
-    base = [f"train.batch_size={BATCH}", f"train.steps={STEPS}", f"train.seed={SEED}", "train.progress=false",
-            "train.deterministic=true", "comm.backend=torch", "optimizer.name=sgd", f"optimizer.lr={LR}",
-            f"optimizer.momentum={MOMENTUM}"]
     argv = [LMSRUN, str(job), "-np", str(np), "--threads", "1", "--output-dir", str(out)]
-    for item in base + SWAP + overrides:
+    for item in BASE + SWAP + overrides:
         argv += ["--set", item]
     return argv
+
+
+BASE = [f"train.batch_size={BATCH}", f"train.steps={STEPS}", f"train.seed={SEED}", "train.progress=false",
+        "train.deterministic=true", "comm.backend=torch", "optimizer.name=sgd", f"optimizer.lr={LR}",
+        f"optimizer.momentum={MOMENTUM}"]
 
 
 def _run_all(jobs: Dict[str, List[str]], root: Path) -> Dict[str, subprocess.CompletedProcess]:
@@ -192,7 +192,8 @@ def hand_loop(case: Case) -> Tuple[List[float], Dict[str, torch.Tensor]]:
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM)
-        sources = [SyntheticBatches(case.data, BATCH, SEED, rank) for rank in (0, 1)]
+        config = load_config(None, BASE + case.overrides)  # the job's data: the same batches per rank
+        sources = [make_batches(config, rank, 2)[0] for rank in (0, 1)]
         losses = []
         for step in range(STEPS):
             grads, rank_losses = [], []

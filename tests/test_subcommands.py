@@ -20,15 +20,16 @@ def test_help_lists_every_subcommand_with_its_line(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "80")  # argparse wraps the description to this width
     assert _main(["--help"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    at = lines.index("subcommands (lmsrun {plan,tune,report,export,slurm} ... ; each has its own --help):")
-    assert lines[at + 1:at + 6] == [
+    at = lines.index("subcommands (lmsrun {plan,tune,report,export,data,slurm} ... ; each has its own --help):")
+    assert lines[at + 1:at + 7] == [
         "  plan    predict peak memory and step time; choose what to keep, swap or recompute",
         "  tune    short trial runs choose ranks, threads, batch and binding; --write a tuned config",
         "  report  plots and an HTML page of one or more finished runs",
         "  export  one consolidated model.pt from a run's (sharded) checkpoint",
+        "  data    make data files: a byte-level token file from text (lmsrun data tokens PATH --out FILE)",
         "  slurm   write (or submit) an sbatch script for a config",
     ]
-    assert lines[at + 6:] == []
+    assert lines[at + 7:] == []
     # the description above is still wrapped to the terminal, not printed as one long line
     assert "Data-parallel training with large model support: one MPI rank per GPU. With" in lines
 
@@ -45,7 +46,7 @@ def test_a_misspelt_subcommand_is_one_line_with_a_guess(capsys, word, guess):
     assert _main([word, "x.yaml"]) == 2
     err = capsys.readouterr().err
     assert err == (f"lmsrun: error: {word}: no such subcommand or file (did you mean 'lmsrun {guess}'?); "
-                   "subcommands: plan, tune, report, export, slurm\n")
+                   "subcommands: plan, tune, report, export, data, slurm\n")
 
 
 def test_an_existing_file_named_like_a_typo_is_still_a_config(tmp_path, monkeypatch, capsys):

@@ -95,7 +95,7 @@ def _lmsrun(config: str, out: str, *extra: str, **kwargs) -> subprocess.Popen:
 
 
 def _final_model(out: str, step: int):
-    state = torch.load(os.path.join(out, "checkpoints", f"step-{step:08d}.pt"), weights_only=False)
+    state = torch.load(os.path.join(out, "checkpoints", f"step-{step:08d}.pt"), weights_only=True)  # plain data only
     return state["model"]
 
 

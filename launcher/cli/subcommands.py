@@ -23,6 +23,8 @@ SUBCOMMANDS.register("report", "lmsdp.launcher.tools.report:main",
                      "plots and an HTML page of one or more finished runs")
 SUBCOMMANDS.register("export", "lmsdp.launcher.tools.export:main",
                      "one consolidated model.pt from a run's (sharded) checkpoint")
+SUBCOMMANDS.register("data", "lmsdp.launcher.tools.data:main",
+                     "make data files: a byte-level token file from text (lmsrun data tokens PATH --out FILE)")
 SUBCOMMANDS.register("slurm", "lmsdp.launcher.tools.slurm:main",
                      "write (or submit) an sbatch script for a config")
 

@@ -47,10 +47,25 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Training data: seeded synthetic batches, or a map-style Dataset from ``factory``."""
+    """Training data: seeded synthetic samples, a token file, an image folder, or a user's Dataset;
+    loaded by DataLoader workers in the order the rank's sampler gives (a pure function of seed and step)."""
 
     kind: str = field(default="synthetic", metadata={
-        "choices": ("synthetic", "factory"), "help": "synthetic batches or a Dataset from factory"})
+        "choices": ("synthetic", "tokens", "image_folder", "factory"),
+        "help": "synthetic samples (targets a fixed function of the inputs), tokens (path: flat token file), "
+                "image_folder (path: one subfolder per class), or a Dataset from factory"})
+    path: Optional[str] = field(default=None, metadata={
+        "help": "tokens: the token file ('lmsrun data tokens' makes one); image_folder: the folder"})
+    dtype: str = field(default="uint16", metadata={"choices": ("uint16", "uint32"), "help": "tokens: id type"})
+    val_path: Optional[str] = field(default=None, metadata={"help": "validation token file or image folder"})
+    val_fraction: float = field(default=0.0, metadata={
+        "min": 0.0, "max": 0.5, "help": "held-out fraction for validation when val_path is not given"})
+    workers: Union[int, str] = field(default="auto", metadata={
+        "choices": ("auto",), "help": "DataLoader worker processes per rank (auto: 0 for synthetic, else up "
+                                      "to 2, taken from the rank's intra-op threads)"})
+    prefetch: int = field(default=2, metadata={"min": 1, "help": "batches each worker loads ahead"})
+    pin_memory: Union[bool, str] = field(default="auto", metadata={
+        "choices": ("auto",), "help": "pinned host batches (auto: when the device is CUDA)"})
     task: str = field(default="auto", metadata={
         "choices": ("auto", "classify", "lm", "segment", "regress"),
         "help": "what the targets are; auto follows the model (resnet: classify, gpt: lm, unet3d: segment)"})
@@ -79,6 +94,18 @@ class OptimizerConfig:
     weight_decay: float = field(default=0.0, metadata={"min": 0.0, "help": "weight decay"})
     kwargs: Dict[str, Any] = field(default_factory=dict, metadata={
         "help": "further keyword arguments for the torch optimizer (e.g. betas, nesterov)"})
+    schedule: str = field(default="constant", metadata={
+        "choices": ("constant", "cosine", "linear"), "help": "learning-rate schedule after the warm-up"})
+    warmup_steps: int = field(default=0, metadata={"min": 0, "help": "steps of linear warm-up from 0 to lr"})
+    min_lr: float = field(default=0.0, metadata={"min": 0.0, "help": "where cosine and linear decay end"})
+
+
+@dataclass
+class EvalConfig:
+    """Validation during training: loss and accuracy (or perplexity) averaged over every rank."""
+
+    every: int = field(default=0, metadata={"min": 0, "help": "steps between evaluations (0: off)"})
+    steps: int = field(default=4, metadata={"min": 1, "help": "validation batches per rank per evaluation"})
 
 
 @dataclass
@@ -87,7 +114,9 @@ class TrainConfig:
 
     steps: int = field(default=0, metadata={"min": 0, "help": "optimizer steps to run (0: use epochs)"})
     epochs: int = field(default=1, metadata={"min": 0, "help": "epochs over data.samples when steps is 0"})
-    batch_size: int = field(default=32, metadata={"min": 1, "help": "samples per rank per step"})
+    batch_size: int = field(default=32, metadata={"min": 1, "help": "samples per rank per micro-batch"})
+    accumulate: int = field(default=1, metadata={
+        "min": 1, "help": "micro-batches per optimizer step (gradient accumulation; one swap-engine step each)"})
     seed: int = field(default=0, metadata={"help": "seed for weights, data and dropout"})
     log_every: int = field(default=10, metadata={"min": 1, "help": "steps between log lines when not on a terminal"})
     amp: bool = field(default=False, metadata={"help": "mixed precision autocast (GradScaler for float16)"})
@@ -171,6 +200,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     swap: SwapConfig = field(default_factory=SwapConfig)
     comm: CommConfig = field(default_factory=CommConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
@@ -215,12 +245,10 @@ def check_config(config: Config) -> None:
     _check_model(config)
     if config.train.loss:
         _check_user_loss(config.train.loss)
-    if config.data.kind == "factory":
-        if not config.data.factory:
-            raise ConfigError("data.factory: required when data.kind is 'factory' ('package.module:function')")
-        resolve_factory(config.data.factory, "data.factory")
-    elif config.data.factory:
-        raise ConfigError("data.factory: set data.kind to 'factory' to use it (data.kind is 'synthetic')")
+    _check_data(config.data)
+    if config.train.accumulate > 1 and config.comm.backward_passes_per_step not in (1, config.train.accumulate):
+        raise ConfigError(f"comm.backward_passes_per_step: {config.comm.backward_passes_per_step} disagrees with "
+                          f"train.accumulate: {config.train.accumulate}; set train.accumulate only (it sets the other)")
     if config.data.shape is not None and (not config.data.shape or any(d < 1 for d in config.data.shape)):
         raise ConfigError(f"data.shape: expected a non-empty list of positive integers, got {config.data.shape}")
     if config.train.steps == 0 and config.train.epochs == 0:
@@ -350,6 +378,28 @@ def _check_recompute_entries(recompute: Any) -> None:
         where = "swap.recompute" if isinstance(recompute, str) else f"swap.recompute[{i}]"
         raise ConfigError(f"{where}: '{entry}' is not allowed{guess}; allowed: auto, " + ", ".join(RECOMPUTE_KINDS)
                           + ", or module names: dotted paths from named_modules() (blocks.0.mlp) or module:NAME")
+
+
+def _check_data(data: DataConfig) -> None:
+    """The keys each data.kind needs, and no key it would ignore."""
+    if data.kind == "factory":
+        if not data.factory:
+            raise ConfigError("data.factory: required when data.kind is 'factory' ('package.module:function')")
+        resolve_factory(data.factory, "data.factory")
+    elif data.factory:
+        raise ConfigError(f"data.factory: set data.kind to 'factory' to use it (data.kind is '{data.kind}')")
+    if data.kind in ("tokens", "image_folder"):
+        if not data.path:
+            raise ConfigError(f"data.path: required when data.kind is '{data.kind}'")
+        if not os.path.exists(data.path):
+            raise ConfigError(f"data.path: not found: {data.path}")
+    elif data.path or data.val_path:
+        raise ConfigError(f"data.{'path' if data.path else 'val_path'}: only for data.kind tokens or image_folder "
+                          f"(data.kind is '{data.kind}')")
+    if data.val_path and not os.path.exists(data.val_path):
+        raise ConfigError(f"data.val_path: not found: {data.val_path}")
+    if isinstance(data.workers, int) and data.workers < 0:
+        raise ConfigError(f"data.workers: must be >= 0 or auto, got {data.workers}")
 
 
 def _check_trace_schedule(train: TrainConfig) -> None:

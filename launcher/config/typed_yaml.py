@@ -257,6 +257,8 @@ def _matches(value: Any, hint: Any) -> bool:
         return isinstance(value, str)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
+    if hint is bool:
+        return isinstance(value, bool)
     return True
 
 
@@ -267,9 +269,11 @@ def _unknown_key(path: str, key: str, fields: Dict[str, Any]) -> ConfigError:
 
 
 def _check_min(value: float, meta: typing.Mapping[str, Any], path: str) -> None:
-    low = meta.get("min")
+    low, high = meta.get("min"), meta.get("max")
     if low is not None and value < low:
         raise ConfigError(f"{path}: must be >= {low}, got {value}")
+    if high is not None and value > high:
+        raise ConfigError(f"{path}: must be <= {high}, got {value}")
 
 
 def _type_name(hint: Any) -> str:

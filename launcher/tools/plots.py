@@ -244,6 +244,7 @@ CURVES = [  # (title, y label, metric key, scale)
     ("device memory (CUDA)", "MiB", "device_reserved_bytes", 1 / MiB),
 ]
 OVERLAYS = {  # a second, dashed line in a panel: (metric key, what the dashes are)
+    "loss": ("eval_loss", "train solid, validation dashed"),
     "stall_ms": ("comm_wait_ms", "swap stall solid, allreduce wait dashed"),
     "device_reserved_bytes": ("device_allocated_bytes", "reserved solid, allocated dashed"),
 }

@@ -6,6 +6,10 @@ Each save hashes the bytes as they are written and puts the SHA-256 next to the 
 (``step-N.pt.sha256``, renamed into place before the checkpoint itself); loading checks it first.
 A checkpoint without one (older, or copied in by hand) is checked against its zip CRCs instead.
 
+Loading never runs code (launcher/train/checkpoint_trust.py): states are made plain data before they are
+written, and read with ``torch.load(weights_only=True)``; a file that needs more is refused with one
+line, like a damaged one, and the next older checkpoint is used.
+
 Failures to write (full disk, read-only folder) are one line naming the path and the cause
 (``CheckpointWriteError``), and ``preflight`` finds them before training rather than at the first save.
 """
@@ -25,6 +29,9 @@ from typing import Any, BinaryIO, Dict, List, Optional, Tuple
 import torch
 
 from lmsdp.launcher.config.errors import UserError
+from lmsdp.runtime.new_file import current_umask, open_new
+
+from .checkpoint_trust import UnsafeCheckpoint, load_weights_only, make_plain
 
 _NAME = re.compile(r"^step-(\d{8,})\.pt$")
 DIGEST_SUFFIX = ".sha256"
@@ -60,12 +67,6 @@ class _HashingWriter:
         except OSError as exc:
             self.error = self.error or exc
             raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _cause(exc: BaseException) -> str:
@@ -113,22 +114,28 @@ class CheckpointManager:
         return os.path.join(self.directory, f"step-{step:08d}.pt")
 
     def save(self, step: int, state: Dict[str, Any]) -> str:
-        """Write ``state`` for ``step`` atomically with its digest and prune old checkpoints; returns
-        the path. A write that fails raises CheckpointWriteError (path and cause, one line)."""
-        final = self.path_for(step)
+        """Write ``state`` (tensors and plain data only: NotPlainData otherwise) for ``step`` atomically
+        with its digest and prune old checkpoints; returns the path. A write that fails raises
+        CheckpointWriteError (path and cause, one line)."""
+        final = self.write(self.path_for(step), make_plain(state))
+        self._prune()
+        return final
+
+    def write(self, final: str, state: Dict[str, Any]) -> str:
+        """``state`` to ``final`` (in this manager's folder) and its digest next to it, atomically."""
         tmp = tmp_digest = None
         writer: Optional[_HashingWriter] = None
         try:
             os.makedirs(self.directory, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".pt", dir=self.directory)
-            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would ignore the user's umask
+            os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would ignore the user's umask
             with os.fdopen(fd, "wb") as handle:
                 writer = _HashingWriter(handle)
                 torch.save(state, writer)
                 handle.flush()
                 os.fsync(handle.fileno())
             tmp_digest = tmp + DIGEST_SUFFIX
-            with open(tmp_digest, "w", encoding="ascii") as handle:
+            with open_new(tmp_digest) as handle:  # a predictable name: never through a planted link
                 handle.write(f"{writer.digest.hexdigest()}  {os.path.basename(final)}\n")
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -144,7 +151,6 @@ class CheckpointManager:
         except BaseException:
             self._discard(tmp, tmp_digest)
             raise
-        self._prune()
         return final
 
     @staticmethod
@@ -167,7 +173,7 @@ class CheckpointManager:
             orphan = name.endswith(DIGEST_SUFFIX) and not os.path.exists(path[: -len(DIGEST_SUFFIX)])
             if name.startswith(TMP_PREFIX) or orphan:
                 try:
-                    if os.path.isdir(path):  # a sharded save's .tmp-step-N/ folder
+                    if os.path.isdir(path) and not os.path.islink(path):  # a sharded save's .tmp-step-N/
                         shutil.rmtree(path)
                     else:
                         os.unlink(path)
@@ -224,14 +230,12 @@ class CheckpointManager:
         for _, path in self.candidates():
             try:
                 verify(path)
-                state = torch.load(path, map_location=map_location, weights_only=False)
+                state = load_weights_only(path, path, map_location)
                 if not isinstance(state, dict) or "step" not in state or "model" not in state:
                     raise ValueError("not an lmsdp checkpoint (missing 'step'/'model')")
             except Exception as exc:  # noqa: BLE001 - any failure means: do not trust this file
-                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 if self.announce:
-                    print(f"[lmsdp] warning: checkpoint {path} is damaged or incomplete ({reason}); "
-                          "trying an older one", file=sys.stderr, flush=True)
+                    print(skip_line(path, exc), file=sys.stderr, flush=True)
                 continue
             return path, state
         return None
@@ -243,6 +247,14 @@ class CheckpointManager:
                     os.unlink(victim)
                 except FileNotFoundError:
                     pass
+
+
+def skip_line(path: str, exc: BaseException) -> str:
+    """The one warning line for a checkpoint ``--resume`` passes over: refused (it would run code) or damaged."""
+    if isinstance(exc, UnsafeCheckpoint):
+        return f"[lmsdp] warning: checkpoint {exc.args[0]}; trying an older one (hint: {exc.hint})"
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"[lmsdp] warning: checkpoint {path} is damaged or incomplete ({reason}); trying an older one"
 
 
 def _disk_full(directory: str) -> bool:

@@ -4,6 +4,10 @@ Rank 0 holds an exclusive ``flock`` on the file (Linux maps it to a POSIX lock o
 and writes its host, pid and start time into it. The kernel drops the lock when the holder dies,
 however it dies, so a stale lock (kill -9, a crashed node's NFS lease) never blocks: the next job
 takes it over and says so. A second job while the first is alive gets one line naming the holder.
+
+The name is predictable and the folder may be shared: the file is opened without following a link
+(``O_NOFOLLOW``) and must be a regular file (a planted FIFO would hang the open: ``O_NONBLOCK``),
+else one line says so; it is created with the user's umask.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import sys
 import time
 from dataclasses import dataclass
@@ -28,6 +33,27 @@ class CheckpointInUse(UserError):
     """Another live job writes checkpoints into the same folder."""
 
 
+class LockNotAFile(UserError):
+    """Something other than a regular file (a planted link, a FIFO) sits at the lock's name."""
+
+
+def _open_lock(path: str, flags: int) -> int:
+    """Open the lock file at ``path`` never through a link, and only when it is a regular file."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        fd = -1
+    if fd >= 0 and stat.S_ISREG(os.fstat(fd).st_mode):
+        return fd
+    if fd >= 0:
+        os.close(fd)
+    raise LockNotAFile(f"train.checkpoint_dir: {path} is not a regular file (a symbolic link or other "
+                       "planted there?); lmsdp never writes through one",
+                       hint="remove it if it is not yours, and check who else can write that folder")
+
+
 def _holder_text(info: Dict[str, Any]) -> str:
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("since", 0))) if info.get("since") else "?"
     return f"pid {info.get('pid', '?')} on host {info.get('host', '?')}, since {when}"
@@ -35,11 +61,13 @@ def _holder_text(info: Dict[str, Any]) -> str:
 
 def _read_info(path: str) -> Dict[str, Any]:
     try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
+        fd = _open_lock(path, os.O_RDONLY)
+    except (OSError, UserError):
         return {}
+    try:
+        return _read_fd(fd)
+    finally:
+        os.close(fd)
 
 
 def _read_fd(fd: int) -> Dict[str, Any]:
@@ -63,7 +91,7 @@ class CheckpointLock:
         os.makedirs(self.directory, exist_ok=True)
         self.path = os.path.join(self.directory, LOCK_NAME)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            fd = _open_lock(self.path, os.O_RDWR | os.O_CREAT)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
@@ -114,10 +142,10 @@ def check_free(directory: str) -> None:
     """Raise CheckpointInUse when a live job holds ``directory`` (lmsrun's check before starting
     ranks; rank 0's ``acquire`` is the one that counts)."""
     path = os.path.join(directory, LOCK_NAME)
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         return
     try:
-        fd = os.open(path, os.O_RDWR)
+        fd = _open_lock(path, os.O_RDWR)
     except OSError:
         return  # unreadable: rank 0's acquire reports it
     try:

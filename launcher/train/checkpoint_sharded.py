@@ -6,7 +6,10 @@ Atomic like the single-file checkpoints: all ranks write into ``.tmp-step-<N>/``
 coordinator (rank 0) writes ``.metadata`` once every rank's files are fsynced; then rank 0 writes
 ``lmsdp.pt`` (step, loss scaler, every rank's RNG state, config) and renames the folder to
 ``step-<N>``. A folder without both files is never loaded; a damaged one is skipped for the next
-older one, on every rank alike (rank 0 chooses, the others follow).
+older one, on every rank alike (rank 0 chooses, the others follow). Nothing read runs code
+(launcher/train/checkpoint_trust.py): ``lmsdp.pt`` and DCP's byte items load weights-only, ``.metadata``
+through an unpickler that knows DCP's metadata classes only; a folder needing more is refused like a
+damaged one. ``.tmp-step-<N>/`` is made private (0700) while written, so nobody plants a link in it.
 
 DCP reshards on load, so a folder written by N ranks loads into M ranks under shard; the
 converters at the end move state between this layout (full state, optimizer keyed by parameter
@@ -24,10 +27,13 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .checkpoint import fsync_dir
+from lmsdp.runtime.new_file import current_umask, open_new
+
+from .checkpoint import fsync_dir, skip_line
+from .checkpoint_trust import (DCP_METADATA, UnsafeCheckpoint, check_dcp_folder, load_weights_only, make_plain,
+                               safe_full_planner, safe_planner, safe_reader)
 
 META = "lmsdp.pt"
-DCP_METADATA = ".metadata"
 _NAME = re.compile(r"^step-(\d{8,})$")
 
 
@@ -71,22 +77,23 @@ class ShardedCheckpointManager:
         final = self.path_for(step)
         tmp = os.path.join(self.directory, f".tmp-step-{step:08d}")
         if is_main:
+            extra = make_plain(extra, f"{META}")
             os.makedirs(self.directory, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)  # left by a crash mid-save
-            os.makedirs(tmp)
+            _remove(tmp)  # left by a crash mid-save (or a link planted at the name: the link goes)
+            os.mkdir(tmp, 0o700)  # private while written: nobody else can plant names inside
         self.backend.barrier()
         model_state, optim_state = get_state_dict(model, _inner(optimizer))
         dcp.save({"model": model_state, "optimizer": optim_state},
                  storage_writer=dcp.FileSystemWriter(tmp, sync_files=True))
         if is_main:
-            meta = os.path.join(tmp, META)
-            with open(meta, "wb") as handle:
+            with open_new(os.path.join(tmp, META), binary=True) as handle:
                 torch.save(extra, handle)
                 handle.flush()
                 os.fsync(handle.fileno())
+            os.chmod(tmp, 0o777 & ~current_umask())  # done: readable as the user's umask says
             fsync_dir(tmp)
-            if os.path.exists(final):  # the same step saved again (e.g. after a resume)
-                shutil.rmtree(final)
+            if os.path.lexists(final):  # the same step saved again (e.g. after a resume)
+                _remove(final)
             os.replace(tmp, final)
             fsync_dir(self.directory)
             self._prune()
@@ -102,7 +109,7 @@ class ShardedCheckpointManager:
         def read(path: str) -> Dict[str, Any]:  # DCP reshards into this job's sharded model
             model_state, optim_state = get_state_dict(model, _inner(optimizer))
             state = {"model": model_state, "optimizer": optim_state}
-            dcp.load(state, storage_reader=dcp.FileSystemReader(path))
+            dcp.load(state, storage_reader=safe_reader(path), planner=safe_planner(path))
             return state
 
         def apply(state: Dict[str, Any]) -> None:
@@ -133,19 +140,19 @@ class ShardedCheckpointManager:
         for _, path in choices:
             problem, state = None, None
             try:
-                extra = torch.load(os.path.join(path, META), map_location="cpu", weights_only=False)
+                extra = load_weights_only(os.path.join(path, META), os.path.join(path, META))
                 if not isinstance(extra, dict) or "step" not in extra:
                     raise ValueError(f"{META} is not lmsdp's (missing 'step')")
+                check_dcp_folder(path)
                 state = read(path)
             except BaseException as exc:  # noqa: BLE001 - do not trust this folder (DCP's
                 if isinstance(exc, (KeyboardInterrupt, SystemExit)):  # CheckpointException is a BaseException)
                     raise
-                problem = _first_line(exc)
+                problem = skip_line(path, _cause(exc))
             problems = [p for p in self.backend.allgather_object(problem) if p]
             if problems:
                 if self.backend.rank == 0:
-                    print(f"[lmsdp] warning: checkpoint {path} is damaged or incomplete ({problems[0]}); "
-                          "trying an older one", file=sys.stderr, flush=True)
+                    print(problems[0], file=sys.stderr, flush=True)
                 continue
             apply(state)  # type: ignore[arg-type]
             return path, extra
@@ -156,15 +163,22 @@ class ShardedCheckpointManager:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _first_line(exc: BaseException) -> str:
-    """The first line that says something: DCP wraps each rank's error, the cause is the useful part."""
-    failures = getattr(exc, "failures", None)  # CheckpointException: {rank: WrappedException}
+def _cause(exc: BaseException) -> BaseException:
+    """DCP wraps each rank's error (CheckpointException: {rank: WrappedException}); the cause is the useful part."""
+    failures = getattr(exc, "failures", None)
     if isinstance(failures, dict) and failures:
         inner = getattr(next(iter(failures.values())), "exc", None)
         if isinstance(inner, BaseException):
-            exc = inner
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+            return inner
+    return exc
+
+
+def _remove(path: str) -> None:
+    """Remove a folder of ours, or just the name when it is a link or a file (never a link's target)."""
+    if os.path.islink(path) or os.path.isfile(path):
+        os.unlink(path)
+    elif os.path.isdir(path):
+        shutil.rmtree(path)
 
 
 def _inner(optimizer: Any) -> Any:
@@ -177,15 +191,19 @@ def read_full(path: str, keys: Tuple[str, ...] = ("model", "optimizer")) -> Dict
     dcp_to_torch_save does the same; ``dcp.load`` would fill a copy, not the dict passed)."""
     import warnings
 
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+    check_dcp_folder(path)
     state: Dict[str, Any] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "torch.distributed is ... uninitialized": intended here
-        _load_state_dict(state, storage_reader=dcp.FileSystemReader(path),
-                         planner=_EmptyStateDictLoadPlanner(keys=set(keys)), no_dist=True)
+        try:
+            _load_state_dict(state, storage_reader=safe_reader(path), planner=safe_full_planner(path, keys=set(keys)),
+                             no_dist=True)
+        except BaseException as exc:  # noqa: BLE001 - DCP wraps ours in a CheckpointException
+            if isinstance(_cause(exc), UnsafeCheckpoint):
+                raise _cause(exc) from None
+            raise
     missing = [key for key in keys if key not in state]
     if missing:
         raise ValueError(f"{path} holds no {' or '.join(missing)} state")

@@ -17,19 +17,12 @@ def workload_from_config(config: Any) -> Any:
     """A planner ``Workload`` built with the worker's own builders (model, batches, optimizer, loss)."""
     from lmsdp.swapping.profile import Workload
 
-    from lmsdp.launcher.train.data import make_batches
     from lmsdp.launcher.train.build import amp_dtype, build_network, build_optimizer
     from lmsdp.launcher.train.loss import StepLoss
 
     step_loss = StepLoss.from_config(config)
 
-    def make_batch(n: int) -> Tuple[Any, Any]:
-        if config.data.kind == "factory":
-            return factory_batch(n)
-        sized = dataclasses.replace(config, train=dataclasses.replace(config.train, batch_size=n))
-        return make_batches(sized, 0, 1)[0].batch(0)
-
-    factory_batch = _FactoryBatch(config)
+    make_batch = _SampleBatch(config)
     amp = amp_dtype(config)
     label = f"model.factory: {config.model.factory}" if config.model.factory else f"model.name: {config.model.name}"
     return Workload(build_model=lambda: build_network(config), make_batch=make_batch,
@@ -37,11 +30,11 @@ def workload_from_config(config: Any) -> Any:
                     build_optimizer=lambda model: build_optimizer(config, model), autocast=amp, label=label)
 
 
-class _FactoryBatch:
-    """Batches of any size from the user's Dataset, for the planner: only shapes matter there.
+class _SampleBatch:
+    """Batches of any size of the job's data, for the planner: only shapes matter there.
 
-    The dataset is real data (its factory may read files or build tensors), so it is built and read
-    outside the planner's fake-tensor mode, once; a batch of ``n`` is the first sample repeated, which
+    The dataset is real data (files read, images decoded, a user's factory, synthetic targets computed
+    from values), so it is built and read outside the planner's fake-tensor mode, once; a batch of ``n`` is the first sample repeated, which
     under fake mode costs no memory and is not bounded by the dataset's length (the largest-batch search
     goes beyond it)."""
 

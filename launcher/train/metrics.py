@@ -155,6 +155,7 @@ class RunSummary:
         self._sums: Dict[str, float] = {}          # every numeric key over all steps
         self._steady: Dict[str, float] = {}        # over the steady steps
         self._step_time, self._throughput = LogHistogram(), LogHistogram()
+        self._last_eval: Dict[str, Any] = {}
 
     def add(self, record: Dict[str, Any]) -> None:
         self.steps_run += 1
@@ -165,6 +166,8 @@ class RunSummary:
         self._step_time.add(record["step_time_s"])
         self._throughput.add(record["samples_per_s"])
         self._last = record
+        if "eval_loss" in record:  # the run's last validation goes into the summary
+            self._last_eval = {f"final_{k}": v for k, v in record.items() if k.startswith("eval_")}
 
     def totals(self, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         out: Dict[str, Any] = {"steps_run": self.steps_run, "wall_s": time.perf_counter() - self.started}
@@ -179,6 +182,7 @@ class RunSummary:
                 out["allreduce_ms_total"] = self._sums["allreduce_ms"]
                 out["allreduce_hidden_frac_mean"] = self._steady.get("allreduce_hidden_frac", 0.0) / steady_steps
             out.update(_collective_rows(self._sums))
+            out.update(self._last_eval)
         out.update(extra or {})
         return out
 

@@ -11,6 +11,7 @@ from typing import Any, Dict, Optional
 
 from lmsdp.comm import merge_traces
 from lmsdp.runtime import run_folder
+from lmsdp.runtime.new_file import open_new
 from lmsdp.swapping import SwapEngine
 
 from lmsdp.launcher.config import Config
@@ -54,7 +55,7 @@ def write_json(path: str, data: Dict[str, Any]) -> None:
     """Atomically (temp file, rename); NaN/inf become null: bare NaN is not JSON."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
+    with open_new(tmp) as handle:  # a predictable name in the run folder: never through a planted link
         json.dump(_finite(data), handle, indent=2, default=str, allow_nan=False)
     os.replace(tmp, path)
 

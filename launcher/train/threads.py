@@ -38,11 +38,14 @@ from torch import nn
 DIRECTIONS = ("fwd", "bwd")
 
 
-def configure_threads(launch: Any, topology: Any) -> int:
+def configure_threads(launch: Any, topology: Any, loader_workers: int = 0) -> int:
     """Set this rank's intra-op (and inter-op, when given) threads; returns the uniform intra-op count
-    (``auto`` starts from the uniform rule and changes counts per module later)."""
+    (``auto`` starts from the uniform rule and changes counts per module later). Data loader workers
+    take their cores out of the rank's share, unless ``launch.threads`` fixes the count."""
     configured = launch.threads if isinstance(launch.threads, int) else 0
     base = topology.threads(configured)
+    if not configured:
+        base = max(1, base - loader_workers)
     torch.set_num_threads(base)
     interop = getattr(launch, "interop_threads", 0)
     if interop and torch.get_num_interop_threads() != interop:

@@ -7,23 +7,26 @@ stop flag, so when any rank is asked to stop all ranks stop after the same step 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import sys
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 
 from lmsdp.runtime import run_folder
 from lmsdp.runtime.signals import RANK_STOP_SIGNALS, SignalHandlers
 from lmsdp.runtime.topology import Topology
+from lmsdp.swapping.stats import combine_steps
 
 from lmsdp.launcher.config import Config, config_to_dict
 
 from . import threads as module_threads
 from .checkpoint import CheckpointManager
-from .data import make_batches
+from .data import Batch, RankBatches, has_validation, loader_workers, make_batches
+from .evaluate import evaluate
 from .job_plan import plan_log_line
 from .loss import StepLoss
 from .memory_meter import MemoryMeter, peak_totals
@@ -31,28 +34,41 @@ from .metrics import MetricsWriter, Progress, RunSummary
 from .outputs import engine_totals, merge_rank_traces, paths_in_output_dir, write_json
 from .parts import RunParts, build_parts, claim_checkpoint_dir
 from .resume import resume
+from .schedule import lr_at, set_lr
 from .state import checkpoint_state, get_rng, restore_state
 from .tensorboard import open_scalars
 
 
 def run_worker(config: Config, topology: Topology) -> int:
     """Train per ``config`` as this rank; returns the process exit code (128+signal when stopped)."""
-    base_threads = module_threads.configure_threads(config.launch, topology)
+    workers = loader_workers(config, topology.threads(0))
+    base_threads = module_threads.configure_threads(config.launch, topology, workers)
     if config.train.deterministic:
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(config.train.seed)
-    config = paths_in_output_dir(config)
+    config = with_accumulation(paths_in_output_dir(config))
     whole = CheckpointManager(config.checkpoint_dir, config.train.keep_checkpoints, announce=topology.rank == 0)
     lock = claim_checkpoint_dir(whole) if topology.rank == 0 else None
     try:
-        return Trainer(config, build_parts(config, topology, whole, lock, base_threads)).run()
+        return Trainer(config, build_parts(config, topology, whole, lock, base_threads), workers).run()
     finally:
         if lock is not None:
             lock.release()
 
 
-def total_steps(config: Config, steps_per_epoch: int) -> int:
-    return config.train.steps if config.train.steps > 0 else config.train.epochs * steps_per_epoch
+def total_steps(config: Config, micro_steps_per_epoch: int) -> int:
+    """Optimizer steps of the run (``train.steps``, or epochs of ``accumulate`` micro-batches each)."""
+    train = config.train
+    return train.steps if train.steps > 0 else max(1, train.epochs * micro_steps_per_epoch // train.accumulate)
+
+
+def with_accumulation(config: Config) -> Config:
+    """``train.accumulate: K`` under replicate: the backends' optimizers reduce every K-th backward
+    (their backward_passes_per_step); shard turns FSDP's gradient sync off before the last micro-batch."""
+    if config.train.accumulate == 1 or config.comm.strategy != "replicate":
+        return config
+    return dataclasses.replace(config, comm=dataclasses.replace(config.comm,
+                                                                backward_passes_per_step=config.train.accumulate))
 
 
 class StopRequest:
@@ -72,8 +88,9 @@ class Trainer:
     """Drives one rank's ``RunParts``: ``resume`` -> ``step`` x N (with ``save`` when due or asked)
     -> ``finish``. Holds no model-building logic: everything it touches was built by ``build_parts``."""
 
-    def __init__(self, config: Config, parts: RunParts) -> None:
-        self.config, self.parts = config, parts
+    def __init__(self, config: Config, parts: RunParts, loader_workers: int = 0) -> None:
+        self.config, self.parts, self.loader_workers = config, parts, loader_workers
+        self.total = 0  # optimizer steps of the whole run, known once the data is (run)
         self.rank, self.size = parts.backend.rank, parts.backend.size
         self.is_main = self.rank == 0
         self.step_loss = StepLoss.from_config(config)  # reads the output of any library's model
@@ -92,22 +109,33 @@ class Trainer:
         parts.strategy.sync_state(parts.model, parts.optimizer)
         return start_step, resumed_from
 
-    def step(self, step: int, batch: Tuple[torch.Tensor, torch.Tensor], stop: StopRequest) -> Tuple[Dict[str, Any], bool]:
-        """One optimizer step on ``batch``; returns its metrics record and whether any rank asked to stop."""
+    def step(self, step: int, micro_batches: Iterator[Batch], stop: StopRequest) -> Tuple[Dict[str, Any], bool]:
+        """One optimizer step over ``train.accumulate`` micro-batches (one swap-engine step each, the
+        loss scaled by 1/K so the gradient is the mean over all of them); returns its metrics record
+        and whether any rank asked to stop."""
         parts, train = self.parts, self.config.train
         started = time.perf_counter()
         parts.trace_window.begin(step)
         parts.backend.step_begins()
-        inputs, targets = (t.to(parts.device, non_blocking=True) for t in batch)
         parts.optimizer.zero_grad(set_to_none=True)
-        with self._autocast(), parts.engine:
-            loss = self.step_loss(parts.model, inputs, targets)
-        parts.scaler.scale(loss).backward()
+        swap_stats: Dict[str, float] = {}
+        losses = []
+        for micro in range(train.accumulate):
+            inputs, targets = (t.to(parts.device, non_blocking=True) for t in next(micro_batches))
+            last = micro == train.accumulate - 1
+            if train.accumulate > 1:
+                parts.strategy.gradient_sync(parts.model, last)
+            with self._autocast(), parts.engine:
+                micro_loss = self.step_loss(parts.model, inputs, targets)
+            parts.scaler.scale(micro_loss / train.accumulate if train.accumulate > 1 else micro_loss).backward()
+            swap_stats = combine_steps(swap_stats, parts.engine.step_end())
+            losses.append(micro_loss.detach())
+        loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
         if train.clip_grad_norm:
             grad_norm = parts.strategy.clip_grad_norm(parts.model, parts.optimizer, train.clip_grad_norm, parts.scaler)
+        set_lr(parts.optimizer, lr_at(step, self.total, self.config.optimizer))
         parts.scaler.step(parts.optimizer)
         parts.scaler.update()
-        swap_stats = parts.engine.step_end()
         comm_stats = parts.strategy.step_stats(parts.model, parts.optimizer)
         if train.clip_grad_norm:
             comm_stats["grad_norm"] = grad_norm
@@ -120,9 +148,15 @@ class Trainer:
             comm_stats["loss_scale"] = parts.scaler.get_scale()
         elapsed = time.perf_counter() - started
         record = {"step": step, "loss": loss_sum / self.size, "step_time_s": elapsed,
-                  "samples_per_s": train.batch_size * self.size / elapsed,
+                  "samples_per_s": train.batch_size * train.accumulate * self.size / elapsed,
                   "lr": parts.optimizer.param_groups[0]["lr"], **swap_stats, **comm_stats, **self.memory.sample()}
         return record, stop_votes > 0
+
+    def evaluate(self, validation: RankBatches) -> Dict[str, float]:
+        """``eval.steps`` validation batches (the same ones every time), averaged over every rank."""
+        parts = self.parts
+        return evaluate(parts.model, validation.iterate(0, self.config.eval.steps), self.step_loss, parts.device,
+                        parts.backend, parts.autocast)
 
     def save(self, step: int) -> Optional[str]:
         """Checkpoint ``step``: RNG state is per rank, so every rank's goes in; the manager decides
@@ -158,8 +192,11 @@ class Trainer:
         """The whole run; returns the exit code (128+signal when a stop was requested)."""
         config, train = self.config, self.config.train
         start_step, resumed_from = self.resume()
-        batches, steps_per_epoch = make_batches(config, self.rank, self.size)
-        steps = total_steps(config, steps_per_epoch)
+        pin = config.data.pin_memory if isinstance(config.data.pin_memory, bool) else self.parts.device.type == "cuda"
+        batches, steps_per_epoch = make_batches(config, self.rank, self.size, self.loader_workers, pin)
+        steps = self.total = total_steps(config, steps_per_epoch)
+        validation = make_batches(config, self.rank, self.size, split="val")[0] \
+            if config.eval.every and has_validation(config) else None
         if self.is_main and resumed_from:
             print(f"[lmsdp] resumed from {resumed_from} at step {start_step}/{steps}", file=sys.stderr, flush=True)
         stop = StopRequest()
@@ -171,9 +208,13 @@ class Trainer:
         progress = Progress(steps, start_step, train.log_every, self.is_main and train.progress, config.name)
         summary = RunSummary()
         exit_code = 0
+        k = train.accumulate
+        stream = batches.iterate(start_step * k, steps * k)  # micro-batches: a pure function of their index
         try:
             for step in range(start_step + 1, steps + 1):
-                record, stop_now = self.step(step, batches.batch(step - 1), stop)
+                record, stop_now = self.step(step, stream, stop)
+                if validation is not None and (step % config.eval.every == 0 or step == steps):
+                    record.update(self.evaluate(validation))
                 metrics.write(record)
                 if scalars is not None:
                     scalars.write(record)
