@@ -58,6 +58,10 @@ class CommConfig:
     timeline: Optional[str] = field(default=None, metadata={
         "help": "Horovod timeline / allreduce chrome-trace path, for the steps train.trace_steps names "
                 "({output_dir}, {rank} are replaced)"})
+    interface: str = field(default="auto", metadata={
+        "help": "network the ranks talk over: an interface name (eth0), a CIDR (10.0.0.0/8) or auto (one "
+                "host: loopback; several: rank 0's interface whose network reaches every host); sets the "
+                "torch store address, GLOO/NCCL_SOCKET_IFNAME, HOROVOD_GLOO_IFACE and Open MPI's tcp_if_include"})
     timeout_s: float = field(default=300.0, metadata={
         "min": 1.0,
         "help": "seconds a collective may wait for a live but stuck peer before the rank fails with an "

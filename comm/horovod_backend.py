@@ -18,6 +18,7 @@ from typing import Any, Dict, Hashable, List, Optional, Tuple
 import torch
 
 from lmsdp.runtime.chrome_trace import now_us
+from lmsdp.runtime.network import InterfaceError, use_local
 from lmsdp.runtime.topology import Topology
 from lmsdp.runtime.trace_schedule import TraceWindow
 
@@ -63,6 +64,10 @@ class HorovodBackend(Backend):
         if self.timeline_path:  # Horovod does not create the folder
             os.makedirs(os.path.dirname(os.path.abspath(self.timeline_path)), exist_ok=True)
         os.environ.update(env)
+        try:
+            use_local(config.interface, socket.gethostname())  # Horovod's gloo; MPI's is on mpirun's line
+        except InterfaceError as exc:
+            raise CommError(str(exc), backend="horovod") from None
         import horovod.torch as hvd
 
         self.hvd = hvd

@@ -22,8 +22,9 @@ class Variable:
 _ALL = [
     # set by users
     Variable("LMSDP_MPIRUN", "you", "path of the MPI launcher lmsrun starts (default: mpirun, else mpiexec, on PATH)"),
-    Variable("LMSDP_MASTER_ADDR", "you", "address other hosts reach rank 0's store at (torch backend under MPI; "
-                                         "default: this host's resolved name; one host: 127.0.0.1)"),
+    Variable("LMSDP_MASTER_ADDR", "you", "address advertised for rank 0's store (torch backend under MPI), e.g. "
+                                         "behind a NAT; the store still listens only on comm.interface's address "
+                                         "(default: that address)"),
     Variable("LMSDP_SWAP", "lmsrun", "script mode: 1 switches the swap engine on in every rank (through the sitecustomize)"),
     Variable("LMSDP_SWAP_THRESHOLD", "lmsrun", "script mode: swap.threshold (--swap-threshold)"),
     Variable("LMSDP_SWAP_PREFETCH", "lmsrun", "script mode: swap.prefetch (--swap-prefetch)"),

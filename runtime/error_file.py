@@ -9,6 +9,10 @@ was killed (kill -9) cannot, so each lmsrun first removes the folders whose owne
 job's records are copied into the run's output folder first (``keep_errors``), since a surviving
 rank's traceback (a consequence, printed as one line) exists nowhere else.
 
+On another host the folder is not there (lmsrun made it in its own ``/tmp``): the rank then carries
+its record over its output instead, as one ``CARRIED_PREFIX`` line on stderr that lmsrun's output
+reader turns back into ``rank<R>.json`` in the folder, so the contract is the same on every host.
+
 Names here are predictable (``rank<R>.json.<pid>.tmp``, ``<output_dir>/errors``) and the run folder
 may be shared: files are created new with the user's umask, never through a planted link
 (runtime/new_file.py), and a link planted at ``errors`` is removed, not written through."""
@@ -19,6 +23,7 @@ import os
 import shutil
 import socket
 import stat
+import sys
 import tempfile
 import time
 import traceback
@@ -32,6 +37,7 @@ from .new_file import open_new
 
 ERROR_DIR_PREFIX = "lmsdp-errors-"
 OWNER_FILE = "owner"  # "pid:start_time@host" of the lmsrun that made the folder
+CARRIED_PREFIX = "[lmsdp] error record: "  # + one line of JSON, from a rank that cannot see the folder
 KEPT_SUBDIR = run_folder.ERRORS  # <output_dir>/errors/rank<R>.json after a failed job
 
 
@@ -66,14 +72,26 @@ def write_error(exc: BaseException, rank: int, directory: Optional[str] = None, 
     directory = directory or error_dir()
     if not directory:
         return None
-    path = os.path.join(directory, f"rank{rank}.json")
-    if os.path.exists(path) and not os.path.islink(path):
-        return path
     record = ErrorRecord(rank=rank, type=type(exc).__name__, message=str(exc),
                          traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
                          time=time.time(), host=socket.gethostname(), pid=os.getpid(), user_error=user_error)
+    if not os.path.isdir(directory):  # lmsrun's folder is on another host
+        try:
+            sys.stderr.write(CARRIED_PREFIX + json.dumps(asdict(record)) + "\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        return None
+    return save_record(record, directory)
+
+
+def save_record(record: ErrorRecord, directory: str) -> Optional[str]:
+    """``rank<R>.json`` for ``record`` in ``directory``, atomically (temp file, rename); the first
+    failure of a rank wins. Returns the path, or None when it cannot be written."""
+    path = os.path.join(directory, f"rank{record.rank}.json")
+    if os.path.exists(path) and not os.path.islink(path):
+        return path
     try:
-        os.makedirs(directory, exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
         with open_new(tmp) as handle:
             json.dump(asdict(record), handle)
@@ -83,6 +101,16 @@ def write_error(exc: BaseException, rank: int, directory: Optional[str] = None, 
     except OSError:
         return None
     return path
+
+
+def carried_record(line: str) -> Optional[ErrorRecord]:
+    """The record in a ``CARRIED_PREFIX`` line of a rank's output, else None."""
+    if not line.startswith(CARRIED_PREFIX):
+        return None
+    try:
+        return ErrorRecord(**json.loads(line[len(CARRIED_PREFIX):]))
+    except (ValueError, TypeError):
+        return None
 
 
 def read_errors(directory: Optional[str]) -> List[ErrorRecord]:

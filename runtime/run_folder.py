@@ -11,6 +11,8 @@ TRACE = "trace.json"                # every rank's swap trace and comm timeline 
 THREADS_PLAN = "threads_plan.json"  # launch.threads: auto's per-module choice, rank 0
 CHECKPOINTS = "checkpoints"         # default train.checkpoint_dir
 ERRORS = "errors"                   # rank<R>.json error files kept after a failed job
+SHARED_TOKEN = ".lmsdp-shared"      # rank 0's token: does every host see this folder? (runtime/shared_folder.py)
+LAUNCHER_MARK = ".lmsdp-launcher"   # lmsrun's mark: does lmsrun's host see what rank 0 writes?
 METRICS_GLOB = "metrics.rank*.jsonl"
 METRICS_RE = re.compile(r"metrics\.rank(\d+)\.jsonl$")
 

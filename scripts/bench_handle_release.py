@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """What freeing a saved tensor costs the swap engine when nothing records the memory timeline:
-``_Handle.__del__`` as it is (no lock unless recording) against the earlier version (the engine lock
+``SwapEngine.handle_released`` as it is (no lock unless recording) against the earlier version (the engine lock
 for every candidate tensor), side by side in one process, modes alternating every repetition,
 medians. Workloads with many small saved tensors kept resident (a large budget: the release path
 without any swap traffic) and a swap-everything step (loopback on CPU).
@@ -20,25 +20,21 @@ import torch
 from torch import nn
 
 from lmsdp.swapping import SwapConfig, SwapEngine
-from lmsdp.swapping import engine as engine_module
+from lmsdp.swapping.handles import Handle
 
 warnings.filterwarnings("ignore", message="lmsdp swap")
-NOW_DEL = engine_module._Handle.__del__
+NOW_DEL = SwapEngine.handle_released
 
 
-def locked_del(self: "engine_module._Handle") -> None:
+def locked_del(eng: SwapEngine, h: Handle) -> None:
     """The release path before the change: the lock taken whether or not anything records."""
-    try:
-        eng = self.engine
-        if self.host is not None:
-            out_tr, in_tr = self.out_tr, self.in_tr
-            eng.pool.release(self.host, lambda: out_tr.done() and (in_tr is None or in_tr.done()))
-        if self.tensor is not None or self.in_tensor is not None:
-            with eng._lock:
-                eng._held_change(-self.nbytes)
-        eng._live -= 1
-    except Exception:
-        pass
+    if h.host is not None:
+        out_tr, in_tr = h.out_tr, h.in_tr
+        eng.pool.release(h.host, lambda: out_tr.done() and (in_tr is None or in_tr.done()))
+    if h.tensor is not None or h.in_tensor is not None:
+        with eng._lock:
+            eng._held_change(-h.nbytes)
+    eng._live -= 1
 
 
 MODES: Dict[str, Callable] = {"locked (before)": locked_del, "unlocked (now)": NOW_DEL}
@@ -55,7 +51,7 @@ def step_times(config: SwapConfig, layers: int, width: int, batch: int, reps: in
         for rep in range(reps + 3):
             order = list(MODES) if rep % 2 == 0 else list(reversed(MODES))
             for name in order:
-                engine_module._Handle.__del__ = MODES[name]
+                SwapEngine.handle_released = MODES[name]
                 t0 = time.perf_counter()
                 with engine:
                     loss = model(x).square().mean()
@@ -64,7 +60,7 @@ def step_times(config: SwapConfig, layers: int, width: int, batch: int, reps: in
                 if rep >= 3:
                     times[name].append(time.perf_counter() - t0)
     finally:
-        engine_module._Handle.__del__ = NOW_DEL
+        SwapEngine.handle_released = NOW_DEL
         engine.close()
     return {name: statistics.median(v) for name, v in times.items()}
 
@@ -77,13 +73,14 @@ def release_ns(calls: int = 20_000, reps: int = 21) -> Dict[str, float]:
     try:
         for rep in range(reps):
             for name in (list(MODES) if rep % 2 == 0 else list(reversed(MODES))):
-                engine_module._Handle.__del__ = MODES[name]
-                handles = [engine_module._Handle(engine, i, t, 0, 64) for i in range(calls)]
+                SwapEngine.handle_released = MODES[name]
+                handles = [Handle(engine, i, 0, t, 0, 64) for i in range(calls)]
+                engine._live += calls  # the engine counts the handles it creates
                 t0 = time.perf_counter()
                 handles.clear()
                 times[name].append((time.perf_counter() - t0) / calls * 1e9)
     finally:
-        engine_module._Handle.__del__ = NOW_DEL
+        SwapEngine.handle_released = NOW_DEL
         engine.close()
     return {name: statistics.median(v) for name, v in times.items()}
 

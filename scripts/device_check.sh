@@ -3,8 +3,12 @@
 #
 #   bash scripts/device_check.sh PHASE      (PHASE: gpu | plan-shard | tune | all)
 #
-#   gpu         install; nvidia-smi; the CUDA tests; scripts/bench_swap.py --gpu-only (bandwidth first,
-#               largest batch under a cap with and without the engine, oversubscription, vs save_on_cpu)
+#   gpu         install; nvidia-smi; the CUDA tests (tests/test_swap_cuda.py: exactness, and issue 21's
+#               checks: swap-in active bytes, forward peak vs swap_out_window, stalls behind slow nodes,
+#               no CPU block at step end, pinned pool vs host_memory_stats, graph capture, race guards;
+#               pytest summary and junit XML kept); scripts/bench_swap.py --gpu-only (bandwidth first,
+#               largest batch under a cap with and without the engine, oversubscription, vs save_on_cpu).
+#               Both fit one device call: 240 s + 330 s.
 #   plan-shard  scripts/bench_plan.py (predicted vs max_memory_allocated) and
 #               scripts/bench_shard.py --offload-only (FSDP2 CPU offload on one GPU vs replicate)
 #   tune        scripts/bench_tune.py on the machine's CPU cores (the 16-core run issue 14 asks for)
@@ -58,7 +62,7 @@ phase_gpu() {
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))" \
     | tee "$dir/versions.txt"
   step cuda_tests 240 "$dir" "$PY" -m pytest -q -rs tests/test_swap_cuda.py tests/test_plan.py tests/test_report.py \
-    -m "not integration"
+    -m "not integration" --junitxml "$dir/cuda_tests.xml"
   step bench_swap 330 "$dir" "$PY" scripts/bench_swap.py --gpu-only --out-dir "$dir"
 }
 

@@ -24,6 +24,15 @@ class SwapConfig:
         "help": "the last N tensors packed in forward are never swapped (backward needs them first)"})
     budget: int = field(default=0, metadata={
         "unit": "bytes", "help": "saved bytes allowed to stay resident on the device before swapping starts"})
+    swap_out_window: int = field(default=256 << 20, metadata={"min": 1,
+        "unit": "bytes", "help": "swap-out bytes in flight (a tensor stays on the device until its copy has finished); "
+                                 "past it, compute waits for the oldest copies"})
+    prefetch_window: int = field(default=256 << 20, metadata={"min": 1,
+        "unit": "bytes", "help": "swapped-in bytes on the device ahead of (or still in) their use; prefetching "
+                                 "stops at it (prefetch counts tensors, this counts bytes: both bound it)"})
+    link_gbps: Optional[float] = field(default=None, metadata={
+        "help": "loopback transport only: pace its copies to this many GB/s per direction, a simulation of a "
+                "slow link on CPU (transfer-bound behaviour in tests and benchmarks); default: unlimited"})
     host_limit: Optional[int] = field(default=None, metadata={
         "unit": "bytes", "help": "cap on pinned host memory for swapped tensors; exceeding it is a HostMemoryLimitError"})
     recompute: Union[str, List[str], None] = field(default=None, metadata={

@@ -2,116 +2,42 @@
 
 Built on ``torch.autograd.graph.saved_tensors_hooks``:
 
-* pack: a saved tensor on the engine's device (not a parameter or a view of one, plain strided, at least
-  the policy's ``threshold`` bytes) becomes a *candidate* handle, and the policy (``policy.py``) decides
-  whether and when it is swapped: by default the last ``keep_last`` candidates stay pending and, when a
-  newer one arrives, the oldest pending one is swapped out if the resident saved bytes exceed
-  ``budget``; a planner's policy swaps the tensors its plan lists. Swap-out copies the tensor's storage
-  span (so views and odd strides come back bit-exact) into a pooled host buffer on the transport's
-  swap-out stream; the device tensor is released only once the copy has completed (record_stream on
-  CUDA, the worker's reference on loopback).
-* unpack: a prefetched handle waits on its event; one not yet requested is copied at once (a stall).
-  Each unpack starts swap-ins for the next ``prefetch`` swapped handles the policy names: in the order
-  learned on the first step (Capuchin); before that, reverse pack order. Once the learned forward length
-  is reached, the first handles of the learned order are prefetched already at the end of forward.
+* pack: a saved tensor on the engine's device (``candidates.py``: not a parameter, a view of one or
+  autocast's cast of one; at least the policy's ``threshold`` bytes; not inside a CUDA graph capture)
+  becomes a *candidate* handle, and the policy (``policy.py``) decides whether and when it is swapped:
+  by default the last ``keep_last`` candidates stay pending and the oldest pending one is swapped out
+  while resident saved bytes exceed ``budget``; a planner's policy swaps the tensors its plan lists.
+  The copy is the mover's (``mover.py``); the tensor stays on the device until it has finished, and
+  past ``swap_out_window`` bytes in flight compute waits for the oldest copies (``inflight.py``).
+* unpack: compute waits for a prefetched handle's copy (an event, not a host sync); one not yet
+  requested is copied at once (a stall). Each unpack starts swap-ins for the next ``prefetch`` swapped
+  handles the policy names, within ``prefetch_window`` bytes: in the order learned on the first step
+  (Capuchin), before that reverse pack order; the first ones already at the learned end of forward.
 * the same tensor saved several times (same storage, geometry and version) is one handle; in-place
   modification after saving raises autograd's usual error (hooks disable autograd's own check).
+* ``step_end`` never waits for the device: unfinished copies and stalls are counted next step.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-import warnings
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
 from lmsdp.runtime.trace_schedule import TraceSchedule, TraceWindow
 
+from .binding import DeviceBinding, warn_cpu_once
+from .candidates import is_swappable
 from .config import SwapConfig
+from .handles import Handle, Packed, modified_error
+from .mover import Mover
 from .policy import SwapPolicy, threshold_policy
-from .pool import HostPool
-from .stats import StepStats, Totals, zero_stats
+from .stats import StepLedger, StepStats, Totals, describe, zero_stats
 from .trace import MEMORY_COUNTER, Tracer
-from .transport import LoopbackTransport, Transfer, Transport, make_transport
-from .units import format_size, parse_size
-
-_ALIGN = 512  # bytes of the first element's address alignment preserved on swap-in
-_STALL_SPAN_MS = 0.01  # stalls shorter than this (an already finished copy) are not drawn in the trace
-_cpu_warned = False
-
-
-def _warn_cpu_once(device: torch.device) -> None:
-    global _cpu_warned
-    if not _cpu_warned:
-        _cpu_warned = True
-        warnings.warn(f"lmsdp swap: the engine runs on {device} with the loopback transport; swapped "
-                      "tensors stay in host memory, so swapping saves no memory here (it only exercises "
-                      "the swap paths)", RuntimeWarning, stacklevel=3)
-
-
-def _modified_error(t: torch.Tensor, saved: int) -> RuntimeError:
-    return RuntimeError(
-        "one of the variables needed for gradient computation has been modified by an inplace operation: "
-        f"[{t.type()} {list(t.shape)}] is at version {t._version}; expected version {saved} instead "
-        "(detected by the lmsdp swap engine's unpack hook)")
-
-
-def _span(t: torch.Tensor) -> int:
-    """Elements of storage covered by ``t`` from its first element (numel for dense tensors)."""
-    if t.numel() == 0:
-        return 0
-    return 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
-
-
-class _Handle:
-    """What autograd stores instead of a candidate tensor."""
-
-    __slots__ = ("engine", "seq", "step_id", "dtype", "size", "stride", "span", "pad", "nbytes",
-                 "span_bytes", "tensor", "orig", "version", "host", "host_view", "out_tr", "in_tr",
-                 "in_tensor", "used", "__weakref__")
-
-    def __init__(self, engine: "SwapEngine", seq: int, t: torch.Tensor, version: int, nbytes: int) -> None:
-        self.engine = engine
-        self.seq = seq
-        self.step_id = engine._step_id
-        self.dtype, self.size, self.stride = t.dtype, t.shape, t.stride()
-        self.span = _span(t)
-        self.span_bytes = self.span * t.element_size()
-        self.pad = (t.data_ptr() % _ALIGN) // t.element_size()
-        self.nbytes = nbytes
-        self.tensor: Optional[torch.Tensor] = t          # resident original, or swapped-in copy
-        self.orig = weakref.ref(t)                      # for the version check
-        self.version = version
-        self.host: Optional[torch.Tensor] = None
-        self.host_view: Optional[torch.Tensor] = None
-        self.out_tr: Optional[Transfer] = None
-        self.in_tr: Optional[Transfer] = None
-        self.in_tensor: Optional[torch.Tensor] = None
-        self.used = False
-        engine._live += 1
-
-    def __del__(self) -> None:
-        try:
-            eng = self.engine
-            if self.host is not None:
-                out_tr, in_tr = self.out_tr, self.in_tr
-                eng.pool.release(self.host, lambda: out_tr.done() and (in_tr is None or in_tr.done()))
-            if self.tensor is not None or self.in_tensor is not None:
-                # autograd freed the saved tensor (maybe on its device thread)
-                if eng._recording:  # a timeline sample: ordered with the others under the lock
-                    with eng._lock:
-                        eng._held_change(-self.nbytes)
-                else:  # nobody reads the count now; kept so that switching the timeline on starts right
-                    eng._held -= self.nbytes
-            eng._live -= 1
-        except Exception:  # interpreter shutdown
-            pass
-
-
-Packed = Union[_Handle, Tuple[torch.Tensor, int]]
-
+from .transport import LoopbackTransport
 
 class SwapEngine:
     """One per rank: wraps forward (``with engine:``), rolls over with ``step_end()``.
@@ -122,15 +48,13 @@ class SwapEngine:
     def __init__(self, config: SwapConfig, device: Union[torch.device, str],
                  policy: Optional[SwapPolicy] = None,
                  trace_window: Union[TraceWindow, TraceSchedule, None] = None) -> None:
-        """``trace_window``: which steps ``config.trace`` records (see ``Tracer``; default: the
-        default schedule over the engine's own step count)."""
+        """``trace_window``: the steps ``config.trace`` records (default: the default schedule)."""
         self.config = config
         device = torch.device(device)
         if device.type == "cuda" and device.index is None and torch.cuda.is_available():
             device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
         self.enabled = bool(config.enabled)
-        self._device_index = -1 if device.type == "cpu" else (device.index or 0)
         self.policy: SwapPolicy = policy if policy is not None else threshold_policy(config)
         self.policy.bind(self)
         self.threshold = self.policy.threshold  # read on the pack fast path
@@ -149,28 +73,27 @@ class SwapEngine:
         self._step_id = 0
         self._lock = threading.RLock()
         self.tracer: Optional[Tracer] = None
-        # Memory timeline (mechanism, cheap): candidate bytes the saved tensors hold on the device,
-        # sampled at every pack / swap-out / swap-in / release when ``record_memory`` (on with
-        # ``trace``, in its traced steps); the last finished step's samples are ``last_memory_timeline``
-        # [(perf_counter s, bytes)] and, with ``trace``, counter events in the trace.
+        # Memory timeline: saved candidate bytes on the device at every pack / swap / release, in traced
+        # steps; the last step's samples are ``last_memory_timeline`` [(perf_counter s, bytes)].
         self.record_memory = bool(config.trace)  # its only reader is the trace (and tests / scripts)
         self._recording = False  # record_memory, and the step running now is traced
         self.last_memory_timeline: List[Tuple[float, int]] = []
         self._held = 0
         self._mem_log: List[Tuple[float, int]] = []
         self._device_log: List[Tuple[float, int]] = []
+        self._ledger = StepLedger()              # transfers and waits not resolved yet (carried over)
+        self._binding = DeviceBinding(device)
         if not self.enabled:
             return
-        self.transport: Transport = make_transport(config.transport, device)
-        if isinstance(self.transport, LoopbackTransport) and device.type == "cpu":
-            _warn_cpu_once(device)
-        self.pool = HostPool(pin_memory=self.transport.pin_memory, limit=parse_size(config.host_limit))
+        self.mover = Mover(config, device)
+        self.pool = self.mover.pool
+        if isinstance(self.mover.transport, LoopbackTransport) and device.type == "cpu":
+            warn_cpu_once(device)
         self.tracer = Tracer(config.trace, window=trace_window) if config.trace else None
         # the allocator's own figure costs a stats query per sample: only when tracing, only on CUDA
         self._sample_device = self.tracer is not None and device.type == "cuda"
         self._reset_step()
 
-    # ------------------------------------------------------------------------------------ lifecycle
     def _reset_step(self) -> None:
         self._step_id += 1
         self._step = StepStats()
@@ -180,8 +103,6 @@ class SwapEngine:
         self._order: List[int] = []              # first unpack of each handle, in order
         self._prefetch_log: List[int] = []
         self._swapped_log: List[int] = []
-        self._transfers: List[Tuple[str, Transfer, int]] = []
-        self._stall_thunks: List[Callable[[], float]] = []
         self._resident = 0
         self._outstanding = 0                    # swapped out and not yet requested back
         self._t_fw: Optional[float] = None
@@ -244,8 +165,7 @@ class SwapEngine:
             except Exception:
                 pass
             self._hooks = None
-        self.transport.close()
-        self.pool.close()
+        self.mover.close()
         if self.tracer is not None:
             self.tracer.write()
 
@@ -266,23 +186,36 @@ class SwapEngine:
         """Handles still referenced by some autograd graph (0 once every graph has been freed)."""
         return self._live
 
-    # ----------------------------------------------------------------------------------------- pack
+    def handle_released(self, h: Handle) -> None:
+        """Autograd dropped ``h`` (maybe on its device thread): its host buffer and held bytes go back."""
+        if h.host is not None:
+            self.mover.released(h, self._lock)
+        if h.tensor is not None or h.in_tensor is not None:
+            if self._recording:  # a timeline sample: ordered with the others under the lock
+                with self._lock:
+                    self._held_change(-h.nbytes)
+            else:  # nobody reads the count now; kept so that switching the timeline on starts right
+                self._held -= h.nbytes
+        self._live -= 1
+
     def _pack(self, t: torch.Tensor) -> Packed:
         version = t._version
+        if self._binding.cuda and torch.cuda.is_current_stream_capturing():
+            return (t, version)  # a CUDA graph capture runs through untouched (no streams, events, steps)
         if self._phase != "forward":
             if self._phase == "backward":  # create_graph backward: leave double-backward tensors alone
                 return (t, version)
             if self._phase == "done" and self._auto_step:
-                self._auto_roll()
+                self.step_end()
             self._begin_step()
         nbytes = t.nbytes
-        if nbytes < self.threshold or nbytes == 0 or not self._on_device(t) or type(t) is not torch.Tensor:
+        if nbytes < self.threshold or nbytes == 0 or type(t) is not torch.Tensor:
             return (t, version)  # the fast path: one tuple, no bookkeeping
-        if t.layout != torch.strided or (t.requires_grad and t.is_leaf):
+        if not self._binding.holds(t):
+            self._binding.elsewhere(t)
             return (t, version)
-        base = t._base
-        if base is not None and base.requires_grad and base.is_leaf:
-            return (t, version)  # a view of a parameter
+        if not is_swappable(t):
+            return (t, version)
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype, version)
         with self._lock:
             hit = self._dedupe.get(key)
@@ -296,91 +229,80 @@ class SwapEngine:
             self._held_change(nbytes)
             if self._resident > st.peak_saved_bytes:
                 st.peak_saved_bytes = self._resident
-            h = _Handle(self, len(self._handles), t, version, nbytes)
+            h = Handle(self, len(self._handles), self._step_id, t, version, nbytes)
+            self._live += 1
             self._handles.append(weakref.ref(h))
             self._dedupe[key] = (weakref.ref(t), weakref.ref(h))
             self.policy.on_pack(h)
+            on_device = self._resident + self.mover.inflight.out_bytes  # swap-outs count until copied
+            if on_device > st.peak_resident_bytes:
+                st.peak_resident_bytes = on_device
             if len(self._handles) == self.policy.forward_length:  # forward end as learned: first swap-ins
                 self._prefetch_after(None)
             return h
 
-    def _on_device(self, t: torch.Tensor) -> bool:
-        if self._device_index < 0:
-            return t.is_cpu
-        return t.is_cuda and t.get_device() == self._device_index
-
     def _begin_step(self) -> None:
         self._phase = "forward"
         self._recording = self.record_memory and (self.tracer is None or self.tracer.begin_step(self._step_id))
-        self.transport.step_begin()
+        self._binding.check_current()
+        self.mover.transport.step_begin()
         if self._t_fw is None:
             self._t_fw = time.perf_counter()
 
-    def swap_out(self, h: _Handle) -> None:
+    def swap_out(self, h: Handle) -> None:
         """Start moving resident handle ``h`` to host memory (called by the policy, under the lock)."""
-        t = h.tensor
-        assert t is not None
-        buf = self.pool.acquire(h.span_bytes)
-        host = buf[:h.span_bytes].view(h.dtype)
-        src = t.detach().as_strided((h.span,), (1,), t.storage_offset())
-        h.out_tr = self.transport.copy_out(src, host)
-        h.host, h.host_view, h.tensor = buf, host, None
-        del src, t
+        self.mover.swap_out(h)
         self._resident -= h.nbytes
         self._held_change(-h.nbytes)
         self._outstanding += 1
         self._step.swap_out_bytes += h.span_bytes
         self._step.swapped_tensors += 1
         self._swapped_log.append(h.seq)
-        self._transfers.append(("swap-out", h.out_tr, h.seq))
+        self._ledger.transfer("swap-out", h.out_tr, h.seq)
 
-    # --------------------------------------------------------------------------------------- unpack
     def _unpack(self, packed: Packed) -> torch.Tensor:
         if type(packed) is tuple:
             t, version = packed
             if t._version != version:
-                raise _modified_error(t, version)
+                raise modified_error(t, version)
             return t
-        h: _Handle = packed  # type: ignore[assignment]
+        h: Handle = packed  # type: ignore[assignment]
         orig = h.orig()
         if orig is not None and orig._version != h.version:
-            raise _modified_error(orig, h.version)
+            raise modified_error(orig, h.version)
         with self._lock:
             current = h.step_id == self._step_id
             if current and self._phase != "backward":
                 self._begin_backward()
             if h.tensor is not None:  # resident, or already swapped in
-                if current and not h.used:
-                    h.used = True
-                    self._order.append(h.seq)
-                    self._prefetch_after(h.seq)
+                self._first_use(h, current)
                 return h.tensor
-            st = self._step
             if h.in_tr is None:
-                st.stalls += 1
-                self._swap_in(h, current)
-            elif not h.in_tr.done():
-                st.late_prefetches += 1
-            if current and not h.used:
-                h.used = True
-                self._order.append(h.seq)
-                self._prefetch_after(h.seq)  # queue the next copies before blocking on this one
+                self._step.stalls += 1
+                self._swap_in(h, current, force=True)
+            self._first_use(h, current)  # queue the next copies before compute waits for this one
             assert h.in_tr is not None
-            self._stall_thunks.append(self.transport.compute_wait(h.in_tr))
+            self._ledger.wait(self.mover.transport.compute_wait(h.in_tr), h.prefetched)
             h.tensor, h.in_tensor = h.in_tensor, None
             return h.tensor  # type: ignore[return-value]
 
-    def _swap_in(self, h: _Handle, current: bool = True) -> None:
-        assert h.out_tr is not None and h.host_view is not None
-        dst = self.transport.alloc(h.pad + h.span, h.dtype)
-        h.in_tr = self.transport.copy_in(h.host_view, dst[h.pad:h.pad + h.span], h.out_tr)
-        h.in_tensor = dst.as_strided(h.size, h.stride, h.pad)
+    def _first_use(self, h: Handle, current: bool) -> None:
+        if current and not h.used:
+            h.used = True
+            self._order.append(h.seq)
+            self._prefetch_after(h.seq)
+
+    def _swap_in(self, h: Handle, current: bool = True, force: bool = False) -> bool:
+        """Start bringing ``h`` back if the prefetch window has room (``force``: compute needs it now)."""
+        if not self.mover.swap_in(h, force):
+            return False
         if current:
             self._outstanding -= 1
         self._held_change(h.nbytes)
         self._step.swap_in_bytes += h.span_bytes
         self._step.swap_in_tensors += 1
-        self._transfers.append(("swap-in", h.in_tr, h.seq))
+        self._ledger.transfer("swap-in", h.in_tr, h.seq)
+        return True
 
     def _held_change(self, delta: int) -> None:
         """Saved bytes on the device went up or down: one timeline sample (a tuple append)."""
@@ -396,10 +318,8 @@ class SwapEngine:
         limit = self.policy.prefetch
         if limit <= 0 or self._outstanding <= 0:
             return
-        # The window is the next ``limit`` swapped handles in the policy's order, counting those
-        # already on their way back: it slides by one per use instead of growing by ``limit``
-        # (issuing ``limit`` new copies per unpack brought most of a step's swapped bytes back to the
-        # device at once in backward: 61 of 72 MiB for a ResNet-18 at prefetch 2).
+        # the next ``limit`` swapped handles in the policy's order, those on their way back included: the
+        # window slides by one per use (``limit`` new copies per unpack once held 61 of 72 MiB at once)
         window = 0
         for s in self.policy.prefetch_candidates(seq):
             if s >= len(self._handles):
@@ -409,7 +329,8 @@ class SwapEngine:
                 continue  # gone, never swapped (resident), or already used this step
             window += 1
             if other.in_tr is None and other.tensor is None:
-                self._swap_in(other)
+                if not self._swap_in(other):
+                    break  # the prefetch window (bytes) is full
                 self._prefetch_log.append(s)
             if window >= limit or self._outstanding <= 0:
                 break
@@ -419,10 +340,8 @@ class SwapEngine:
         self.policy.backward_begins()
         if self._t_bw is None:
             self._t_bw = time.perf_counter()
-        try:
+        with contextlib.suppress(RuntimeError):  # unpacked outside a backward pass (grad_fn._saved_*)
             torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
-        except RuntimeError:
-            pass  # unpacked outside a backward pass (e.g. grad_fn._saved_*)
 
     def _on_backward_end(self) -> None:
         self._phase = "done"
@@ -430,34 +349,20 @@ class SwapEngine:
             self.tracer.span("compute", "backward", self._t_bw, time.perf_counter(), {"step": self.tracer.step})
         self._t_bw = None
 
-    # ---------------------------------------------------------------------------------------- steps
     def step_end(self) -> Dict[str, float]:
         """Close the step: resolve timings, learn the access order, return this step's stats."""
         if not self.enabled:
             return zero_stats()
         with self._lock:
             st = self._step
-            for kind, tr, seq in self._transfers:
-                start, end = tr.span()
-                ms = (end - start) * 1e3
-                if kind == "swap-out":
-                    st.swap_out_ms += ms
-                else:
-                    st.swap_in_ms += ms
-                if self.tracer is not None:
-                    self.tracer.span(kind, f"{kind} #{seq}", start, end, {"bytes": tr.nbytes, "step": self.tracer.step})
-            waits = [thunk() for thunk in self._stall_thunks]
-            st.stall_ms = float(sum(waits))
-            if self.tracer is not None and self.tracer.recording:
-                self._trace_memory_and_stalls(waits)
+            tracer = self.tracer if self.tracer is not None and self.tracer.recording else None
+            self._ledger = self._ledger.close(st, tracer, tracer.step if tracer else self._step_id, block=False)
+            st.swap_out_waits, st.peak_swapin_bytes = self.mover.settle()
+            self._binding.check_step(st.packed_tensors)
+            if tracer is not None:
+                self._trace_memory()
             self.last_memory_timeline = self._mem_log
-            st.resident_saved_bytes = self._resident
-            st.host_pool_bytes = self.pool.total_bytes
-            st.recomputed_modules = self.recomputed_modules
-            if self.device.type == "cuda":
-                st.max_memory_allocated = int(torch.cuda.max_memory_allocated(self.device))
-                torch.cuda.reset_peak_memory_stats(self.device)
-            st.finish()
+            st.finish(self._resident, self.pool.total_bytes, self.recomputed_modules, self.device)
             self.policy.step_end(self._order, len(self._handles))
             self.last_prefetch_order = self._prefetch_log
             self.last_unpack_order = self._order
@@ -467,42 +372,24 @@ class SwapEngine:
             self._reset_step()
             return dict(self.last_stats)
 
-    def _trace_memory_and_stalls(self, waits: List[float]) -> None:
-        """This step's memory samples as counter events and its swap-in stalls as spans (step end)."""
-        tracer, step = self.tracer, self.tracer.step
+    def _trace_memory(self) -> None:
+        """This step's memory samples as counter events (step end)."""
+        tracer = self.tracer
         assert tracer is not None
         for t, held in self._mem_log:
             tracer.counter(MEMORY_COUNTER, t, {"resident_bytes": held})
         for t, allocated in self._device_log:
             tracer.counter("device memory allocated", t, {"device_allocated_bytes": allocated})
-        for thunk, ms in zip(self._stall_thunks, waits):
-            start = getattr(thunk, "start", None)
-            if ms >= _STALL_SPAN_MS and start is not None:
-                t0 = start()
-                tracer.span("stall", "swap-in stall", t0, t0 + ms / 1e3, {"ms": ms, "step": step})
         tracer.flush()  # a killed run keeps its recorded steps
-
-    def _auto_roll(self) -> None:
-        self.step_end()
 
     def summary(self) -> Dict[str, float]:
         """Totals over all steps (for the end-of-run table)."""
-        if not self.enabled:
-            return dict(Totals().as_dict(), host_pool_allocations=0)
-        out = self.totals.as_dict()
-        out["host_pool_bytes"] = self.pool.total_bytes
-        out["host_pool_allocations"] = self.pool.allocations
-        return out
+        return self.totals.summary(self.pool if self.enabled else None)
 
     def describe(self) -> str:
         """One line for logs."""
-        s = self.summary()
-        return (f"steps={s['steps']} swapped_out={s['swap_out_bytes']} ({format_size(s['swap_out_bytes'])}) "
-                f"swapped_in={s['swap_in_bytes']} tensors={s['swapped_tensors']} stalls={s['stalls']} "
-                f"stall_ms={s['stall_ms']:.1f} hidden={s['hidden_frac']:.2f} "
-                f"host_pool={format_size(s['host_pool_bytes'])}")
+        return describe(self.summary())
 
-    # ------------------------------------------------------------------------------------ recompute
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """Apply cost-aware recomputation per ``config.recompute`` (identity when None or disabled)."""
         if not self.enabled or not self.config.recompute:

@@ -39,7 +39,7 @@ def policy_for(settings: Settings, profile: Optional[StepProfile] = None) -> Swa
 
 # ------------------------------------------------------------------------------------------ planner
 @dataclass
-class Strategy:
+class PlanStrategy:
     """One row of the comparison: a way to run the step and what the models predict for it."""
 
     name: str
@@ -54,8 +54,8 @@ class PlanResult:
     target: int
     link_bps: float
     batch: int
-    chosen: Optional[Strategy]
-    strategies: List[Strategy]
+    chosen: Optional[PlanStrategy]
+    strategies: List[PlanStrategy]
     min_peak: int
     profiles: Dict[str, StepProfile] = field(default_factory=dict)
 
@@ -123,11 +123,11 @@ def plan(profiles: Dict[str, StepProfile], target: int, link_bps: float, thresho
     module (``recompute_plan``); that row is never worse than the best per-kind plan, whose module
     set is one of the sets it may choose."""
     base = profiles["none"]
-    rows: List[Strategy] = []
+    rows: List[PlanStrategy] = []
 
-    def row(name: str, recompute: RecomputeSpec, settings: Settings) -> Strategy:
+    def row(name: str, recompute: RecomputeSpec, settings: Settings) -> PlanStrategy:
         pred = predict(profiles[variant_key(recompute)], settings, link_bps)
-        st = Strategy(name, recompute, settings, pred, pred.peak_device_bytes <= target)
+        st = PlanStrategy(name, recompute, settings, pred, pred.peak_device_bytes <= target)
         rows.append(st)
         return st
 
@@ -139,12 +139,12 @@ def plan(profiles: Dict[str, StepProfile], target: int, link_bps: float, thresho
             row(f"recompute {recompute_label(r)}", r, Settings(threshold, 0, enabled=False))
     settings, _ = plan_swaps(base, target, link_bps, threshold)
     row("swap only", None, settings)
-    planned: List[Strategy] = []
+    planned: List[PlanStrategy] = []
     for key, prof in profiles.items():
         if key == "none":
             continue
         s, _ = plan_swaps(prof, target, link_bps, threshold)
-        planned.append(Strategy("", prof.recompute, s, predict(prof, s, link_bps), False))
+        planned.append(PlanStrategy("", prof.recompute, s, predict(prof, s, link_bps), False))
     if profile_spec is not None:
         rows.append(_per_module(profiles, target, link_bps, threshold, profile_spec, planned))
     candidates = [r for r in rows if r.name != "configured"] + planned
@@ -156,7 +156,7 @@ def plan(profiles: Dict[str, StepProfile], target: int, link_bps: float, thresho
 
 
 def _per_module(profiles: Dict[str, StepProfile], target: int, link_bps: float, threshold: int,
-                profile_spec: Callable[[List[str]], StepProfile], per_kind: List[Strategy]) -> Strategy:
+                profile_spec: Callable[[List[str]], StepProfile], per_kind: List[PlanStrategy]) -> PlanStrategy:
     """The per-module row: the greedy search's plan, or a per-kind variant's module set where that is faster."""
     from .recompute import module_entry
     from .recompute_plan import plan_modules
@@ -178,7 +178,7 @@ def _per_module(profiles: Dict[str, StepProfile], target: int, link_bps: float, 
     spec, prof, settings, pred = min(options, key=rank)
     if spec:
         profiles[variant_key(spec)] = prof
-    return Strategy(PER_MODULE, spec, settings, pred, pred.peak_device_bytes <= target)
+    return PlanStrategy(PER_MODULE, spec, settings, pred, pred.peak_device_bytes <= target)
 
 
 # ------------------------------------------------------------------------------------- largest batch
@@ -273,5 +273,5 @@ def to_json(doc: Dict[str, Any]) -> str:
     return json.dumps(doc, sort_keys=True)
 
 
-__all__ = ["Strategy", "PlanResult", "plan", "plan_swaps", "policy_for", "max_batch", "BatchSizes", "recompute_label",
+__all__ = ["PlanStrategy", "PlanResult", "plan", "plan_swaps", "policy_for", "max_batch", "BatchSizes", "recompute_label",
            "plan_document", "policy_from_document", "to_json", "PREFETCH_DEPTHS", "PLAN_FORMAT", "PER_MODULE"]

@@ -16,12 +16,21 @@ Two policies exist: ``threshold`` (the size / budget / keep_last rules configure
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, Any, Deque, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Deque, Dict, Iterable, List, Optional, Protocol, Sequence
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .engine import SwapEngine, _Handle
+from .handles import Handle
 
 _PREFETCH_SCAN = 256  # learned-order entries scanned per unpack looking for handles to prefetch
+
+
+class SwapTarget(Protocol):
+    """The engine as a policy sees it: the saved bytes it budgets against and the one action it takes.
+    (A protocol, not the engine class: the engine imports the policy, never the other way round.)"""
+
+    @property
+    def resident_saved_bytes(self) -> int: ...
+
+    def swap_out(self, h: Handle) -> None: ...
 
 
 class SwapPolicy:
@@ -34,21 +43,21 @@ class SwapPolicy:
                  forward_length: int = -1) -> None:
         self.threshold = max(0, int(threshold))
         self.prefetch = max(0, int(prefetch))
-        self.engine: Optional["SwapEngine"] = None
+        self.engine: Optional[SwapTarget] = None
         self.learned_order: Optional[List[int]] = None
         self._learned_pos: Dict[int, int] = {}
         self.forward_length = -1  # handles per forward once learned: reaching it means forward ended
         if learned_order:
             self._learn(list(learned_order), forward_length)
 
-    def bind(self, engine: "SwapEngine") -> None:
+    def bind(self, engine: SwapTarget) -> None:
         self.engine = engine
 
     # ---------------------------------------------------------------------------------- decisions
     def begin_step(self) -> None:
         """A new step's first candidate is about to be packed."""
 
-    def on_pack(self, h: "_Handle") -> None:
+    def on_pack(self, h: Handle) -> None:
         """A new candidate handle ``h`` (``h.seq`` = its index this step, ``h.nbytes`` its size)."""
 
     def backward_begins(self) -> None:
@@ -90,12 +99,12 @@ class ThresholdPolicy(SwapPolicy):
         super().__init__(threshold, prefetch)
         self.keep_last = max(0, int(keep_last))
         self.budget = max(0, int(budget))
-        self._pending: Deque["_Handle"] = deque()
+        self._pending: Deque[Handle] = deque()
 
     def begin_step(self) -> None:
         self._pending.clear()
 
-    def on_pack(self, h: "_Handle") -> None:
+    def on_pack(self, h: Handle) -> None:
         engine = self.engine
         assert engine is not None
         self._pending.append(h)
@@ -125,7 +134,7 @@ class PlanPolicy(SwapPolicy):
         self.swap = frozenset(int(s) for s in swap)
         self.mismatches = 0  # candidates whose size differed from the plan (kept on the device)
 
-    def on_pack(self, h: "_Handle") -> None:
+    def on_pack(self, h: Handle) -> None:
         seq = h.seq
         if seq >= len(self.sizes) or self.sizes[seq] != h.nbytes:
             self.mismatches += 1

@@ -2,6 +2,10 @@
 
 Steady-state training swaps the same set of sizes every step, so buffers are cached per size class and
 never returned to the OS until ``close()``; a new (pinned) allocation only happens when a class runs dry.
+The first step sizes the pool: once the engine marks it ``sized``, a class that runs dry while a buffer
+of it is still read by a copy waits for that copy instead of allocating (a pinned allocation inside the
+pack hook is an implicit device sync, torchtune#2076). Pinned classes are powers of two, which is what
+PyTorch's host allocator reserves for any request, so ``total_bytes`` is the real pinned footprint.
 ``host_limit`` caps the total, raising :class:`HostMemoryLimitError` before the OS has to kill anything.
 """
 from __future__ import annotations
@@ -29,11 +33,14 @@ class HostMemoryLimitError(MemoryError):
             f"or lower the batch size")
 
 
-def size_class(nbytes: int) -> int:
-    """Round ``nbytes`` up to a size class: 4 classes per power of two (at most 25 % waste), >= 4 KiB."""
+def size_class(nbytes: int, power_of_two: bool = False) -> int:
+    """Round ``nbytes`` up to a size class, >= 4 KiB: 4 classes per power of two (at most 25 % waste),
+    or the power of two itself (pinned memory: the host allocator rounds every block to one)."""
     if nbytes <= MIN_CLASS:
         return MIN_CLASS
     upper = 1 << (nbytes - 1).bit_length()
+    if power_of_two:
+        return upper
     step = upper // 8
     return -(-nbytes // step) * step
 
@@ -41,15 +48,19 @@ def size_class(nbytes: int) -> int:
 class HostPool:
     """Thread-safe cache of host buffers keyed by size class.
 
-    ``release(buf, done)`` takes an optional completion predicate: a buffer still read by an in-flight
-    copy is parked and only reused once ``done()`` is true.
+    ``release(buf, done, wait)`` takes an optional completion predicate: a buffer still read by an
+    in-flight copy is parked and only reused once ``done()`` is true (or after ``wait()``, once sized).
     """
 
-    def __init__(self, pin_memory: bool = False, limit: Optional[int] = None) -> None:
+    def __init__(self, pin_memory: bool = False, limit: Optional[int] = None,
+                 power_of_two: Optional[bool] = None) -> None:
         self.pin_memory = pin_memory
+        self.power_of_two = pin_memory if power_of_two is None else power_of_two
         self.limit = limit
+        self.sized = False        # set by the engine after the first step
+        self.copy_waits = 0       # times a dry class waited for a parked buffer instead of allocating
         self._free: Dict[int, List[torch.Tensor]] = defaultdict(list)
-        self._parked: List[Tuple[torch.Tensor, Callable[[], bool]]] = []
+        self._parked: List[Tuple[torch.Tensor, Callable[[], bool], Optional[Callable[[], object]]]] = []
         self._lock = threading.Lock()
         self.total_bytes = 0      # everything the pool holds (free + in use)
         self.in_use_bytes = 0
@@ -58,10 +69,13 @@ class HostPool:
 
     def acquire(self, nbytes: int) -> torch.Tensor:
         """A uint8 buffer of at least ``nbytes`` (its numel is the size class)."""
-        cls = size_class(nbytes)
+        cls = size_class(nbytes, self.power_of_two)
         with self._lock:
             self._unpark()
             free = self._free.get(cls)
+            if not free and self.sized:
+                self._wait_parked(cls)
+                free = self._free.get(cls)
             if free:
                 buf = free.pop()
             else:
@@ -77,21 +91,33 @@ class HostPool:
             self.peak_in_use_bytes = max(self.peak_in_use_bytes, self.in_use_bytes)
             return buf
 
-    def release(self, buf: torch.Tensor, done: Optional[Callable[[], bool]] = None) -> None:
-        """Give ``buf`` back; if ``done`` says a copy still reads it, reuse waits until it finishes."""
+    def release(self, buf: torch.Tensor, done: Optional[Callable[[], bool]] = None,
+                wait: Optional[Callable[[], object]] = None) -> None:
+        """Give ``buf`` back; if ``done`` says a copy still reads it, reuse waits until it finishes
+        (``wait`` blocks until then)."""
         with self._lock:
             self.in_use_bytes -= buf.numel()
             if done is not None and not done():
-                self._parked.append((buf, done))
+                self._parked.append((buf, done, wait))
             else:
                 self._free[buf.numel()].append(buf)
 
     def _unpark(self) -> None:
         if self._parked:
             still = []
-            for buf, done in self._parked:
-                (self._free[buf.numel()].append(buf) if done() else still.append((buf, done)))
+            for entry in self._parked:
+                (self._free[entry[0].numel()].append(entry[0]) if entry[1]() else still.append(entry))
             self._parked = still
+
+    def _wait_parked(self, cls: int) -> None:
+        """Wait for the oldest parked buffer of ``cls`` (its copy only), if there is one."""
+        for i, (buf, _done, wait) in enumerate(self._parked):
+            if buf.numel() == cls and wait is not None:
+                wait()
+                del self._parked[i]
+                self._free[cls].append(buf)
+                self.copy_waits += 1
+                return
 
     def _trim_locked(self) -> None:
         for cls, bufs in self._free.items():

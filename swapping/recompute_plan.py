@@ -47,7 +47,7 @@ class Candidate:
 
 
 @dataclass
-class ModulePlan:
+class RecomputeModulePlan:
     modules: List[str]
     profile: StepProfile
     settings: Settings
@@ -124,7 +124,7 @@ def _scan(n: int) -> List[int]:
 def plan_modules(base: StepProfile, target: int, link_bps: float, threshold: int,
                  profile_spec: Callable[[List[str]], StepProfile],
                  plan_swaps: Callable[[StepProfile, int, float, int], Tuple[Settings, Prediction]]
-                 ) -> Optional[ModulePlan]:
+                 ) -> Optional[RecomputeModulePlan]:
     """The fastest fitting module set + swap plan (exactly profiled), else the smallest peak found."""
     from .recompute import module_entry
 
@@ -136,11 +136,11 @@ def plan_modules(base: StepProfile, target: int, link_bps: float, threshold: int
         settings, pred = plan_swaps(est, target, link_bps, threshold)
         fits = pred.peak_device_bytes <= target
         scored.append(((not fits, pred.step_s if fits else pred.peak_device_bytes, k), names))
-    best: Optional[ModulePlan] = None
+    best: Optional[RecomputeModulePlan] = None
     for _, names in sorted(scored)[:EXACT_TRIES]:
         prof = profile_spec([module_entry(n) for n in names]) if names else base
         settings, pred = plan_swaps(prof, target, link_bps, threshold)
-        trial = ModulePlan(names, prof, settings, pred)
+        trial = RecomputeModulePlan(names, prof, settings, pred)
         if best is None or _rank(trial, target) < _rank(best, target):
             best = trial
         if pred.peak_device_bytes <= target:
@@ -148,9 +148,9 @@ def plan_modules(base: StepProfile, target: int, link_bps: float, threshold: int
     return best
 
 
-def _rank(p: ModulePlan, target: int) -> tuple:
+def _rank(p: RecomputeModulePlan, target: int) -> tuple:
     fits = p.prediction.peak_device_bytes <= target
     return (not fits, p.prediction.step_s if fits else p.prediction.peak_device_bytes, len(p.modules))
 
 
-__all__ = ["Candidate", "ModulePlan", "candidates", "greedy_sets", "estimate", "plan_modules"]
+__all__ = ["Candidate", "RecomputeModulePlan", "candidates", "greedy_sets", "estimate", "plan_modules"]

@@ -16,7 +16,7 @@ def _is_cuda(device: Any) -> bool:
     return getattr(device, "type", str(device)) == "cuda"
 
 
-TRANSPORTS.register("cuda", "lmsdp.swapping.transport:CudaTransport",
+TRANSPORTS.register("cuda", "lmsdp.swapping.cuda_transport:CudaTransport",
                     "CUDA: copies on dedicated swap-out / swap-in streams into pinned host memory, events for ordering",
                     usable=_is_cuda)
 TRANSPORTS.register("loopback", "lmsdp.swapping.transport:LoopbackTransport",

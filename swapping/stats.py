@@ -1,8 +1,18 @@
-"""Per-step swap statistics: a flat dict of numbers for the metrics JSONL, progress bar and summary."""
+"""Per-step swap statistics: a flat dict of numbers for the metrics JSONL, progress bar and summary,
+and the step-end accounting that turns a step's transfers and compute waits into them."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Dict, Optional
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from .pool import HostPool
+from .trace import Tracer
+from .transport import Transfer
+from .units import format_size
+
+STALL_SPAN_MS = 0.01  # stalls shorter than this (an already finished copy) are not drawn in the trace
 
 
 def hidden_fraction(stall_ms: float, swap_ms: float) -> float:
@@ -20,19 +30,27 @@ class StepStats:
     swap_in_tensors: int = 0
     stall_ms: float = 0.0          # compute time blocked on swap-ins (sync copies + late prefetches)
     stalls: int = 0                # unpacks that found their tensor not yet requested (synchronous copy)
-    late_prefetches: int = 0       # prefetched swap-ins that were still in flight when needed
+    late_prefetches: int = 0       # prefetched swap-ins compute still had to wait for (device time)
     swap_out_ms: float = 0.0
     swap_in_ms: float = 0.0
     hidden_frac: float = 0.0       # 1 - stall / (swap-out + swap-in time)
     # saved-tensor accounting covers candidates: device tensors >= threshold, not parameters, deduped
     peak_saved_bytes: int = 0      # peak candidate bytes resident on the device during forward
+    peak_resident_bytes: int = 0   # the same, swap-outs counted until their copy finished (after each pack)
+    swap_out_waits: int = 0        # times compute waited for a swap-out (swap_out_window full)
+    peak_swapin_bytes: int = 0     # most swapped-in bytes on the device not yet passed by compute
     resident_saved_bytes: int = 0  # candidate bytes that stayed on the device at the end of forward
     packed_tensors: int = 0        # candidates seen by the pack hook (after dedupe)
     host_pool_bytes: int = 0
     recomputed_modules: int = 0
     max_memory_allocated: Optional[int] = None  # CUDA only
 
-    def finish(self) -> None:
+    def finish(self, resident: int, pool_bytes: int, recomputed: int, device: torch.device) -> None:
+        """Step end: what stayed resident, the pool's size, the device's peak (CUDA; its peak is reset)."""
+        self.resident_saved_bytes, self.host_pool_bytes, self.recomputed_modules = resident, pool_bytes, recomputed
+        if device.type == "cuda":
+            self.max_memory_allocated = int(torch.cuda.max_memory_allocated(device))
+            torch.cuda.reset_peak_memory_stats(device)
         self.hidden_frac = hidden_fraction(self.stall_ms, self.swap_out_ms + self.swap_in_ms)
 
     def as_dict(self) -> Dict[str, float]:
@@ -78,6 +96,66 @@ class Totals:
         out["hidden_frac"] = hidden_fraction(self.stall_ms, self.swap_out_ms + self.swap_in_ms)
         return out
 
+    def summary(self, pool: Optional[HostPool]) -> Dict[str, float]:
+        """The end-of-run table's numbers: these totals and the host pool's size (``None``: engine off)."""
+        if pool is None:
+            return dict(Totals().as_dict(), host_pool_allocations=0)
+        return dict(self.as_dict(), host_pool_bytes=pool.total_bytes, host_pool_allocations=pool.allocations)
+
+
+def describe(s: Dict[str, float]) -> str:
+    """A summary in one line for logs."""
+    return (f"steps={s['steps']} swapped_out={s['swap_out_bytes']} ({format_size(s['swap_out_bytes'])}) "
+            f"swapped_in={s['swap_in_bytes']} tensors={s['swapped_tensors']} stalls={s['stalls']} "
+            f"stall_ms={s['stall_ms']:.1f} hidden={s['hidden_frac']:.2f} "
+            f"host_pool={format_size(s['host_pool_bytes'])}")
+
+
+class StepLedger:
+    """Transfers and compute waits not resolved yet, turned into times (and trace spans) at step end.
+
+    ``close(block=False)`` reads only what has finished (an event query, never a host sync: step end
+    runs inside the next forward's first pack in script mode) and carries the rest into the next
+    step's ledger; ``close(block=True)`` waits for everything (at ``engine.close()``)."""
+
+    def __init__(self) -> None:
+        self.transfers: List[Tuple[str, Transfer, int]] = []      # (swap-out | swap-in, transfer, seq)
+        self.waits: List[Tuple[Callable[[], float], bool]] = []  # (stall thunk, was prefetched)
+
+    def transfer(self, kind: str, tr: Transfer, seq: int) -> None:
+        self.transfers.append((kind, tr, seq))
+
+    def wait(self, thunk: Callable[[], float], prefetched: bool) -> None:
+        self.waits.append((thunk, prefetched))
+
+    def close(self, st: StepStats, tracer: Optional[Tracer], step_id: int, block: bool) -> "StepLedger":
+        """Add what has finished to ``st`` (and ``tracer``); returns a ledger of what has not."""
+        rest = StepLedger()
+        for kind, tr, seq in self.transfers:
+            if not block and not tr.done():
+                rest.transfers.append((kind, tr, seq))
+                continue
+            start, end = tr.span()
+            ms = (end - start) * 1e3
+            if kind == "swap-out":
+                st.swap_out_ms += ms
+            else:
+                st.swap_in_ms += ms
+            if tracer is not None:
+                tracer.span(kind, f"{kind} #{seq}", start, end, {"bytes": tr.nbytes, "step": step_id})
+        for thunk, prefetched in self.waits:
+            if not block and not getattr(thunk, "done", lambda: True)():
+                rest.waits.append((thunk, prefetched))
+                continue
+            ms = thunk()
+            st.stall_ms += ms
+            if prefetched and ms >= STALL_SPAN_MS:
+                st.late_prefetches += 1
+            start = getattr(thunk, "start", None)
+            if tracer is not None and ms >= STALL_SPAN_MS and start is not None:
+                t0 = start()
+                tracer.span("stall", "swap-in stall", t0, t0 + ms / 1e3, {"ms": ms, "step": step_id})
+        return rest
 
 _PEAKS = ("peak_saved_bytes", "max_memory_allocated")       # the largest of the micro-batches
 _LAST = ("resident_saved_bytes", "host_pool_bytes", "recomputed_modules")

@@ -14,6 +14,8 @@ from torch import nn
 
 from lmsdp.runtime.errors import UserError
 
+from .candidates import is_swappable
+
 RecomputeSpec = Union[None, str, List[str]]
 RECOMPUTE_VARIANTS: Tuple[RecomputeSpec, ...] = (None, "auto", ["activation", "norm", "pool", "dropout"])
 
@@ -84,12 +86,7 @@ class _Recorder:
     def pack(self, t: torch.Tensor) -> Any:
         if self.backward_started:
             return (None, t)
-        if t.layout != torch.strided or (t.requires_grad and t.is_leaf) or t.numel() == 0:
-            return (None, t)
-        if self.device is not None and t.device != self.device:
-            return (None, t)
-        base = t._base
-        if base is not None and base.requires_grad and base.is_leaf:
+        if not is_swappable(t) or (self.device is not None and t.device != self.device):
             return (None, t)
         key = self.key(t)
         idx = self.keys.get(key)

@@ -1,8 +1,22 @@
 """Transports move bytes between the device and host buffers asynchronously.
 
-``CudaTransport`` uses a swap-out and a swap-in stream, CUDA events and pinned memory.
+``CudaTransport`` (``cuda_transport.py``) uses a swap-out and a swap-in stream, CUDA events and pinned memory, laid out as
+torchtune's activation offloading (``_activation_offloading.py``) does, with prefetching added:
+
+* swap-out: the copy stream waits for compute (the source must be written), copies, records an
+  event; the transfer keeps the source alive until the copy has finished (no ``record_stream``: the
+  engine retires it when its event has passed, or makes compute wait on it when too many bytes are in
+  flight);
+* swap-in: the destination is allocated *on the swap-in stream* and the copy waits only for its own
+  swap-out, never for compute, so a prefetch can run as far ahead as the engine's window allows;
+  compute waits for the copy's event when it uses the tensor. After use, the tensor is *retired*: an
+  event on compute marks its last use and the engine keeps the reference until that event has passed
+  (or makes the swap-in stream wait on it before the block can be reused: no host sync either way).
+
 ``LoopbackTransport`` runs the same protocol on CPU with one worker thread per direction and
 ``threading.Event`` as events, so prefetch ordering, accounting and stalls are exercised without a GPU.
+With ``link_bps`` its copy threads are paced to that many bytes per second: a simulation of a slow
+link's speed (for backpressure, lookahead, stalls and the planner's time model on CPU), not a GPU figure.
 """
 from __future__ import annotations
 
@@ -16,9 +30,15 @@ import torch
 
 
 class Transfer(ABC):
-    """One asynchronous copy. ``span()`` gives (start, end) in host ``perf_counter`` seconds once done."""
+    """One asynchronous copy. ``span()`` gives (start, end) in host ``perf_counter`` seconds once done
+    (it blocks until then: call it on finished transfers only, off the hot path)."""
 
     nbytes: int = 0
+    source: Optional[torch.Tensor] = None  # swap-out: the device tensor, alive until the copy finished
+
+    def release(self) -> None:
+        """The copy has finished (or compute waits for it): drop the source."""
+        self.source = None
 
     @abstractmethod
     def done(self) -> bool: ...
@@ -45,6 +65,26 @@ class Wait:
     def start(self) -> float:
         return self._start
 
+    def done(self) -> bool:
+        """The wait can be read without blocking."""
+        return True
+
+
+class Retired:
+    """A swapped-in tensor after its last use: held until compute has passed that use."""
+
+    __slots__ = ("tensor", "nbytes")
+
+    def __init__(self, tensor: Optional[torch.Tensor], nbytes: int) -> None:
+        self.tensor, self.nbytes = tensor, nbytes
+
+    def done(self) -> bool:
+        return True
+
+    def wait(self) -> None:
+        """Make later swap-ins wait for compute to pass the use (device-side); the block may be reused."""
+        self.tensor = None
+
 
 class Transport(ABC):
     """Copy protocol shared by the engine: out (device->host), alloc + in (host->device), wait."""
@@ -60,7 +100,7 @@ class Transport(ABC):
 
     @abstractmethod
     def alloc(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        """Swap-in destination, allocated on the consumer (compute) stream (pytorch#106360)."""
+        """Swap-in destination (CUDA: allocated on the swap-in stream, so the copy needs no compute wait)."""
 
     @abstractmethod
     def copy_in(self, src: torch.Tensor, dst: torch.Tensor, after: Transfer) -> Transfer:
@@ -71,6 +111,16 @@ class Transport(ABC):
         """Make compute wait for ``transfer`` (never a device-wide sync); returns a thunk giving stall ms
         (a :class:`Wait` where the wait's start is known)."""
 
+    def wait_out(self, transfer: Transfer) -> None:
+        """Compute waits for swap-out ``transfer`` (never a device-wide sync); its source is dropped."""
+        transfer.host_wait()
+        transfer.release()
+
+    def retire(self, tensor: torch.Tensor, nbytes: int, users: int) -> Retired:
+        """Swapped-in ``tensor`` had its last use just now (loopback: compute is this thread, so done);
+        ``users``: references to its storage when the engine alone held it."""
+        return Retired(None, nbytes)
+
     def step_begin(self) -> None:
         """Hook at the first pack of a step (CUDA: timing base)."""
 
@@ -80,21 +130,54 @@ class Transport(ABC):
 
 # ----------------------------------------------------------------------------------------- loopback
 class _LoopTransfer(Transfer):
-    __slots__ = ("event", "start", "end", "error", "nbytes")
+    """A copy run by its direction's worker thread, or by a thread that needs it first (a consumer
+    does not wait for a busy machine to schedule the worker). Paced: it is *due* at a time fixed
+    when it was queued, from the link clock, and counts as done only then."""
 
-    def __init__(self, nbytes: int) -> None:
-        self.event = threading.Event()
-        self.start = self.end = 0.0
+    __slots__ = ("event", "start", "end", "error", "nbytes", "due", "_fn", "_after", "_claim")
+
+    def __init__(self, nbytes: int, fn: Callable[[], None], after: Optional["_LoopTransfer"],
+                 start: float = 0.0, due: float = 0.0) -> None:
+        self.event = threading.Event()            # the bytes are in place
+        self.start, self.end, self.due = start, due, due
         self.error: Optional[BaseException] = None
         self.nbytes = nbytes
+        self._fn: Optional[Callable[[], None]] = fn
+        self._after = after
+        self._claim = threading.Lock()            # held by whichever thread runs the copy
+
+    def run(self) -> None:
+        """Do the copy in this thread, unless another one has taken it."""
+        if not self._claim.acquire(blocking=False):
+            return
+        t0 = time.perf_counter()
+        try:
+            if self._after is not None:
+                self._after.ensure()
+            assert self._fn is not None
+            self._fn()
+        except BaseException as exc:  # surfaced by host_wait on the consumer side
+            self.error = exc
+        self._fn = self._after = None  # drop the source: memory freed after the copy
+        if not self.due:
+            self.start, self.end = t0, time.perf_counter()
+        self.event.set()
+
+    def ensure(self) -> None:
+        """The bytes are in place (copied here if nobody has started)."""
+        self.run()
+        self.event.wait()
 
     def done(self) -> bool:
-        return self.event.is_set()
+        return self.event.is_set() and (not self.due or time.perf_counter() >= self.due)
 
     def host_wait(self) -> None:
-        self.event.wait()
+        self.ensure()
         if self.error is not None:
             raise RuntimeError("lmsdp swap loopback copy failed") from self.error
+        delay = self.due - time.perf_counter()
+        if delay > 0:  # paced: the bytes are there, the simulated link delivers them at ``due``
+            time.sleep(delay)
 
     def span(self) -> Tuple[float, float]:
         self.host_wait()
@@ -102,32 +185,40 @@ class _LoopTransfer(Transfer):
 
 
 class _Worker:
-    """A thread draining a FIFO of copies: the loopback analogue of a CUDA stream."""
+    """A thread draining a FIFO of copies: the loopback analogue of a CUDA stream. With ``link_bps``
+    the copies follow a link clock: each starts when it is queued (or its ``after`` is due), or when
+    the link is free, and is due ``nbytes / link_bps`` seconds later. Copies run at once (by the
+    worker or a consumer that needs them); the clock alone says when they are delivered, so a busy
+    machine's late thread wake-ups do not slow the simulated link down."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, link_bps: Optional[float] = None) -> None:
+        self.link_bps = link_bps
+        self._link_free = 0.0
         self.q: "queue.SimpleQueue" = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
         while True:
-            job = self.q.get()
-            if job is None:
+            tr = self.q.get()
+            if tr is None:
                 return
-            fn, tr, after = job
-            try:
-                if after is not None:
-                    after.event.wait()
-                tr.start = time.perf_counter()
-                fn()
-            except BaseException as exc:  # surfaced by host_wait on the consumer side
-                tr.error = exc
-            tr.end = time.perf_counter()
-            del fn, job  # drop the source reference before signalling: memory freed after the copy
-            tr.event.set()
+            delay = tr.due - time.perf_counter()
+            if delay > 0:  # paced: a consumer that needs it earlier runs it itself (no thread hand-off)
+                time.sleep(delay)
+            tr.run()
+            del tr
 
-    def submit(self, fn: Callable[[], None], tr: _LoopTransfer, after: Optional[_LoopTransfer] = None) -> None:
-        self.q.put((fn, tr, after))
+    def submit(self, fn: Callable[[], None], nbytes: int, after: Optional[_LoopTransfer] = None) -> _LoopTransfer:
+        if self.link_bps:
+            ready = time.perf_counter() if after is None else max(time.perf_counter(), after.due)
+            start = max(self._link_free, ready)
+            self._link_free = start + nbytes / self.link_bps
+            tr = _LoopTransfer(nbytes, fn, after, start, self._link_free)
+        else:
+            tr = _LoopTransfer(nbytes, fn, after)
+        self.q.put(tr)
+        return tr
 
     def close(self) -> None:
         self.q.put(None)
@@ -135,27 +226,26 @@ class _Worker:
 
 
 class LoopbackTransport(Transport):
-    """CPU stand-in for a GPU: copies into separate host buffers on worker threads."""
+    """CPU stand-in for a GPU: copies into separate host buffers on worker threads, each direction
+    paced to ``link_bps`` bytes/s when given (a full-duplex link, as PCIe is)."""
 
     pin_memory = False
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, link_bps: Optional[float] = None) -> None:
         super().__init__(device)
-        self._out = _Worker("lmsdp-swap-out")
-        self._in = _Worker("lmsdp-swap-in")
+        self.link_bps = link_bps
+        self._out = _Worker("lmsdp-swap-out", link_bps)
+        self._in = _Worker("lmsdp-swap-in", link_bps)
 
     def copy_out(self, src: torch.Tensor, dst: torch.Tensor) -> Transfer:
-        tr = _LoopTransfer(dst.numel() * dst.element_size())
-        self._out.submit(lambda: dst.copy_(src), tr)
-        return tr
+        return self._out.submit(lambda: dst.copy_(src), dst.numel() * dst.element_size())
 
     def alloc(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(numel, dtype=dtype, device=self.device)
 
     def copy_in(self, src: torch.Tensor, dst: torch.Tensor, after: Transfer) -> Transfer:
-        tr = _LoopTransfer(dst.numel() * dst.element_size())
-        self._in.submit(lambda: dst.copy_(src), tr, after)  # type: ignore[arg-type]
-        return tr
+        assert isinstance(after, _LoopTransfer)
+        return self._in.submit(lambda: dst.copy_(src), dst.numel() * dst.element_size(), after)
 
     def compute_wait(self, transfer: Transfer) -> Callable[[], float]:
         t0 = time.perf_counter()
@@ -167,117 +257,25 @@ class LoopbackTransport(Transport):
         self._in.close()
 
 
-# --------------------------------------------------------------------------------------------- cuda
-class _CudaTransfer(Transfer):
-    __slots__ = ("start_ev", "end_ev", "transport", "nbytes")
-
-    def __init__(self, transport: "CudaTransport", nbytes: int) -> None:
-        self.start_ev = torch.cuda.Event(enable_timing=True)
-        self.end_ev = torch.cuda.Event(enable_timing=True)
-        self.transport = transport
-        self.nbytes = nbytes
-
-    def done(self) -> bool:
-        return self.end_ev.query()
-
-    def host_wait(self) -> None:
-        self.end_ev.synchronize()
-
-    def span(self) -> Tuple[float, float]:
-        self.end_ev.synchronize()
-        return self.transport.host_time(self.start_ev), self.transport.host_time(self.end_ev)
+def storage_users(t: torch.Tensor) -> int:
+    """References to ``t``'s storage (tensors and views on it); -1 where torch cannot say."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    return -1 if use_count is None else int(use_count(t.untyped_storage()._cdata))
 
 
-class CudaTransport(Transport):
-    """Swap-out/swap-in streams, timing events, pinned host memory."""
-
-    pin_memory = True
-
-    def __init__(self, device: torch.device) -> None:
-        super().__init__(device)
-        self.out_stream = torch.cuda.Stream(device)
-        self.in_stream = torch.cuda.Stream(device)
-        self._base_ev: Optional[torch.cuda.Event] = None
-        self._base_host = 0.0
-
-    def step_begin(self) -> None:
-        self._base_ev = torch.cuda.Event(enable_timing=True)
-        self._base_ev.record(torch.cuda.current_stream(self.device))
-        self._base_host = time.perf_counter()
-
-    def host_time(self, ev: "torch.cuda.Event") -> float:
-        if self._base_ev is None:
-            return 0.0
-        return self._base_host + self._base_ev.elapsed_time(ev) / 1e3
-
-    def copy_out(self, src: torch.Tensor, dst: torch.Tensor) -> Transfer:
-        tr = _CudaTransfer(self, dst.numel() * dst.element_size())
-        self.out_stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.out_stream):
-            tr.start_ev.record()
-            dst.copy_(src, non_blocking=True)
-            tr.end_ev.record()
-        src.record_stream(self.out_stream)  # allocator reuses the block only after the copy ran
-        return tr
-
-    def alloc(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        return torch.empty(numel, dtype=dtype, device=self.device)  # on the current (compute) stream
-
-    def copy_in(self, src: torch.Tensor, dst: torch.Tensor, after: Transfer) -> Transfer:
-        assert isinstance(after, _CudaTransfer)
-        tr = _CudaTransfer(self, dst.numel() * dst.element_size())
-        # dst was allocated on the compute stream: it may reuse a block freed there moments ago
-        self.in_stream.wait_stream(torch.cuda.current_stream(self.device))
-        self.in_stream.wait_event(after.end_ev)
-        with torch.cuda.stream(self.in_stream):
-            tr.start_ev.record()
-            dst.copy_(src, non_blocking=True)
-            tr.end_ev.record()
-        dst.record_stream(self.in_stream)  # a prefetched-but-dropped dst is not reused mid-copy
-        return tr
-
-    def compute_wait(self, transfer: Transfer) -> Callable[[], float]:
-        assert isinstance(transfer, _CudaTransfer)
-        stream = torch.cuda.current_stream(self.device)
-        if transfer.end_ev.query():
-            stream.wait_event(transfer.end_ev)
-            return lambda: 0.0
-        e0 = torch.cuda.Event(enable_timing=True)
-        e1 = torch.cuda.Event(enable_timing=True)
-        e0.record(stream)
-        stream.wait_event(transfer.end_ev)
-        e1.record(stream)
-        return _CudaWait(self, e0, e1)
-
-    def close(self) -> None:
-        self.out_stream.synchronize()
-        self.in_stream.synchronize()
-
-
-class _CudaWait(Wait):
-    """A stall on the compute stream, timed by two events (resolved at step end, off the hot path)."""
-
-    __slots__ = ("_transport", "_e0", "_e1")
-
-    def __init__(self, transport: CudaTransport, e0: "torch.cuda.Event", e1: "torch.cuda.Event") -> None:
-        super().__init__(0.0, 0.0)
-        self._transport, self._e0, self._e1 = transport, e0, e1
-
-    def __call__(self) -> float:
-        self._e1.synchronize()
-        return self._e0.elapsed_time(self._e1)
-
-    def start(self) -> float:
-        self._e1.synchronize()
-        return self._transport.host_time(self._e0)
-
-
-def make_transport(kind: str, device: torch.device) -> Transport:
+def make_transport(kind: str, device: torch.device, link_gbps: Optional[float] = None) -> Transport:
     """The registered transport ``kind`` (``swapping/registry.py``); ``auto``: cuda on a CUDA device,
-    else loopback."""
+    else loopback. ``link_gbps`` paces the loopback transport (GB/s, 1e9 bytes)."""
     from .registry import TRANSPORTS
 
+    if link_gbps and kind == "auto":
+        kind = "loopback"  # asking for a simulated link asks for the transport that simulates it
     cls = TRANSPORTS.resolve(kind, device).load()
-    if cls is CudaTransport and (device.type != "cuda" or not torch.cuda.is_available()):
+    if cls.pin_memory and (device.type != "cuda" or not torch.cuda.is_available()):
         raise ValueError(f"swap transport 'cuda' needs a CUDA device, got {device}")
+    if link_gbps:
+        if not issubclass(cls, LoopbackTransport):
+            raise ValueError("swap.link_gbps paces the loopback transport only (a simulated link); "
+                             "a real link runs at its own speed: drop link_gbps or set transport: loopback")
+        return LoopbackTransport(device, link_gbps * 1e9)
     return cls(device)

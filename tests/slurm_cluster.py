@@ -24,7 +24,7 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
 
@@ -75,10 +75,34 @@ class SlurmCluster:
     # job ids name per-step files (e.g. the PMIx server's); distinct ranges keep concurrent clusters apart
     first_job_id: int = field(default_factory=lambda: 1000 + (os.getpid() % 5000) * 100)
     procs: List[subprocess.Popen] = field(default_factory=list)
+    # namespace hosts (tests/netns_cluster.py): one slurmd in each, slurmctld on the bridge address
+    hosts: Optional[Any] = None
 
     @property
     def node_names(self) -> List[str]:
+        if self.hosts is not None:
+            return [h.name for h in self.hosts.hosts]
         return [self.node] if self.nodes == 1 else [f"n{i + 1}" for i in range(self.nodes)]
+
+    @property
+    def ctld_address(self) -> str:
+        return self.hosts.bridge_address if self.hosts is not None else "127.0.0.1"
+
+    def node_line(self, name: str, port: int) -> str:
+        if self.hosts is not None:
+            host = self.hosts.host(name)
+            return f"NodeName={name} NodeHostname={name} NodeAddr={host.address} Port={port} "
+        return f"NodeName={name} NodeHostname={self.node} NodeAddr=127.0.0.1 Port={port} "
+
+    def slurmd_argv(self, name: str) -> List[str]:
+        """slurmd for node ``name``; on a namespace host inside its network, hostname and /tmp
+        (``nsenter --net`` rather than ``ip netns exec``, which remounts /sys and hides the cgroups)."""
+        argv = [find_binary("slurmd") or "slurmd", "-D", "-N", name, "-f", self.conf]
+        if self.hosts is None:
+            return argv
+        host = self.hosts.host(name)
+        return ["nsenter", f"--net=/run/netns/{host.netns}", "unshare", "--uts", "--mount", "--propagation",
+                "private", "sh", "-c", f"hostname {name} && mount --bind {host.tmp} /tmp && exec {' '.join(argv)}"]
 
     @property
     def conf(self) -> str:
@@ -112,7 +136,7 @@ class SlurmCluster:
         text = f"""\
 # lmsdp test cluster (tests/slurm_cluster.py): {len(names)} node(s), auth/none, everything under {r}
 ClusterName=lmsdptest
-SlurmctldHost={self.node}(127.0.0.1)
+SlurmctldHost={self.node}({self.ctld_address})
 SlurmctldPort={self.ctld_port}
 SlurmUser=root
 SlurmdUser=root
@@ -142,8 +166,7 @@ SlurmctldDebug=info
 SlurmdDebug=info
 """
         for name, port in zip(names, self.slurmd_ports):
-            text += (f"NodeName={name} NodeHostname={self.node} NodeAddr=127.0.0.1 Port={port} "
-                     f"CPUs={self.cpus} RealMemory=1000 State=UNKNOWN\n")
+            text += self.node_line(name, port) + f"CPUs={self.cpus} RealMemory=1000 State=UNKNOWN\n"
         text += f"PartitionName=debug Nodes={','.join(names)} Default=YES MaxTime=INFINITE State=UP\n"
         with open(self.conf, "w", encoding="utf-8") as handle:
             handle.write(text)
@@ -157,11 +180,11 @@ SlurmdDebug=info
             raise ClusterUnavailable(f"Slurm binaries missing: {', '.join(missing)} "
                                      "(apt-get install slurmctld slurmd slurm-client; scripts/setup.sh does it)")
         self.write_config()
-        daemons = [("slurmctld", "slurmctld", ["-D", "-i", "-f", self.conf])]
-        daemons += [(f"slurmd-{n}", "slurmd", ["-D", "-N", n, "-f", self.conf]) for n in self.node_names]
-        for label, name, args in daemons:
+        daemons = [("slurmctld", [find_binary("slurmctld") or "slurmctld", "-D", "-i", "-f", self.conf])]
+        daemons += [(f"slurmd-{n}", self.slurmd_argv(n)) for n in self.node_names]
+        for label, argv in daemons:
             log = open(os.path.join(self.root, "log", f"{label}.stdout"), "ab")
-            self.procs.append(subprocess.Popen([find_binary(name) or name, *args], stdout=log,
+            self.procs.append(subprocess.Popen(argv, stdout=log,
                                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                                start_new_session=True, env=self.env))
             log.close()
@@ -174,7 +197,7 @@ SlurmdDebug=info
                 raise ClusterUnavailable(f"a Slurm daemon exited at start (rc {dead[0].returncode}); "
                                          f"see {self.root}/log: {self.log_tail()}")
             state = self.run("sinfo", "-h", "-N", "-o", "%T", check=False).stdout.split()
-            if len(state) == self.nodes and set(state) == {"idle"}:
+            if len(state) == len(self.node_names) and set(state) == {"idle"}:
                 return self
             time.sleep(0.3)
         self.stop()

@@ -31,8 +31,8 @@ def sources(*folders: str, suffixes=(".py",)):
 def test_only_topology_reads_rank_variables():
     pattern = re.compile(r"environ(?:\.get)?\s*[\[(]\s*[\"'](" + "|".join(RANK_VARIABLES) + r")[\"']")
     readers = sorted({path for path, text in sources(*PACKAGES) if pattern.search(text)})
-    assert readers == [], f"rank variables read outside runtime/topology.py: {readers}"
-    topology = open(os.path.join(REPO, "runtime", "topology.py"), encoding="utf-8").read()
+    assert readers == [], f"rank variables read outside runtime/topology/: {readers}"
+    topology = "".join(text for _path, text in sources(os.path.join("runtime", "topology")))
     assert "OMPI_COMM_WORLD_RANK" in topology and "SLURM_PROCID" in topology
 
 
@@ -102,3 +102,32 @@ def test_every_launcher_module_is_in_a_layer():
 
     loose = [m for m in package_modules() if m.startswith("lmsdp.launcher.") and _launcher_part(m) not in LAUNCHER_LAYERS]
     assert loose == []
+
+
+def test_no_import_cycles():
+    """Over the whole package. A protocol breaks a cycle; a deferred or TYPE_CHECKING import does not."""
+    from tests.architecture_graph import cycles, import_graph
+
+    assert cycles(import_graph()) == []
+
+
+def test_no_module_over_the_line_limit():
+    from tests.architecture_graph import package_modules
+
+    long = {m: n for m, path in package_modules().items()
+            if (n := sum(1 for _ in open(path, encoding="utf-8"))) > MAX_LINES}
+    assert long == {}, f"modules over {MAX_LINES} lines (split along their seams): {long}"
+
+
+def test_no_two_classes_share_a_name():
+    import ast
+    import collections
+
+    from tests.architecture_graph import package_modules
+
+    where = collections.defaultdict(list)
+    for module, path in package_modules().items():
+        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+            if isinstance(node, ast.ClassDef):
+                where[node.name].append(module)
+    assert {name: mods for name, mods in where.items() if len(mods) > 1} == {}

@@ -228,6 +228,9 @@ def test_corrupt_image_names_the_file(tmp_path):
     with pytest.raises(UserError, match=f"cannot read image {bad}"):
         for step in range(batches.steps_per_epoch):
             batches.batch(step)
+    with pytest.raises(UserError) as info:  # from a loader worker: the same one line, no worker traceback
+        list(make_batches(config, 0, 1, workers=2)[0].iterate(0, batches.steps_per_epoch))
+    assert str(info.value).startswith(f"data.path: cannot read image {bad}") and "\n" not in str(info.value)
 
 
 # ------------------------------------------------------------------------------------ accumulation

@@ -70,3 +70,15 @@ def test_typo_through_the_real_lmsrun():
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.splitlines() == ["lmsrun: error: tnue: no such subcommand or file (did you mean "
                                         "'lmsrun tune'?); subcommands: plan, tune, report, export, slurm"]
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS.names())
+def test_every_subcommand_reports_bad_input_through_the_one_boundary(capsys, name):
+    """Bad flags and bad values alike: one 'lmsrun: error:' line, exit 2, whatever the subcommand."""
+    assert _main([name, "--no-such-flag"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("lmsrun: error: ") and "Traceback" not in err, err
+    bad_value = ["tokens", "/nonexistent/x", "--out", "x.bin"] if name == "data" else ["/nonexistent/x.yaml"]
+    assert _main([name, *bad_value]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("lmsrun: error: ") and "Traceback" not in err, err

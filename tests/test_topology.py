@@ -131,3 +131,14 @@ def test_topology_error_from_cli_is_one_line():
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == [lines[0]] and lines[0].startswith("lmsrun: error: the job was meant to have 3 ranks"), proc.stderr
+
+
+def test_mpi_rank_inside_the_daemon_step_on_another_node_ignores_that_steps_counts():
+    """mpirun in a 2-node allocation starts its daemon on node 2 with srun -n 1: a rank there sees that
+    step's SLURM_NTASKS=1 next to the job's 2 nodes x 1 task; not a mismatch of the job."""
+    env = {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "0",
+           "OMPI_COMM_WORLD_LOCAL_SIZE": "1", "SLURM_JOB_ID": "5", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "1",
+           "SLURM_JOB_NUM_NODES": "2", "SLURM_NTASKS_PER_NODE": "1"}
+    assert detect_topology(env).rank == 1
+    with pytest.raises(TopologyError, match="SLURM_NTASKS=1 but SLURM_JOB_NUM_NODES=2"):
+        detect_topology({k: v for k, v in env.items() if k != "SLURM_STEP_ID"})

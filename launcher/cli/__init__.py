@@ -101,7 +101,7 @@ def _run(args: argparse.Namespace, script: Optional[List[str]], topology: Any) -
         from lmsdp.launcher.train.checkpoint_lock import check_free
 
         check_free(plan.config.checkpoint_dir)
-    argv, flavor, env = mpi_command(plan)
+    argv, flavor, env, hosts_of_ranks = mpi_command(plan)
     if args.dry_run:
         print(shlex.join(argv))
         return _print_config(plan)
@@ -110,7 +110,8 @@ def _run(args: argparse.Namespace, script: Optional[List[str]], topology: Any) -
     keep_errors_in = plan.config.output_dir if plan.config is not None else args.output_dir
     return run_job(Job(command=argv, env=env, flavor=flavor, output_dir=args.output_dir,
                        keep_errors_in=keep_errors_in, graceful_signal=None if plan.script_mode else signal.SIGUSR1,
-                       stop_timeout=args.stop_timeout, verbose=args.verbose, np=plan.np))
+                       stop_timeout=args.stop_timeout, verbose=args.verbose, np=plan.np,
+                       rank_hosts=hosts_of_ranks))
 
 
 def _print_config(plan: LaunchPlan) -> int:

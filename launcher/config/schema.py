@@ -7,8 +7,6 @@ table; the generic typed-YAML machinery is in ``launcher/config/typed_yaml.py``.
 from __future__ import annotations
 
 import difflib
-import importlib
-import inspect
 import os
 import re
 from dataclasses import dataclass, field
@@ -17,10 +15,12 @@ from typing import Any, Dict, List, Optional, Union
 import yaml
 
 from lmsdp.comm.config import CommConfig
+from lmsdp.runtime.network import check_spec
 from lmsdp.runtime.trace_schedule import DEFAULT_STEPS, TraceSchedule
 from lmsdp.swapping.config import SwapConfig
 from .errors import ConfigError
-from .input_checks import built_by_factory, check_config_kwargs, check_name, check_optimizer_kwargs
+from .factories import check_model, check_user_loss, model_from_factory, resolve_factory
+from .input_checks import check_name
 from .typed_yaml import apply_override, build, config_to_dict, read_yaml, reference_rows
 from lmsdp.launcher.models import MODEL_NAMES
 from lmsdp.runtime import run_folder
@@ -242,9 +242,9 @@ def load_config(path: Optional[str], overrides: Optional[List[str]] = None) -> C
 def check_config(config: Config) -> None:
     """Cross-field checks that types alone cannot express."""
     check_name(config.name)
-    _check_model(config)
+    check_model(config)
     if config.train.loss:
-        _check_user_loss(config.train.loss)
+        check_user_loss(config.train.loss)
     _check_data(config.data)
     if config.train.accumulate > 1 and config.comm.backward_passes_per_step not in (1, config.train.accumulate):
         raise ConfigError(f"comm.backward_passes_per_step: {config.comm.backward_passes_per_step} disagrees with "
@@ -258,6 +258,9 @@ def check_config(config: Config) -> None:
         raise ConfigError("launch.hosts and launch.hostfile are both set: use one of them")
     if config.launch.hostfile and not os.path.isfile(config.launch.hostfile):
         raise ConfigError(f"launch.hostfile: file not found: {config.launch.hostfile}")
+    interface_problem = check_spec(config.comm.interface)
+    if interface_problem:
+        raise ConfigError(f"comm.interface: {interface_problem}")
     recompute = config.swap.recompute
     if isinstance(recompute, list) and "auto" in recompute:
         raise ConfigError("swap.recompute: 'auto' stands alone, not inside a list")
@@ -267,82 +270,16 @@ def check_config(config: Config) -> None:
                           "use comm.backend: torch (or auto, which picks torch for shard)")
     if config.swap.keep_last < 0 or config.swap.prefetch < 0:
         raise ConfigError("swap.prefetch and swap.keep_last must be 0 or more")
+    if config.swap.link_gbps is not None:
+        if config.swap.link_gbps <= 0:
+            raise ConfigError(f"swap.link_gbps: expected a positive number of GB/s, got {config.swap.link_gbps:g}; "
+                              "leave it unset for an unlimited link")
+        if config.swap.transport == "cuda":
+            raise ConfigError("swap.link_gbps: paces the loopback transport only (a simulated link); "
+                              "allowed with transport: loopback or auto, not cuda")
     if config.swap.plan not in ("none", "auto") and not os.path.isfile(config.swap.plan):
         raise ConfigError(f"swap.plan: '{config.swap.plan}' is not a file; allowed: none, auto, or a plan file "
                           "written by 'lmsrun plan --write'")
-
-
-def _check_model(config: Config) -> None:
-    """model.name or model.factory (with model.config_factory), and model.kwargs against what takes them."""
-    model = config.model
-    if model.config_factory and not model.factory:
-        raise ConfigError("model.config_factory: needs model.factory, the class or function its config is "
-                          "passed to (e.g. transformers:GPT2LMHeadModel)")
-    if model.factory:
-        factory = resolve_factory(model.factory, "model.factory")
-        if model.config_factory:  # built here (a config is cheap): its signature may not list every key
-            make_config = resolve_factory(model.config_factory, "model.config_factory")
-            try:
-                built_by_factory(make_config, model.kwargs, "model.config_factory", model.config_factory, object)
-            except ConfigError:
-                check_config_kwargs(config, make_config, f"model.config_factory '{model.config_factory}'")
-                raise
-            check_optimizer_kwargs(config)
-        else:
-            check_config_kwargs(config, factory)
-    elif model.name not in MODEL_NAMES:
-        close = difflib.get_close_matches(model.name, MODEL_NAMES, n=1)
-        guess = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"model.name: unknown model '{model.name}'{guess}; "
-                          f"allowed: {', '.join(MODEL_NAMES)}, or set model.factory")
-    elif model.pass_labels:
-        raise ConfigError(f"model.pass_labels: zoo model '{model.name}' computes no loss from labels; "
-                          "allowed: false, or true with a model.factory whose forward takes labels=")
-    else:
-        check_config_kwargs(config, None)
-
-
-def _check_user_loss(spec: str) -> None:
-    """train.loss names a function that can be called as f(output, target)."""
-    loss = resolve_factory(spec, "train.loss")
-    try:
-        inspect.signature(loss).bind(None, None)
-    except TypeError:
-        raise ConfigError(f"train.loss: '{spec}' cannot be called as f(output, target); "
-                          f"its signature is {inspect.signature(loss)}") from None
-    except ValueError:  # a builtin without a signature: the first step tells
-        pass
-
-
-def model_from_factory(model: ModelConfig, expected: type) -> Any:
-    """``factory(**kwargs)``, or ``factory(config_factory(**kwargs))`` (Hugging Face: a model class or
-    ``AutoModelForCausalLM.from_config`` with its config class); failures are one line."""
-    factory = resolve_factory(model.factory or "", "model.factory")
-    if not model.config_factory:
-        return built_by_factory(factory, model.kwargs, "model.factory", model.factory or "", expected)
-    made = built_by_factory(resolve_factory(model.config_factory, "model.config_factory"), model.kwargs,
-                            "model.config_factory", model.config_factory, object)
-    return built_by_factory(factory, {}, "model.factory", model.factory or "", expected, args=(made,))
-
-
-def resolve_factory(spec: str, path: str) -> Any:
-    """Import 'package.module:function' and return the callable, or raise a ConfigError naming ``path``."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ConfigError(f"{path}: expected 'package.module:function', got {spec!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:  # noqa: BLE001 - any import failure is the user's to fix
-        raise ConfigError(f"{path}: cannot import module '{module_name}': {type(exc).__name__}: {exc}",
-                          hint="is it installed, or on PYTHONPATH?") from None
-    target: Any = module
-    for part in attr.split("."):
-        if not hasattr(target, part):
-            raise ConfigError(f"{path}: module '{module_name}' has no attribute '{attr}'")
-        target = getattr(target, part)
-    if not callable(target):
-        raise ConfigError(f"{path}: '{spec}' is not callable")
-    return target
 
 
 def dump_config(config: Config) -> str:

@@ -22,6 +22,8 @@ from typing import IO, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from lmsdp.runtime import run_folder
 
+from lmsdp.runtime.error_file import ErrorRecord, carried_record
+
 from .lines import IDLE_FLUSH_S, LineBuffer, LineSink, Piece, write_out
 
 FAIL_MARK = re.compile(r"^\[lmsdp\] rank (\d+) failed: (.*)$")
@@ -57,6 +59,7 @@ class Demux:
         self.user_errors: List[str] = []
         self.user_errors_shown: set = set()  # rank 0's lines are already on the screen
         self.marks: List[Tuple[int, str]] = []
+        self.carried: List[ErrorRecord] = []  # error records of ranks on hosts that cannot see the error folder
         if output_dir:
             os.makedirs(output_dir, exist_ok=True)
 
@@ -174,6 +177,10 @@ class Demux:
         """Read a whole line of a rank (failure marks, user errors, tails); False: keep it off the screen."""
         text = raw.decode("utf-8", "replace").rstrip("\r\n")
         visible = text.rsplit("\r", 1)[-1]
+        record = carried_record(visible)
+        if record is not None:  # for lmsrun, not the screen
+            self.carried.append(record)
+            return False
         if USER_ERROR.match(visible):
             if visible not in self.user_errors:
                 self.user_errors.append(visible)

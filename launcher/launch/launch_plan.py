@@ -175,14 +175,29 @@ def rank_program(plan: LaunchPlan) -> List[str]:
     return program
 
 
+def tcp_include(plan: LaunchPlan) -> Optional[str]:
+    """Open MPI's ``btl_tcp_if_include``/``oob_tcp_if_include`` for ``comm.interface`` (script mode: auto)."""
+    from lmsdp.runtime.network import AUTO, mpirun_include
+
+    from .mpi_command import is_local, parse_hostfile, parse_hosts
+
+    spec = plan.config.comm.interface if plan.config is not None else AUTO
+    if not (plan.hosts or plan.hostfile):
+        return None if spec == AUTO else spec
+    hosts = parse_hosts(plan.hosts) if plan.hosts else parse_hostfile(plan.hostfile)  # type: ignore[arg-type]
+    if spec == AUTO and is_local(hosts):
+        return None
+    return mpirun_include(spec, [h.name for h in hosts])
+
+
 def mpi_command(plan: LaunchPlan) -> tuple:
-    """(argv, flavour, environment for mpirun)."""
-    from .mpi_command import MPIRequest, build_command, find_mpirun
+    """(argv, flavour, environment for mpirun, rank -> host when the hosts are listed)."""
+    from .mpi_command import MPIRequest, build_command, find_mpirun, rank_hosts
 
     mpirun, flavor = find_mpirun()
     request = MPIRequest(np=plan.np, program=rank_program(plan), hosts=plan.hosts, hostfile=plan.hostfile,
                          mpi_args=plan.mpi_args, oversubscribe=plan.oversubscribe, set_env=plan.rank_env,
-                         inherit_env=os.environ)
+                         inherit_env=os.environ, tcp_include=tcp_include(plan))
     argv = build_command(request, mpirun=mpirun, flavor=flavor, is_root=os.geteuid() == 0)
-    return argv, flavor, {**os.environ, **plan.rank_env}
+    return argv, flavor, {**os.environ, **plan.rank_env}, rank_hosts(request)
 

@@ -51,6 +51,7 @@ class MPIRequest:
     oversubscribe: bool = False
     set_env: Dict[str, str] = field(default_factory=dict)
     inherit_env: Mapping[str, str] = field(default_factory=dict)
+    tcp_include: Optional[str] = None  # Open MPI's btl/oob_tcp_if_include (comm.interface), None: its default
 
 
 def parse_hosts(spec: str) -> List[Host]:
@@ -87,6 +88,18 @@ def parse_hostfile(path: str) -> List[Host]:
     if not hosts:
         raise UserError(f"--hostfile {path}: no hosts in the file")
     return hosts
+
+
+def rank_hosts(req: MPIRequest) -> Dict[int, str]:
+    """rank -> host under our ``--map-by slot`` (each host's slots filled in order); empty when the
+    hosts are not listed or the user's --mpi-args choose another mapping."""
+    if not (req.hosts or req.hostfile) or re.search(r"(^|\s)-{1,2}(map-by|bynode|npernode)", req.mpi_args or ""):
+        return {}
+    hosts = parse_hosts(req.hosts) if req.hosts else parse_hostfile(req.hostfile)  # type: ignore[arg-type]
+    names = [h.name for h in hosts for _ in range(h.slots)]
+    if req.np > len(names):
+        return {}
+    return dict(enumerate(names[:req.np]))
 
 
 def is_local(hosts: Sequence[Host]) -> bool:
@@ -176,6 +189,10 @@ def build_command(req: MPIRequest, mpirun: str = "mpirun", flavor: str = "openmp
     if not any(a.startswith(("--bind-to", "-bind-to")) for a in extra):
         cmd += ["--bind-to", "none"]
     cmd.append("--tag-output")
+    if req.tcp_include:
+        for param in ("btl_tcp_if_include", "oob_tcp_if_include"):
+            if param not in extra:
+                cmd += ["--mca", param, req.tcp_include]
     for item in _export_items(req):
         cmd += ["-x", item]
     return cmd + extra + list(req.program)

@@ -27,17 +27,21 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 from lmsdp.runtime import env as envvars
 from lmsdp.runtime.errors import UserError
 from lmsdp.runtime.signals import LAUNCHER_STOP_SIGNALS, SignalHandlers
 from lmsdp.runtime.error_file import (ErrorRecord, keep_errors, make_error_dir, read_errors,
-                                      remove_stale_error_dirs)
+                                      remove_stale_error_dirs, save_record)
+from lmsdp.runtime.shared_folder import mark_launcher
+
+from .mpi_command import LOCAL_NAMES
 from lmsdp.runtime.lifeline import Launcher, parent_death_signal
 
 from .demux import Demux
@@ -46,7 +50,10 @@ from .demux import Demux
 MPIRUN_UNKNOWN_OPTION = re.compile(r"(?:Error: unknown option|unrecognized argument) \"?([^\"\s]+)")
 OMPI_FIRST = re.compile(r"Process name: \[\[\d+,\d+\],(\d+)\]")
 OMPI_EXIT = re.compile(r"Exit code:\s+(\d+)")
-OMPI_SIGNAL = re.compile(r"process rank (\d+) with PID \d+ on node \S+ exited on signal (\d+)")
+OMPI_SIGNAL = re.compile(r"process rank (\d+) with PID \d+ on node (\S+) exited on signal (\d+)")
+
+
+FAILED_RANK_GRACE_S = 10.0  # after a rank's failure, how long mpirun may take to end the job itself
 
 
 @dataclass
@@ -63,6 +70,7 @@ class Job:
     np: int = 0  # ranks, so each gets its rank<R>.log even when it prints nothing
     error_dir: Optional[str] = None  # where failing ranks write rank<R>.json (LMSDP_ERROR_DIR)
     keep_errors_in: Optional[str] = None  # the run's output folder: a failed job's records go to <it>/errors/
+    rank_hosts: Dict[int, str] = field(default_factory=dict)  # rank -> host, when the launch plan says
 
 
 @dataclass
@@ -71,6 +79,7 @@ class Failure:
     reason: str = ""
     exit_code: Optional[int] = None
     signal: Optional[int] = None
+    host: str = ""
 
 
 def become_subreaper() -> bool:
@@ -93,12 +102,15 @@ class Runner:
         self.kill_deadline: Optional[float] = None
         self.seen: Dict[int, object] = {}
         self.outcome = ""  # after a failed run: why, in one line (for callers that run many jobs)
+        self.stopped_for_failure = False  # lmsrun stopped mpirun itself after a rank failed
 
     def run(self) -> int:
         """Run the job to its end. Its ranks get lmsrun as their lifeline (``LMSDP_LAUNCHER``) and, unless
         the job names one, a private error folder (``LMSDP_ERROR_DIR``) removed afterwards."""
         launcher = Launcher.this_process()
         env = {**self.job.env, envvars.LAUNCHER: launcher.encode()}
+        if self.job.keep_errors_in:  # so rank 0 can tell whether this host sees the files it writes
+            mark_launcher(self.job.keep_errors_in, launcher.encode())
         if self.job.error_dir is not None:
             self.job = dataclasses.replace(self.job, env=env)
             return self._run()
@@ -130,7 +142,7 @@ class Runner:
             except OSError as exc:
                 raise UserError(f"cannot start {job.command[0]}: {exc.strerror}") from None
             readers = [demux.reader(self.proc.stdout, "stdout"), demux.reader(self.proc.stderr, "stderr")]
-            self._wait()
+            self._wait(demux)
             self._cleanup()
             for thread in readers:
                 thread.join(timeout=3)
@@ -166,8 +178,9 @@ class Runner:
         except (ProcessLookupError, OSError):
             pass
 
-    def _wait(self) -> None:
+    def _wait(self, demux: Demux) -> None:
         assert self.proc is not None
+        failed_at: Optional[float] = None
         while True:
             try:
                 self.proc.wait(timeout=0.2)
@@ -176,6 +189,16 @@ class Runner:
                 pass
             self._snapshot()
             now = time.monotonic()
+            if failed_at is None and (demux.marks or demux.carried):
+                failed_at = now
+            elif failed_at is not None and now - failed_at > FAILED_RANK_GRACE_S:
+                # a rank failed and mpirun still waits: its daemon on an unreachable host cannot confirm
+                _say(f"lmsrun: a rank failed {FAILED_RANK_GRACE_S:g} s ago and mpirun has not ended the job "
+                     "(a host unreachable?); stopping it")
+                self.stopped_for_failure = True
+                self._send(signal.SIGTERM)
+                self.kill_deadline = now + 3
+                failed_at = float("inf")  # once
             if self.hard_deadline is not None and now > self.hard_deadline:
                 print("lmsrun: ranks did not stop in time; terminating the job", file=sys.stderr, flush=True)
                 self.hard_deadline = None
@@ -223,6 +246,9 @@ class Runner:
 
     def _report(self, demux: Demux, returncode: Optional[int]) -> int:
         own = "\n".join(demux.own)
+        if self.job.error_dir is not None:  # records carried over the output become files, like the others
+            for record in demux.carried:
+                save_record(record, self.job.error_dir)
         records = read_errors(self.job.error_dir)
         failure = self._failure(demux, own, records)
         if self.signals:
@@ -241,10 +267,12 @@ class Runner:
             print(f"lmsrun: error: {user_errors[0].message}", file=sys.stderr)
             return 2
         code = returncode if returncode and returncode > 0 else 128 + (-(returncode or 0)) if returncode else 1
+        if self.stopped_for_failure:
+            code = 1  # mpirun's own death on lmsrun's SIGTERM (Open MPI may crash) is not the job's verdict
         kept = self._keep(records)
         # mpirun itself killed by a signal is the cause: what its ranks wrote after losing it (a broken
         # pipe, a dead peer) is a consequence, even when it reached an error file first
-        if returncode is not None and returncode < 0 and self.proc is not None:
+        if returncode is not None and returncode < 0 and self.proc is not None and not self.stopped_for_failure:
             self.outcome = (f"{os.path.basename(self.job.command[0])} was killed by signal {-returncode} "
                             f"({_signame(-returncode)})")
             print(f"lmsrun: {os.path.basename(self.job.command[0])} (pid {self.proc.pid}) was killed by signal "
@@ -271,17 +299,33 @@ class Runner:
             what = f"failed: {failure.reason}"
         else:
             what = f"exited with code {failure.exit_code}"
-        self.outcome = f"rank {failure.rank} {what}"
+        host = failure.host or self.job.rank_hosts.get(failure.rank, "")
+        if host in LOCAL_NAMES or host == socket.gethostname():
+            host = ""  # a rank on lmsrun's own host needs no host name
+        self.outcome = f"rank {failure.rank}{f' on host {host}' if host else ''} {what}"
         lines = [f"lmsrun: {self.outcome}"]
         tail = list(demux.tails.get(failure.rank, []))
         if tail:
             lines.append(f"lmsrun: last lines of rank {failure.rank}:")
             lines += [f"  | {line}" for line in tail[-10:]]
+        silent = self._silent_hosts(demux, records) if self.stopped_for_failure else []
+        if silent:
+            lines.append(f"lmsrun: no word from host {', '.join(silent)} after the failure: unreachable?")
         if kept:
             lines.append(kept)
         lines.append(f"lmsrun: stopped all {self.job.np or len(demux.tails)} ranks; exit code {code}")
         print("\n".join(lines), file=sys.stderr, flush=True)
         return code
+
+    def _silent_hosts(self, demux: Demux, records: Sequence[ErrorRecord]) -> List[str]:
+        """Hosts none of whose ranks reported a failure, when mpirun had to be stopped: a host that
+        cannot be reached says nothing (its ranks' errors cannot travel)."""
+        spoke = {r.rank for r in records} | {rank for rank, _ in demux.marks}
+        hosts: Dict[str, List[int]] = {}
+        for rank, host in self.job.rank_hosts.items():
+            hosts.setdefault(host, []).append(rank)
+        return [f"{host} (rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))})"
+                for host, ranks in hosts.items() if not spoke.intersection(ranks)]
 
     def _keep(self, records: Sequence[ErrorRecord]) -> str:
         """Copy a failed job's error records into the run's output folder (the temporary folder is
@@ -303,11 +347,11 @@ class Runner:
         first = OMPI_FIRST.search(own)
         killed = OMPI_SIGNAL.search(own)
         if killed and not first:
-            failure.rank, failure.signal = int(killed.group(1)), int(killed.group(2))
+            failure.rank, failure.host, failure.signal = int(killed.group(1)), killed.group(2), int(killed.group(3))
             return failure
         if records:
             earliest = records[0]
-            failure.rank, failure.reason = earliest.rank, earliest.reason
+            failure.rank, failure.reason, failure.host = earliest.rank, earliest.reason, earliest.host
             if first and int(first.group(1)) == earliest.rank:
                 code = OMPI_EXIT.search(own, first.end())
                 failure.exit_code = int(code.group(1)) if code else None

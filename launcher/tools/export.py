@@ -16,6 +16,7 @@ import sys
 import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
+from lmsdp.launcher.config.argtypes import OneLineParser
 from lmsdp.launcher.config.errors import UserError
 from lmsdp.runtime import run_folder
 
@@ -23,7 +24,7 @@ from lmsdp.runtime import run_folder
 def build_parser() -> argparse.ArgumentParser:
     from lmsdp.launcher.train.checkpoint_trust import TRUST_FLAG  # here: torch loads only when export runs
 
-    parser = argparse.ArgumentParser(prog="lmsrun export", allow_abbrev=False,
+    parser = OneLineParser(prog="lmsrun export", allow_abbrev=False,
                                      description="Write one consolidated model.pt from a run's checkpoint.")
     parser.add_argument("run_dir", metavar="RUN_DIR", nargs="?",
                         help="the run's output folder (or its checkpoints folder)")

@@ -16,6 +16,7 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
+from lmsdp.launcher.config.argtypes import OneLineParser
 from lmsdp.launcher.config.errors import UserError
 
 from .run_data import Run, Warn, check_comparable, label_runs, load_run, size_text, trace_note
@@ -86,7 +87,7 @@ def _show(key: str, value: Any) -> str:
 
 # ---------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="lmsrun report", allow_abbrev=False,
         description="Plots of a run (memory over one step, timeline of one step per rank, curves over the "
                     "run) and report.html; with several runs, their curves overlaid and summaries side by side.")

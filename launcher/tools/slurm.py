@@ -26,6 +26,7 @@ from typing import Dict, List, Optional
 from lmsdp.runtime.error_file import KEPT_SUBDIR
 
 from lmsdp.launcher.config import Config, load_config
+from lmsdp.launcher.config.argtypes import OneLineParser
 from lmsdp.launcher.config.errors import UserError
 
 TEMPLATES = {"single": "srun_single_node.sbatch", "multi": "srun_multi_node.sbatch", "mpirun": "mpirun.sbatch"}
@@ -150,7 +151,7 @@ def render(text: str, values: Dict[str, Optional[str]]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="lmsrun slurm",
         description="Write (or submit) an sbatch script that trains CONFIG on a Slurm allocation: one task "
                     "per GPU, a checkpoint on preemption/time limit, optional self-requeue, resume on restart. "

@@ -50,7 +50,7 @@ class TrialRunner:
             argv += ["--mpi-args", core_binding(setting.threads)]
         args = build_parser().parse_args(argv)
         plan = make_plan(args, None)
-        command, flavor, env = mpi_command(plan)
+        command, flavor, env, _hosts = mpi_command(plan)
         job = Job(command=command, env=env, flavor=flavor, output_dir=out_dir, stop_timeout=5.0, np=plan.np)
         started = time.monotonic()
         runner = Runner(job)

@@ -7,6 +7,7 @@ pinned for CUDA; the datasets themselves are in ``datasets.py``."""
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Tuple
 
@@ -14,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from lmsdp.launcher.config import Config, resolve_factory
-from lmsdp.launcher.config.errors import ConfigError
+from lmsdp.launcher.config.errors import ConfigError, UserError
 from lmsdp.launcher.models import model_io
 
 from .datasets import ImageFolder, SyntheticDataset, TokenWindows, dataset_length, mix, open_tokens
@@ -85,10 +86,10 @@ class RankBatches:
         """Batches of steps ``first`` .. ``stop - 1`` in order, loaded ahead by the workers."""
         if first >= stop:
             return iter(())
-        return iter(DataLoader(self.dataset, batch_sampler=_Steps(self, first, stop), num_workers=self.workers,
-                               prefetch_factor=self.prefetch if self.workers else None, pin_memory=self.pin_memory,
-                               worker_init_fn=_one_thread if self.workers else None,
-                               persistent_workers=False))
+        return _one_line_errors(iter(DataLoader(
+            self.dataset, batch_sampler=_Steps(self, first, stop), num_workers=self.workers,
+            prefetch_factor=self.prefetch if self.workers else None, pin_memory=self.pin_memory,
+            worker_init_fn=_one_thread if self.workers else None, persistent_workers=False)))
 
 
 class _Steps(torch.utils.data.Sampler):
@@ -102,6 +103,19 @@ class _Steps(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return self.stop - self.first
+
+
+def _one_line_errors(batches: Iterator[Batch]) -> Iterator[Batch]:
+    """A UserError raised in a loader worker (a corrupt image) arrives with the worker's traceback in
+    its message; the user gets its own one line back."""
+    try:
+        yield from batches
+    except UserError as exc:
+        text = str(exc)
+        if "Original Traceback" not in text:
+            raise
+        last = text.rstrip().splitlines()[-1]
+        raise UserError(re.sub(r"^[\w.]*Error: ", "", last)) from None
 
 
 def _one_thread(_worker: int) -> None:

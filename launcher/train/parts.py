@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lmsdp.comm import get_backend
+from lmsdp.runtime.shared_folder import FolderView
 from lmsdp.comm.base import Backend
 from lmsdp.comm.strategy import Strategy, get_strategy
 from lmsdp.runtime import warning_lines
@@ -27,6 +28,7 @@ from .checkpoint import CheckpointManager
 from .checkpoint_lock import CheckpointLock
 from .job_plan import JobPlan, plan_for_job
 from .state import Checkpoints, checkpoints_for
+from .run_folders import check_run_folders
 
 CHECKPOINT_OVERHEAD = 64 << 10  # RNG states of every rank, the config, zip records: beyond the tensors
 
@@ -48,6 +50,7 @@ class RunParts:
     autocast: Optional[torch.dtype] = None                # train.amp's dtype, None when off
     job_plan: Optional[JobPlan] = None                    # swap.plan: auto / FILE, else None
     per_module: Optional[module_threads.ModuleThreads] = None  # launch.threads: auto, else None
+    checkpoint_folder: Optional[FolderView] = None        # which hosts see the checkpoint folder
 
 
 def claim_checkpoint_dir(checkpoints: CheckpointManager) -> CheckpointLock:
@@ -68,6 +71,7 @@ def build_parts(config: Config, topology: Topology, whole: CheckpointManager, lo
         whole.check_space(estimate_checkpoint_bytes(model, config.optimizer))
     backend = get_backend(config.comm, device, topology)
     warning_lines.install(backend.rank, one_line_others=True)  # one line each; lmsdp's from rank 0 only
+    checkpoint_folder = check_run_folders(config, backend, sharded=config.comm.strategy == "shard")
     swap_config = config.swap
     if swap_config.trace:  # one file per rank unless the path says where {rank} goes
         swap_config = dataclasses.replace(swap_config, trace=rank_path(swap_config.trace, backend.rank, backend.size))
@@ -89,7 +93,7 @@ def build_parts(config: Config, topology: Topology, whole: CheckpointManager, lo
                     scaler=scaler, engine=engine, whole=whole,
                     checkpoints=checkpoints_for(config, strategy, backend, whole), trace_window=trace_window,
                     autocast=autocast,
-                    job_plan=job_plan, per_module=per_module)
+                    job_plan=job_plan, per_module=per_module, checkpoint_folder=checkpoint_folder)
 
 
 def estimate_checkpoint_bytes(model: nn.Module, optimizer: Any) -> int:

@@ -34,6 +34,7 @@ from .metrics import MetricsWriter, Progress, RunSummary
 from .outputs import engine_totals, merge_rank_traces, paths_in_output_dir, write_json
 from .parts import RunParts, build_parts, claim_checkpoint_dir
 from .resume import resume
+from .run_folders import no_checkpoint_note
 from .schedule import lr_at, set_lr
 from .state import checkpoint_state, get_rng, restore_state
 from .tensorboard import open_scalars
@@ -106,6 +107,8 @@ class Trainer:
             if loaded is not None:
                 resumed_from, state = loaded
                 start_step = restore_state(state, parts.scaler, self.rank)
+            elif self.is_main and parts.checkpoint_folder is not None and no_checkpoint_note(parts.checkpoint_folder):
+                print(no_checkpoint_note(parts.checkpoint_folder), file=sys.stderr, flush=True)
         parts.strategy.sync_state(parts.model, parts.optimizer)
         return start_step, resumed_from
 
