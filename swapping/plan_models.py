@@ -44,8 +44,9 @@ class Prediction:
     swap_bytes: int
 
 
-def predict(profile: StepProfile, settings: Settings, link_bps: float) -> Prediction:
-    """Peak memory and step time of ``settings`` on ``profile`` (steady state: order learned)."""
+def predict(profile: StepProfile, settings: Settings, link_bps: float, timed: bool = True) -> Prediction:
+    """Peak memory and step time of ``settings`` on ``profile`` (steady state: order learned);
+    ``timed=False``: the peak only (the step is the compute alone, no stall replay: for scans)."""
     tensors = profile.tensors
     compute = profile.forward_s + profile.backward_s
     if not settings.enabled:
@@ -123,9 +124,10 @@ def predict(profile: StepProfile, settings: Settings, link_bps: float) -> Predic
                 if count >= settings.prefetch:
                     break
 
+    # the swap-ins issued at forward end: the first ``prefetch`` swapped tensors in first-use order
+    window = sum(sizes[s] for s in [s for s in order if s in swapped][:max(0, settings.prefetch)])
     prefetch_after(0, profile.forward_s)
-    window = sum(sorted((sizes[s] for s in issued), reverse=True)[:max(1, settings.prefetch)])
-    for s in order:
+    for s in (order if timed else []):
         now = profile.forward_s + tensors[cand[s]].use_s + stall
         if s in swapped and s not in issued:
             issue(s, now)

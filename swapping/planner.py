@@ -1,13 +1,14 @@
 """Swap planner: choose per saved tensor whether it stays on the device, is swapped, or (per layer
-kind) recomputed, for a memory target; the largest batch that fits; plan files.
+kind or per module) recomputed, for a memory target; plan files.
 
 The step is profiled by ``profile`` and each choice is costed by the models in ``plan_models``.
-``plan``: for each recompute variant (none, the cheap-layer ``auto`` rule, every cheap kind) swap the
-tensors with the most slack per byte (time from pack to first use against the transfer time) until the
-predicted peak fits the target, try prefetch depths, keep the fastest; when nothing fits, report the
-smallest achievable peak. ``max_batch``: the largest batch whose predicted peak fits, from sizes-only
-profiles. Everything is deterministic (no timing enters a decision twice: the profile is taken once
-and every rank receives the same plan).
+``plan``: for each recompute variant (none, the cheap-layer ``auto`` rule, every cheap kind, and module
+sets chosen by ``recompute_plan``) swap prefixes of batch-independent tensor orders (``plan_swaps``),
+try prefetch depths, keep the fastest plan that fits; when nothing fits, report the lowest peak among
+the plans searched. The largest batch a plan fits is ``batch_search`` (on ``batch_profiles``);
+``max_batch`` here is the sizes-only bound ``lmsrun tune`` uses (no engine, or every candidate swapped).
+Everything is deterministic (no timing enters a decision twice: the profile is taken once and every rank
+receives the same plan).
 """
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from .plan_models import Prediction, Settings, predict
 from .policy import PlanPolicy, SwapPolicy, ThresholdPolicy
 from .profile import RECOMPUTE_VARIANTS, RecomputeSpec, StepProfile, Workload, sizes_profile, variant_key
+from .units import format_size
 
 PREFETCH_DEPTHS = (1, 2, 3, 4, 6, 8)
+SCAN_PREFIXES = 32  # prefixes per ranking scanned when no whole ranking fits (all of them when fewer)
 PLAN_FORMAT = 2   # 2: swap.recompute may list module names (plan.recompute_modules); format 1 still loads
 PER_MODULE = "planned (per-module recompute)"
 
@@ -59,6 +62,12 @@ class PlanResult:
     min_peak: int
     profiles: Dict[str, StepProfile] = field(default_factory=dict)
 
+    def shortfall(self) -> str:
+        """Why nothing fits, in words: ``min_peak`` is the lowest predicted peak of every plan the search
+        evaluated (swap prefixes, recompute per kind and per module), not a proven lower bound."""
+        return (f"the lowest peak among the plans searched is {format_size(self.min_peak)}; "
+                f"target is {format_size(self.target)}")
+
     @property
     def profile(self) -> Optional[StepProfile]:
         return self.profiles.get(variant_key(self.chosen.recompute)) if self.chosen else None
@@ -73,45 +82,77 @@ def recompute_label(recompute: RecomputeSpec) -> str:
     return variant_key(recompute)
 
 
-def plan_swaps(profile: StepProfile, target: int, link_bps: float, threshold: int) -> Tuple[Settings, Prediction]:
-    """Cheapest per-tensor plan for ``profile`` under ``target`` device bytes (or the smallest peak)."""
+def swap_rankings(profile: StepProfile, link_bps: float, threshold: int) -> List[List[int]]:
+    """Candidate seqs in the orders the swap search takes prefixes of: most slack per byte (time from pack
+    to first use against the transfer time), largest first, earliest packed first (a slow link frees
+    only what it has carried by the forward peak: the early tensors). With sizes and times linear in
+    the batch these orders do not depend on it, so a prefix that fits at one batch is tried at every
+    smaller one."""
     cand = profile.candidates(threshold)
     t = profile.tensors
-    fw = profile.forward_s
-    # slack: compute time between pack and first use, against the time the bytes need on the link
+
     def slack(s: int) -> float:
         x = t[cand[s]]
         used = x.use_s if x.use_rank >= 0 else profile.backward_s
-        return (fw - x.pack_s + used) / max(1e-12, 2 * x.nbytes / link_bps)
+        return (profile.forward_s - x.pack_s + used) / max(1e-12, 2 * x.nbytes / link_bps)
 
-    orders = [sorted(range(len(cand)), key=lambda s: (-slack(s), s)),
-              sorted(range(len(cand)), key=lambda s: (-t[cand[s]].nbytes, s))]
+    every = range(len(cand))
+    return [sorted(every, key=lambda s: (-slack(s), s)), sorted(every, key=lambda s: (-t[cand[s]].nbytes, s)),
+            list(every)]
+
+
+def _grid(n: int) -> List[int]:
+    if n + 1 <= SCAN_PREFIXES:
+        return list(range(n + 1))
+    return sorted({round(i * n / (SCAN_PREFIXES - 1)) for i in range(SCAN_PREFIXES)})
+
+
+def plan_swaps(profile: StepProfile, target: int, link_bps: float, threshold: int) -> Tuple[Settings, Prediction]:
+    """Fastest per-tensor plan for ``profile`` under ``target`` device bytes, else the smallest peak found.
+
+    Per ranking and prefetch depth: when swapping the whole ranking fits, the fewest swaps that fit
+    (bisection). With a slow link swapping more can raise the peak (later swap-outs queue behind
+    earlier ones and stay on the device longer), so when no whole ranking fits, a fixed grid of prefixes
+    of every ranking is scanned (peaks only, the shallowest window), and the depths are tried on those
+    that fit."""
+    rankings = swap_rankings(profile, link_bps, threshold)
     best: Optional[Tuple[Settings, Prediction]] = None
 
-    def rank(pred: Prediction, swapped: int) -> tuple:
+    def key(found: Tuple[Settings, Prediction]) -> tuple:
+        pred = found[1]
         fits = pred.peak_device_bytes <= target
-        return (not fits, pred.step_s if fits else pred.peak_device_bytes, swapped)
+        return (not fits, pred.step_s if fits else pred.peak_device_bytes, len(found[0].swap or []))
 
-    for ranking in orders:
+    def at(ranking: List[int], k: int, depth: int, timed: bool = True) -> Tuple[Settings, Prediction]:
+        settings = Settings(threshold, depth, swap=sorted(ranking[:k]))
+        return settings, predict(profile, settings, link_bps, timed)
+
+    for ranking in rankings:
         for depth in PREFETCH_DEPTHS:
-            def at(k: int) -> Tuple[Settings, Prediction]:
-                settings = Settings(threshold, depth, swap=sorted(ranking[:k]))
-                return settings, predict(profile, settings, link_bps)
-
-            # the device peak falls (weakly) as more tensors leave: the fewest swaps that fit, by bisection
+            # the device peak falls as more tensors leave while the link keeps up: the fewest swaps that fit
             lo, hi = 0, len(ranking)
-            found = at(hi)
-            if found[1].peak_device_bytes <= target:
-                while lo < hi:
+            if at(ranking, hi, depth, timed=False)[1].peak_device_bytes <= target:
+                while lo < hi:  # on peaks alone; the time of the one found is replayed below
                     mid = (lo + hi) // 2
-                    trial = at(mid)
-                    if trial[1].peak_device_bytes <= target:
-                        hi, found = mid, trial
+                    if at(ranking, mid, depth, timed=False)[1].peak_device_bytes <= target:
+                        hi = mid
                     else:
                         lo = mid + 1
-            if best is None or rank(found[1], len(found[0].swap or [])) < rank(best[1], len(best[0].swap or [])):
+            found = at(ranking, hi, depth)
+            if best is None or key(found) < key(best):
                 best = found
     assert best is not None
+    if best[1].peak_device_bytes > target:
+        for ranking in rankings:
+            for k in _grid(len(ranking)):
+                peak = at(ranking, k, PREFETCH_DEPTHS[0], timed=False)
+                if peak[1].peak_device_bytes > target:
+                    best = min(best, peak, key=key)
+                    continue
+                for depth in PREFETCH_DEPTHS:
+                    best = min(best, at(ranking, k, depth), key=key)
+    if best[1].peak_device_bytes > target:  # the smallest peak may come from the scan: time it
+        best = best[0], predict(profile, best[0], link_bps)
     return best
 
 

@@ -188,11 +188,11 @@ def profile_variants(workload: Workload, batch: int, device: Union[str, torch.de
     base = out[variant_key(None)]
     for key, prof in out.items():
         if key != "none":
-            _align_times(prof, base)
+            align_times(prof, base)
     return out
 
 
-def _align_times(prof: StepProfile, base: StepProfile) -> None:
+def align_times(prof: StepProfile, base: StepProfile) -> None:
     """A recompute variant's step = the base step + the forward time of the layers it runs again.
     Separate timed runs would differ by noise more than by the recompute itself, so the variant keeps
     only the shape of its own timeline and takes its totals from the base profile."""
@@ -214,7 +214,7 @@ def profile_aligned(workload: Workload, base: StepProfile, recompute: RecomputeS
     aligned to the base step: what the per-module planner checks its estimate against."""
     rate = base.flops / max(1e-12, base.forward_s + base.backward_s)
     prof = profile_workload(workload, base.batch, recompute, device, 0, base.optimizer_bytes, rate)
-    _align_times(prof, base)
+    align_times(prof, base)
     return prof
 
 
@@ -237,4 +237,4 @@ def sizes_profile(workload: Workload, batch: int, recompute: RecomputeSpec, opti
 
 __all__ = ["RecomputeSpec", "RECOMPUTE_VARIANTS", "Workload", "FakeProfileError", "SavedTensor", "StepProfile", "profile_workload",
            "profile_variants", "sizes_profile", "optimizer_state_bytes", "backward_by_module", "recomputed_names",
-           "variant_key", "link_bandwidth", "device_flops", "subtree_bytes", "original_names", "profile_aligned"]
+           "variant_key", "align_times", "link_bandwidth", "device_flops", "subtree_bytes", "original_names", "profile_aligned"]

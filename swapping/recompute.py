@@ -134,11 +134,12 @@ class Recompute(nn.Module):
                 m.running_mean, m.running_var, m.num_batches_tracked = mean, var, n
             self.recomputing = False
 
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+    def forward(self, *args: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        # keyword arguments pass through (torch's TransformerEncoder calls its layers with src_mask=...)
         if not torch.is_grad_enabled() or not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-            return self.body(*args)
+            return self.body(*args, **kwargs)
         return checkpoint(self.body, *args, use_reentrant=False, preserve_rng_state=True,
-                          context_fn=lambda: (nullcontext(), self._recompute_ctx()))
+                          context_fn=lambda: (nullcontext(), self._recompute_ctx()), **kwargs)
 
 
 def apply_recompute(model: nn.Module, spec: Union[str, Sequence[str]]) -> int:

@@ -64,11 +64,12 @@ def candidates(base: StepProfile, link_bps: float) -> List[Candidate]:
     for module, inputs in base.module_inputs.items():
         if not module or not inputs:  # the root, or no input needing grad: the checkpoint would not run
             continue
-        dropped = frozenset(i for i, t in enumerate(base.tensors)
-                            if t.packers and all(_inside(p, module) for p in t.packers))
         inputs_saved = {i for i, _ in inputs if i >= 0}
+        # its inputs stay: the checkpoint holds them, whoever saved them
+        dropped = frozenset(i for i, t in enumerate(base.tensors) if i not in inputs_saved
+                            and t.packers and all(_inside(p, module) for p in t.packers))
         held = sum(n for i, n in inputs if i < 0)
-        freed = sum(base.tensors[i].nbytes for i in dropped if i not in inputs_saved) - held
+        freed = sum(base.tensors[i].nbytes for i in dropped) - held
         if freed <= 0:
             continue
         cost = base.module_forward_s.get(module, 0.0)
@@ -135,16 +136,21 @@ def plan_modules(base: StepProfile, target: int, link_bps: float, threshold: int
         est = estimate(base, sets[k], [module_entry(n) for n in names] or None)
         settings, pred = plan_swaps(est, target, link_bps, threshold)
         fits = pred.peak_device_bytes <= target
-        scored.append(((not fits, pred.step_s if fits else pred.peak_device_bytes, k), names))
+        scored.append(((not fits, pred.step_s if fits else pred.peak_device_bytes, k), pred.peak_device_bytes, names))
     best: Optional[RecomputeModulePlan] = None
-    for _, names in sorted(scored)[:EXACT_TRIES]:
+    ranked = [names for _, _, names in sorted(scored)]
+    lowest = min(scored, key=lambda r: (r[1], r[0]))[2]
+    # the best estimates are profiled exactly; where none of them fits exactly, the prefix with the
+    # smallest estimated peak is too, so a target some prefix meets is not given up on a near miss
+    tries = ranked[:EXACT_TRIES]
+    for i, names in enumerate(tries + [lowest]):
+        if best is not None and (best.prediction.peak_device_bytes <= target or (i == len(tries) and lowest in tries)):
+            break  # prefixes come best-first: the first exact fit is the pick
         prof = profile_spec([module_entry(n) for n in names]) if names else base
         settings, pred = plan_swaps(prof, target, link_bps, threshold)
         trial = RecomputeModulePlan(names, prof, settings, pred)
         if best is None or _rank(trial, target) < _rank(best, target):
             best = trial
-        if pred.peak_device_bytes <= target:
-            break  # prefixes come best-first: the first exact fit is the pick
     return best
 
 

@@ -157,8 +157,9 @@ def test_model_that_cannot_fit_is_one_line_exit_2(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("lmsrun: error: --memory: plan_test at batch 4 needs at least ")
-    assert "smallest achievable peak" in lines[0] and "target is 64.0 KiB" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("lmsrun: error: --memory: plan_test at batch 4 does not fit: ")
+    assert "the lowest peak among the plans searched is" in lines[0] and "target is 64.0 KiB" in lines[0]
+    assert lines[0].endswith("; not even batch 1 fits")
 
 
 @pytest.mark.parametrize("flags, words", [
@@ -224,7 +225,7 @@ def test_batch_max_plans_the_largest_batch_and_one_more_does_not_fit(tmp_path, c
     largest = int(out.split("largest batch that fits:")[1].split("planned ")[1].split()[0])
     assert f"batch {largest}, memory target 3.0 MiB" in out.splitlines()[0]
     assert plan_main([config, *flags, "--batch", str(largest + 1)]) == 2
-    assert "needs at least" in capsys.readouterr().err
+    assert "does not fit: the lowest peak among the plans searched is" in capsys.readouterr().err
 
 
 @pytest.mark.integration

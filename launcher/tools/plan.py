@@ -19,7 +19,7 @@ from lmsdp.swapping.units import format_size, parse_size
 
 from lmsdp.launcher.config.argtypes import OneLineParser
 from lmsdp.launcher.config.errors import UserError
-from lmsdp.launcher.train.job_plan import default_target, link_bps, plan_config, workload_from_config
+from lmsdp.launcher.train.job_plan import batch_planner, default_target, link_bps, plan_config, workload_from_config
 
 EXIT_DOES_NOT_FIT = 2
 
@@ -166,10 +166,11 @@ def main(argv: List[str]) -> int:
         return 0
 
 
-def _does_not_fit(name: str, batch: int, min_peak: int, target: int) -> int:
-    """One line: what the smallest achievable peak is against the target (exit code 2)."""
-    print(f"lmsrun: error: --memory: {name} at batch {batch} needs at least {format_size(min_peak)} "
-          f"(smallest achievable peak); target is {format_size(target)}", file=sys.stderr, flush=True)
+def _does_not_fit(name: str, batch: int, result: Any, largest: int) -> int:
+    """One line: the lowest peak the search found against the target, and the largest batch that fits."""
+    fits = f"largest batch that fits: {largest}" if largest else "not even batch 1 fits"
+    print(f"lmsrun: error: --memory: {name} at batch {batch} does not fit: {result.shortfall()}; {fits}",
+          file=sys.stderr, flush=True)
     return EXIT_DOES_NOT_FIT
 
 
@@ -196,39 +197,33 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     import torch
 
-    from lmsdp.swapping.planner import BatchSizes, max_batch
-    from lmsdp.swapping.profile import RECOMPUTE_VARIANTS, optimizer_state_bytes, variant_key
+    from lmsdp.swapping.profile import optimizer_state_bytes
 
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     target = default_target(config, device, args.memory)
     link = link_bps(device, args.link_gbps)
     workload = workload_from_config(config)
-    threshold = parse_size(config.swap.threshold) or 0
     opt_bytes = optimizer_state_bytes(workload)
-    if batch_text in (None, "max"):  # 'max': plan the configured batch first, for the time per sample
-        batch = config.train.batch_size
-    result = plan_config(config, target, batch, link, device, args.time_batch, args.tflops)
-    if result.chosen is None and batch_text != "max":
-        return _does_not_fit(config.name, batch, result.min_peak, target)
-    base = result.profiles["none"]
-    per_sample = (base.forward_s + base.backward_s) / base.batch
-    sizes = {variant_key(r): BatchSizes(workload, r, opt_bytes, per_sample) for r in RECOMPUTE_VARIANTS}
-    limits = {
-        "no swap": max_batch(sizes["none"], target, threshold, False, link),
-        "recompute only": max(max_batch(sizes[variant_key(r)], target, threshold, False, link)
-                              for r in RECOMPUTE_VARIANTS[1:]),
-        "planned": max(max_batch(sz, target, threshold, True, link) for sz in sizes.values()),
-    }
+    start = config.train.batch_size if batch_text in (None, "max") else batch
+    if args.tflops:
+        rate = args.tflops * 1e12
+    else:  # the timed step at the planned batch sets the FLOP rate other batches are planned at
+        timed = plan_config(config, target, start, link, device, args.time_batch)
+        base = timed.profiles["none"]
+        rate = base.flops / max(1e-12, base.forward_s + base.backward_s)
+    planner = batch_planner(config, target, link, rate, workload, opt_bytes)
     if batch_text == "max":
-        batch = limits["planned"]
+        batch = planner.largest(start)
         if batch == 0:
-            raise UserError(f"--memory: not even batch 1 fits {format_size(target)}, with every saved tensor swapped "
-                            "and cheap layers recomputed")
-        result = plan_config(config, target, batch, link, device, args.time_batch, args.tflops)
-        if result.chosen is None:
-            return _does_not_fit(config.name, batch, result.min_peak, target)
+            raise UserError(f"--memory: not even batch 1 fits {format_size(target)}: "
+                            f"{planner.plan(1).shortfall()}")
+    result = planner.plan(batch) if args.tflops or batch_text == "max" else timed
+    if result.chosen is None:
+        return _does_not_fit(config.name, batch, result, planner.largest(batch))
+    limits = planner.limits(batch)
     render(result, args.depth, config.name)
-    print("\nlargest batch that fits: " + ", ".join(f"{k} {v}" for k, v in limits.items()))
+    print("\nlargest batch that fits: " + ", ".join(f"{k} {v}" for k, v in limits.items())
+          + f" (times from FLOPs at {rate / 1e12:.3g} TFLOP/s)")
     text = document_yaml(result, config.name, args.write)
     if args.write:
         try:

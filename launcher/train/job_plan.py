@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from lmsdp.swapping.units import format_size, parse_size
 
@@ -95,25 +95,54 @@ def _time_batch(workload: Any, batch: int, requested: Optional[int]) -> int:
     return batch if saved <= (1 << 30) else 1
 
 
-def plan_config(config: Any, target: int, batch: int, link: float, device: Any,
-                time_batch: Optional[int] = None, tflops: Optional[float] = None) -> Any:
-    """Profile the job's step at ``batch`` and plan it for ``target`` device bytes."""
-    from lmsdp.swapping.plan_models import Settings
-    from lmsdp.swapping.planner import plan
-    from lmsdp.swapping.profile import RECOMPUTE_VARIANTS, profile_aligned, profile_variants
+def _variants(config: Any) -> List[Any]:
+    from lmsdp.swapping.profile import RECOMPUTE_VARIANTS
 
-    workload = workload_from_config(config)
     variants = list(RECOMPUTE_VARIANTS)
     if config.swap.recompute and config.swap.recompute not in variants:
         variants.append(config.swap.recompute)
-    tb = 0 if tflops else _time_batch(workload, batch, time_batch)
-    profiles = profile_variants(workload, batch, device, tb, variants, tflops * 1e12 if tflops else None)
+    return variants
+
+
+def _configured(config: Any) -> Tuple[int, Any]:
+    """The swap threshold and the configured engine settings (None with swap off), for the table's row."""
+    from lmsdp.swapping.plan_models import Settings
+
     swap = config.swap
     threshold = parse_size(swap.threshold) or 0
-    configured = (Settings(threshold, swap.prefetch, swap.keep_last, parse_size(swap.budget) or 0)
-                  if swap.enabled else None)
+    return threshold, (Settings(threshold, swap.prefetch, swap.keep_last, parse_size(swap.budget) or 0)
+                       if swap.enabled else None)
+
+
+def batch_planner(config: Any, target: int, link: float, flops_rate: float, workload: Any = None,
+                  optimizer_bytes: Optional[int] = None) -> Any:
+    """The planner at any batch for this job, times from FLOPs at ``flops_rate`` (``BatchPlanner``)."""
+    from lmsdp.swapping.batch_profiles import BatchProfiles
+    from lmsdp.swapping.batch_search import BatchPlanner
+    from lmsdp.swapping.profile import optimizer_state_bytes
+
+    workload = workload or workload_from_config(config)
+    opt_bytes = optimizer_state_bytes(workload) if optimizer_bytes is None else optimizer_bytes
+    threshold, configured = _configured(config)
+    return BatchPlanner(BatchProfiles(workload, flops_rate, opt_bytes), target, link, threshold, _variants(config),
+                        configured, config.swap.recompute)
+
+
+def plan_config(config: Any, target: int, batch: int, link: float, device: Any,
+                time_batch: Optional[int] = None, tflops: Optional[float] = None) -> Any:
+    """Profile the job's step at ``batch`` and plan it for ``target`` device bytes (``tflops``: times
+    from FLOPs at that rate, on the same profiles the largest-batch search uses)."""
+    from lmsdp.swapping.planner import plan
+    from lmsdp.swapping.profile import profile_aligned, profile_variants
+
+    if tflops:
+        return batch_planner(config, target, link, tflops * 1e12).plan(batch)
+    workload = workload_from_config(config)
+    tb = _time_batch(workload, batch, time_batch)
+    profiles = profile_variants(workload, batch, device, tb, _variants(config))
+    threshold, configured = _configured(config)
     base = profiles["none"]
-    return plan(profiles, target, link, threshold, configured, swap.recompute,
+    return plan(profiles, target, link, threshold, configured, config.swap.recompute,
                 profile_spec=lambda spec: profile_aligned(workload, base, spec, device))
 
 
@@ -164,8 +193,7 @@ def plan_for_job(config: Any, backend: Any, device: Any) -> Optional[JobPlan]:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 if result.chosen is None:
-                    error = (f"swap.memory_target: batch {config.train.batch_size} needs at least "
-                             f"{format_size(result.min_peak)} (smallest achievable peak); target is {format_size(target)}")
+                    error = f"swap.memory_target: batch {config.train.batch_size} does not fit: {result.shortfall()}"
                 else:
                     from lmsdp.swapping.planner import plan_document
 
