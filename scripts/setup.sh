@@ -46,8 +46,10 @@ if ! "$py" -c 'import torch' 2>/dev/null; then
 fi
 
 # Plain Python dependencies: re-checked only when this list changes (stamp file).
+# transformers: for the Hugging Face tests and configs/hf_gpt2.yaml only (never a dependency of lmsdp);
+# it installs beside the pinned torch without replacing it.
 deps=(pyyaml pytest pytest-timeout psutil rich numpy matplotlib mpi4py tensorboard
-      packaging wheel "setuptools>=64" cloudpickle cffi)
+      packaging wheel "setuptools>=64" cloudpickle cffi transformers)
 stamp="$venv/.lmsdp-deps"
 want=$(printf '%s\n' "${deps[@]}" | sha1sum | cut -c1-12)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then

@@ -23,7 +23,7 @@ advance once per forward as without recomputation.
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from typing import Dict, Iterator, List, Sequence, Set, Tuple, Type, Union
+from typing import Any, Dict, Iterator, List, Sequence, Set, Tuple, Type, Union
 
 import torch
 from torch import nn
@@ -105,6 +105,17 @@ class Recompute(nn.Module):
         self.body = body[0] if len(body) == 1 else nn.Sequential(*body)
         self.run = len(body)  # > 1: a segment of siblings; their other slots became nn.Identity
         self.recomputing = False
+
+    def __getattr__(self, name: str) -> Any:
+        """A wrapped single module still answers for its attributes (Hugging Face's GPT-2 reads
+        ``self.attn_dropout.p``); parameters, buffers and submodules come first, as in nn.Module."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            body = self.__dict__.get("_modules", {}).get("body")
+            if body is None or self.__dict__.get("run") != 1:
+                raise
+            return getattr(body, name)
 
     @contextmanager
     def _recompute_ctx(self) -> Iterator[None]:

@@ -30,6 +30,12 @@ class Workload:
     build_optimizer: Callable[[nn.Module], torch.optim.Optimizer]
     autocast: Optional[torch.dtype] = None
     label: str = "model"  # the config key that names the model, for errors about it
+    forward: Optional[Callable[[nn.Module, Any, Any], Any]] = None  # (model, inputs, targets); None: model(inputs)
+
+    def step_loss(self, model: nn.Module, inputs: Any, targets: Any) -> torch.Tensor:
+        """The step's loss: ``loss(forward(...))`` (e.g. with ``labels=``), else ``loss(model(inputs))``."""
+        output = self.forward(model, inputs, targets) if self.forward else model(inputs)
+        return self.loss(output, targets)
 
 
 
@@ -185,7 +191,7 @@ def _run_step(workload: Workload, model: nn.Module, batch: int, device: torch.de
         ctx = (torch.autocast(device_type=device.type, dtype=workload.autocast) if workload.autocast
                else torch.autocast(device_type=device.type, enabled=False))
         with ctx, torch.autograd.graph.saved_tensors_hooks(rec.pack, rec.unpack):
-            loss = workload.loss(model(inputs), targets)
+            loss = workload.step_loss(model, inputs, targets)
         sync()
         forward = rec.clock() - rec.t_forward
         after_forward()

@@ -43,16 +43,22 @@ def check_kwargs(target: Callable[..., Any], kwargs: Dict[str, Any], path: str, 
                               f"allowed: {', '.join(allowed) or 'none'}")
 
 
-def check_config_kwargs(config: Any, factory: Optional[Callable[..., Any]]) -> None:
-    """model.kwargs against the zoo model's constructor or the factory; optimizer.kwargs against
-    the torch optimizer (lr, momentum, weight_decay are keys of their own)."""
+def check_config_kwargs(config: Any, factory: Optional[Callable[..., Any]], what: str = "") -> None:
+    """model.kwargs against the zoo model's constructor or the factory (``what`` names it: the
+    model factory by default); optimizer.kwargs against the torch optimizer (lr, momentum,
+    weight_decay are keys of their own)."""
     if factory is not None:
-        check_kwargs(factory, config.model.kwargs, "model.kwargs", f"model.factory '{config.model.factory}'")
+        check_kwargs(factory, config.model.kwargs, "model.kwargs", what or f"model.factory '{config.model.factory}'")
     else:
         from lmsdp.launcher.models import ZOO
 
         entry = ZOO[config.model.name]
         check_kwargs(entry.build, config.model.kwargs, "model.kwargs", f"model '{config.model.name}'")
+    check_optimizer_kwargs(config)
+
+
+def check_optimizer_kwargs(config: Any) -> None:
+    """optimizer.kwargs against the torch optimizer (lr, momentum, weight_decay are keys of their own)."""
     import torch
 
     cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[config.optimizer.name]
@@ -61,13 +67,15 @@ def check_config_kwargs(config: Any, factory: Optional[Callable[..., Any]]) -> N
 
 
 def built_by_factory(factory: Callable[..., Any], kwargs: Dict[str, Any], path: str, spec: str,
-                     expected: type) -> Any:
-    """Call the user's factory; an exception or a wrong return type is one line naming ``path``."""
+                     expected: type, args: tuple = ()) -> Any:
+    """Call the user's factory (``args``: a config object built before, see model.config_factory);
+    an exception or a wrong return type is one line naming ``path``."""
     try:
-        made = factory(**kwargs)
+        made = factory(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - the user's code: its failure is theirs to fix
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ConfigError(f"{path}: {spec}(**{path.split('.')[0]}.kwargs) raised "
+        called = f"({type(args[0]).__name__})" if args else f"(**{path.split('.')[0]}.kwargs)"
+        raise ConfigError(f"{path}: {spec}{called} raised "
                           f"{type(exc).__name__}{': ' + first if first else ''}") from None
     if not isinstance(made, expected):
         raise ConfigError(f"{path}: {spec} returned {type(made).__name__}; expected a "

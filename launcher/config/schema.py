@@ -7,7 +7,6 @@ table; the generic typed-YAML machinery is in ``launcher/config/typed_yaml.py``.
 from __future__ import annotations
 
 import difflib
-import importlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -20,7 +19,8 @@ from lmsdp.runtime.network import check_spec
 from lmsdp.runtime.trace_schedule import DEFAULT_STEPS, TraceSchedule
 from lmsdp.swapping.config import SwapConfig
 from .errors import ConfigError
-from .input_checks import check_config_kwargs, check_name
+from .factories import check_model, check_user_loss, model_from_factory, resolve_factory
+from .input_checks import check_name
 from .typed_yaml import apply_override, build, config_to_dict, read_yaml, reference_rows
 from lmsdp.launcher.models import MODEL_NAMES
 from lmsdp.runtime import run_folder
@@ -35,7 +35,14 @@ class ModelConfig:
     factory: Optional[str] = field(default=None, metadata={
         "help": "'package.module:function' returning an nn.Module; called with kwargs"})
     kwargs: Dict[str, Any] = field(default_factory=dict, metadata={
-        "help": "keyword arguments for the zoo model or the factory (e.g. depth, width, layers)"})
+        "help": "keyword arguments for the zoo model or the factory (e.g. depth, width, layers); "
+                "with config_factory, for the config instead"})
+    config_factory: Optional[str] = field(default=None, metadata={
+        "help": "'package.module:Class' building a config from kwargs; the factory is then called with it "
+                "(transformers:GPT2Config with factory transformers:GPT2LMHeadModel)"})
+    pass_labels: bool = field(default=False, metadata={
+        "help": "call forward(inputs, labels=targets) and train on the loss the model returns "
+                "(Hugging Face; task lm passes the input tokens, which the model shifts)"})
 
 
 @dataclass
@@ -66,6 +73,9 @@ class DataConfig:
         "help": "shape of one input sample; default follows the model (e.g. [3, 32, 32])"})
     classes: Optional[int] = field(default=None, metadata={
         "min": 1, "help": "number of classes / vocabulary size; default follows the model"})
+    vocab: Optional[int] = field(default=None, metadata={
+        "min": 1, "help": "synthetic inputs are token ids below this (text models); default: lm draws tokens "
+                          "below classes, other tasks draw float inputs"})
     samples: int = field(default=4096, metadata={
         "min": 1, "help": "samples in one epoch (all ranks together) for synthetic data"})
     factory: Optional[str] = field(default=None, metadata={
@@ -126,6 +136,11 @@ class TrainConfig:
     resume: bool = field(default=False, metadata={
         "help": "continue from the newest valid checkpoint in checkpoint_dir, if any"})
     progress: bool = field(default=True, metadata={"help": "progress bar / log lines on rank 0"})
+    loss: Optional[str] = field(default=None, metadata={
+        "help": "'package.module:function' computing the loss as f(output, target) -> scalar tensor "
+                "(default: from the task, read from the model's output)"})
+    aux_weight: float = field(default=0.3, metadata={
+        "min": 0.0, "help": "weight of each auxiliary head's loss (torchvision aux_logits, 'aux' outputs)"})
     tensorboard: bool = field(default=False, metadata={
         "help": "rank 0 writes the per-step scalars to <output_dir>/tb (needs the tensorboard package)"})
     trace_steps: List[int] = field(default_factory=lambda: list(DEFAULT_STEPS), metadata={
@@ -227,15 +242,9 @@ def load_config(path: Optional[str], overrides: Optional[List[str]] = None) -> C
 def check_config(config: Config) -> None:
     """Cross-field checks that types alone cannot express."""
     check_name(config.name)
-    if config.model.factory:
-        check_config_kwargs(config, resolve_factory(config.model.factory, "model.factory"))
-    elif config.model.name not in MODEL_NAMES:
-        close = difflib.get_close_matches(config.model.name, MODEL_NAMES, n=1)
-        guess = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"model.name: unknown model '{config.model.name}'{guess}; "
-                          f"allowed: {', '.join(MODEL_NAMES)}, or set model.factory")
-    else:
-        check_config_kwargs(config, None)
+    check_model(config)
+    if config.train.loss:
+        check_user_loss(config.train.loss)
     _check_data(config.data)
     if config.train.accumulate > 1 and config.comm.backward_passes_per_step not in (1, config.train.accumulate):
         raise ConfigError(f"comm.backward_passes_per_step: {config.comm.backward_passes_per_step} disagrees with "
@@ -273,26 +282,6 @@ def check_config(config: Config) -> None:
                           "written by 'lmsrun plan --write'")
 
 
-def resolve_factory(spec: str, path: str) -> Any:
-    """Import 'package.module:function' and return the callable, or raise a ConfigError naming ``path``."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ConfigError(f"{path}: expected 'package.module:function', got {spec!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:  # noqa: BLE001 - any import failure is the user's to fix
-        raise ConfigError(f"{path}: cannot import module '{module_name}': {type(exc).__name__}: {exc}",
-                          hint="is it installed, or on PYTHONPATH?") from None
-    target: Any = module
-    for part in attr.split("."):
-        if not hasattr(target, part):
-            raise ConfigError(f"{path}: module '{module_name}' has no attribute '{attr}'")
-        target = getattr(target, part)
-    if not callable(target):
-        raise ConfigError(f"{path}: '{spec}' is not callable")
-    return target
-
-
 def dump_config(config: Config) -> str:
     return yaml.safe_dump(config_to_dict(config), sort_keys=False)
 
@@ -305,7 +294,7 @@ def config_reference_rows() -> List[tuple]:
 
 
 __all__ = ["Config", "ConfigError", "build", "config_to_dict", "dump_config", "load_config", "read_yaml",
-           "check_config", "resolve_factory", "config_reference_rows"]
+           "check_config", "resolve_factory", "model_from_factory", "config_reference_rows"]
 
 
 _MODULE_NAME = re.compile(r"^(module:)?[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")

@@ -1,21 +1,18 @@
 """What a rank builds from the config before training: the network (zoo model or the user's factory),
-the optimizer, and the loss for the data's task. Shared by the trainer, the planner's profile and the
+and the optimizer (the loss is loss.py's). Shared by the trainer, the planner's profile and the
 front door's strategy checks, so all three see the same model."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from lmsdp.launcher.config import Config, resolve_factory
-from lmsdp.launcher.config.input_checks import built_by_factory
+from lmsdp.launcher.config import Config, model_from_factory
 from lmsdp.launcher.models import build_model
 
 
 def build_network(config: Config) -> nn.Module:
     if config.model.factory:
-        return built_by_factory(resolve_factory(config.model.factory, "model.factory"), config.model.kwargs,
-                                "model.factory", config.model.factory, nn.Module)
+        return model_from_factory(config.model, nn.Module)
     return build_model(config.model.name, **config.model.kwargs)
 
 
@@ -33,11 +30,3 @@ def build_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay, **opt.kwargs)
     cls = torch.optim.Adam if opt.name == "adam" else torch.optim.AdamW
     return cls(params, lr=opt.lr, weight_decay=opt.weight_decay, **opt.kwargs)
-
-
-def compute_loss(task: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    if task == "regress":
-        return F.mse_loss(output.float(), target.float())
-    if task == "lm":
-        return F.cross_entropy(output.float().flatten(0, 1), target.flatten())
-    return F.cross_entropy(output.float(), target)

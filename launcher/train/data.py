@@ -29,6 +29,7 @@ class DataSpec:
     task: str
     shape: List[int]
     classes: int
+    vocab: Optional[int] = None  # token-id inputs below this (lm: classes when unset)
 
 
 def data_spec(config: Config) -> DataSpec:
@@ -40,7 +41,7 @@ def data_spec(config: Config) -> DataSpec:
         task = config.data.task
     if config.data.kind == "tokens" and config.data.task == "auto":
         task = "lm"
-    return DataSpec(task, list(config.data.shape or shape), config.data.classes or classes)
+    return DataSpec(task, list(config.data.shape or shape), config.data.classes or classes, config.data.vocab)
 
 
 def loader_workers(config: Config, cpus: int) -> int:
@@ -138,8 +139,8 @@ def _dataset(config: Config, split: str) -> Dataset:
     if data.kind == "synthetic":
         if split == "val":  # samples of their own: another seed stream, enough for every evaluation
             samples = max(config.eval.steps * train.batch_size * 64, train.batch_size)
-            return SyntheticDataset(spec.task, spec.shape, spec.classes, samples, train.seed, stream=1)
-        return SyntheticDataset(spec.task, spec.shape, spec.classes, data.samples, train.seed)
+            return SyntheticDataset(spec.task, spec.shape, spec.classes, samples, train.seed, stream=1, vocab=spec.vocab)
+        return SyntheticDataset(spec.task, spec.shape, spec.classes, data.samples, train.seed, vocab=spec.vocab)
     if data.kind == "tokens":
         return _token_windows(config, spec, split)
     if data.kind == "image_folder":

@@ -31,10 +31,12 @@ class SyntheticDataset(torch.utils.data.Dataset):
     but fixed projection of the pooled input for classify/regress, a fixed stride from each token to the
     next for lm, the sign of channel 0 for segment), so a model can learn them and the loss falls."""
 
-    def __init__(self, task: str, shape: List[int], classes: int, length: int, seed: int, stream: int = 0) -> None:
+    def __init__(self, task: str, shape: List[int], classes: int, length: int, seed: int, stream: int = 0,
+                 vocab: Optional[int] = None) -> None:
         """``seed`` fixes the rule from inputs to targets; ``stream`` picks the samples (0: training,
-        another number: validation samples that follow the same rule)."""
-        self.task, self.shape, self.classes, self.length = task, list(shape), classes, length
+        another number: validation samples that follow the same rule); ``vocab``: token-id inputs
+        below it (text classifiers), their targets from the same rule on the ids scaled to [-0.5, 0.5)."""
+        self.task, self.shape, self.classes, self.length, self.vocab = task, list(shape), classes, length, vocab
         self.seed = mix(seed, stream) if stream else seed
         gen = torch.Generator().manual_seed(mix(seed, -7))
         self.projection = torch.randn(FEATURES, classes, generator=gen)
@@ -49,10 +51,14 @@ class SyntheticDataset(torch.utils.data.Dataset):
             first = torch.randint(0, self.classes, [1], generator=gen)
             tokens = (first + torch.arange(self.shape[0] + 1) * self.stride) % self.classes
             return tokens[:-1], tokens[1:]
-        inputs = torch.randn(self.shape, generator=gen)
+        if self.vocab:
+            inputs = torch.randint(0, self.vocab, self.shape, generator=gen)
+            signal = inputs.float() / self.vocab - 0.5
+        else:
+            inputs = signal = torch.randn(self.shape, generator=gen)
         if self.task == "segment":
-            return inputs, (inputs[0] > 0).long() % self.classes
-        score = _pooled(inputs) @ self.projection
+            return inputs, (signal[0] > 0).long() % self.classes
+        score = _pooled(signal) @ self.projection
         if self.task == "regress":
             return inputs, score
         return inputs, score.argmax()

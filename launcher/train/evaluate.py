@@ -9,13 +9,14 @@ from typing import Any, Dict, Iterable
 
 import torch
 
-from .build import compute_loss
+from .loss import StepLoss, read_output
 
 
-def evaluate(model: Any, batches: Iterable[Any], task: str, device: torch.device, backend: Any,
+def evaluate(model: Any, batches: Iterable[Any], step_loss: StepLoss, device: torch.device, backend: Any,
              autocast: Any = None) -> Dict[str, float]:
     """Mean loss over every rank's validation batches, with accuracy (classify, lm, segment) and
     perplexity (lm); the model is put back into training mode."""
+    task = step_loss.task
     loss_sum, correct, count, batches_seen = 0.0, 0.0, 0.0, 0
     was_training = model.training
     model.eval()
@@ -23,11 +24,11 @@ def evaluate(model: Any, batches: Iterable[Any], task: str, device: torch.device
         with torch.no_grad(), (torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()):
             for inputs, targets in batches:
                 inputs, targets = inputs.to(device), targets.to(device)
-                output = model(inputs)
-                loss_sum += float(compute_loss(task, output, targets))
+                output = step_loss.forward(model, inputs, targets)  # any library's output, as in training
+                loss_sum += float(step_loss.loss(output, targets))
                 batches_seen += 1
-                if task != "regress":
-                    predicted = output.argmax(-1 if task == "lm" else 1)
+                if task != "regress" and step_loss.user_loss is None:
+                    predicted = read_output(output).logits.argmax(-1 if task == "lm" else 1)
                     correct += float((predicted == targets).sum())
                     count += targets.numel()
     finally:

@@ -17,16 +17,16 @@ def workload_from_config(config: Any) -> Any:
     """A planner ``Workload`` built with the worker's own builders (model, batches, optimizer, loss)."""
     from lmsdp.swapping.profile import Workload
 
-    from lmsdp.launcher.train.data import data_spec
-    from lmsdp.launcher.train.build import amp_dtype, build_network, build_optimizer, compute_loss
+    from lmsdp.launcher.train.build import amp_dtype, build_network, build_optimizer
+    from lmsdp.launcher.train.loss import StepLoss
 
-    task = data_spec(config).task
+    step_loss = StepLoss.from_config(config)
 
     make_batch = _SampleBatch(config)
     amp = amp_dtype(config)
     label = f"model.factory: {config.model.factory}" if config.model.factory else f"model.name: {config.model.name}"
     return Workload(build_model=lambda: build_network(config), make_batch=make_batch,
-                    loss=lambda out, target: compute_loss(task, out, target),
+                    loss=step_loss.loss, forward=step_loss.forward,
                     build_optimizer=lambda model: build_optimizer(config, model), autocast=amp, label=label)
 
 

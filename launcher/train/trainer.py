@@ -24,11 +24,11 @@ from lmsdp.swapping.stats import combine_steps
 from lmsdp.launcher.config import Config, config_to_dict
 
 from . import threads as module_threads
-from .build import compute_loss
 from .checkpoint import CheckpointManager
-from .data import Batch, RankBatches, data_spec, has_validation, loader_workers, make_batches
+from .data import Batch, RankBatches, has_validation, loader_workers, make_batches
 from .evaluate import evaluate
 from .job_plan import plan_log_line
+from .loss import StepLoss
 from .memory_meter import MemoryMeter, peak_totals
 from .metrics import MetricsWriter, Progress, RunSummary
 from .outputs import engine_totals, merge_rank_traces, paths_in_output_dir, write_json
@@ -94,7 +94,7 @@ class Trainer:
         self.total = 0  # optimizer steps of the whole run, known once the data is (run)
         self.rank, self.size = parts.backend.rank, parts.backend.size
         self.is_main = self.rank == 0
-        self.task = data_spec(config).task
+        self.step_loss = StepLoss.from_config(config)  # reads the output of any library's model
         self.memory = MemoryMeter(parts.device)
 
     # ----------------------------------------------------------------------------------- stages
@@ -129,7 +129,7 @@ class Trainer:
             if train.accumulate > 1:
                 parts.strategy.gradient_sync(parts.model, last)
             with self._autocast(), parts.engine:
-                micro_loss = compute_loss(self.task, parts.model(inputs), targets)
+                micro_loss = self.step_loss(parts.model, inputs, targets)
             parts.scaler.scale(micro_loss / train.accumulate if train.accumulate > 1 else micro_loss).backward()
             swap_stats = combine_steps(swap_stats, parts.engine.step_end())
             losses.append(micro_loss.detach())
@@ -158,7 +158,7 @@ class Trainer:
     def evaluate(self, validation: RankBatches) -> Dict[str, float]:
         """``eval.steps`` validation batches (the same ones every time), averaged over every rank."""
         parts = self.parts
-        return evaluate(parts.model, validation.iterate(0, self.config.eval.steps), self.task, parts.device,
+        return evaluate(parts.model, validation.iterate(0, self.config.eval.steps), self.step_loss, parts.device,
                         parts.backend, parts.autocast)
 
     def save(self, step: int) -> Optional[str]:
