@@ -75,13 +75,18 @@ def write_error(exc: BaseException, rank: int, directory: Optional[str] = None, 
     record = ErrorRecord(rank=rank, type=type(exc).__name__, message=str(exc),
                          traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
                          time=time.time(), host=socket.gethostname(), pid=os.getpid(), user_error=user_error)
-    if not os.path.isdir(directory):  # lmsrun's folder is on another host
-        try:
-            sys.stderr.write(CARRIED_PREFIX + json.dumps(asdict(record)) + "\n")
-            sys.stderr.flush()
-        except (OSError, ValueError):
-            pass
-        return None
+    if not os.path.isdir(directory):
+        if envvars.flag(envvars.LAUNCHED):  # lmsrun made the folder on its own host: carry the record to it
+            try:
+                sys.stderr.write(CARRIED_PREFIX + json.dumps(asdict(record)) + "\n")
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
+            return None
+        try:  # no lmsrun to carry it to (srun, a user's mpirun): the folder is the job's, e.g. <output_dir>/errors
+            os.makedirs(directory, exist_ok=True)
+        except OSError:
+            return None
     return save_record(record, directory)
 
 

@@ -69,7 +69,7 @@ def test_typo_through_the_real_lmsrun():
                           timeout=60)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.splitlines() == ["lmsrun: error: tnue: no such subcommand or file (did you mean "
-                                        "'lmsrun tune'?); subcommands: plan, tune, report, export, slurm"]
+                                        "'lmsrun tune'?); subcommands: plan, tune, report, export, data, slurm"]
 
 
 @pytest.mark.parametrize("name", SUBCOMMANDS.names())

@@ -205,6 +205,7 @@ def run(args: argparse.Namespace) -> int:
     workload = workload_from_config(config)
     opt_bytes = optimizer_state_bytes(workload)
     start = config.train.batch_size if batch_text in (None, "max") else batch
+    batch = batch or start  # no --batch: the config's
     if args.tflops:
         rate = args.tflops * 1e12
     else:  # the timed step at the planned batch sets the FLOP rate other batches are planned at
