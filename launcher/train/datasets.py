@@ -27,9 +27,11 @@ def mix(*values: int) -> int:
 
 
 class SyntheticDataset(torch.utils.data.Dataset):
-    """``length`` seeded samples for ``task``; targets are a fixed function of the inputs (a random
-    but fixed projection of the pooled input for classify/regress, a fixed stride from each token to the
-    next for lm, the sign of channel 0 for segment), so a model can learn them and the loss falls."""
+    """``length`` seeded samples for ``task`` whose targets follow a fixed rule a model can learn, so
+    the loss falls: classify inputs are noise plus their class's fixed per-channel offset (a CNN's
+    global pooling sees it at once), regress targets a fixed linear map of such offsets, lm a fixed
+    stride from each token to the next, segment the sign of channel 0; token-id inputs (``vocab``) take
+    their targets from a fixed projection of the pooled ids."""
 
     def __init__(self, task: str, shape: List[int], classes: int, length: int, seed: int, stream: int = 0,
                  vocab: Optional[int] = None) -> None:
@@ -41,6 +43,9 @@ class SyntheticDataset(torch.utils.data.Dataset):
         gen = torch.Generator().manual_seed(mix(seed, -7))
         self.projection = torch.randn(FEATURES, classes, generator=gen)
         self.stride = 1 + 2 * int(torch.randint(0, max(1, classes // 2), [1], generator=gen))  # next token: + stride
+        channels = self.shape[0] if self.shape else 1
+        self.centers = torch.randn(classes, channels, generator=gen)        # classify: class -> channel offsets
+        self.weights = torch.randn(channels, classes, generator=gen)        # regress: offsets -> targets
 
     def __len__(self) -> int:
         return self.length
@@ -58,6 +63,11 @@ class SyntheticDataset(torch.utils.data.Dataset):
             inputs = signal = torch.randn(self.shape, generator=gen)
         if self.task == "segment":
             return inputs, (signal[0] > 0).long() % self.classes
+        if not self.vocab:  # the target sits in the per-channel means of the input
+            label = torch.randint(0, self.classes, [], generator=gen)
+            offset = self.centers[label] if self.task == "classify" else torch.randn(len(self.centers[0]), generator=gen)
+            inputs = inputs + offset.view(-1, *[1] * (inputs.dim() - 1))
+            return inputs, (label if self.task == "classify" else offset @ self.weights)
         score = _pooled(signal) @ self.projection
         if self.task == "regress":
             return inputs, score
