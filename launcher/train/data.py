@@ -18,7 +18,7 @@ from lmsdp.launcher.config import Config, resolve_factory
 from lmsdp.launcher.config.errors import ConfigError, UserError
 from lmsdp.launcher.models import model_io
 
-from .datasets import ImageFolder, SyntheticDataset, TokenWindows, dataset_length, mix, open_tokens
+from .datasets import ImageFolder, SyntheticDataset, TokenWindows, dataset_length, mix
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
 AUTO_WORKERS = 2  # data.workers: auto for file-backed data
@@ -156,11 +156,8 @@ def _token_windows(config: Config, spec: DataSpec, split: str) -> Dataset:
     seq_len = spec.shape[0]
     if split == "val" and data.val_path:
         return TokenWindows(data.val_path, data.dtype, seq_len, data.samples, config.train.seed + 1, "data.val_path")
-    total = len(open_tokens(data.path or "", data.dtype, "data.path"))
-    cut = total - int(total * data.val_fraction)
-    span = (cut, total) if split == "val" else (0, cut)
     return TokenWindows(data.path or "", data.dtype, seq_len, data.samples, config.train.seed + (split == "val"),
-                        "data.path", span)
+                        "data.path", held_out=data.val_fraction, validation=split == "val")
 
 
 def _held_out(dataset: Dataset, config: Config, split: str) -> Dataset:

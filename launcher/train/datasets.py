@@ -88,10 +88,12 @@ class TokenWindows(torch.utils.data.Dataset):
     an offset fixed by (seed, index); (window[:-1], window[1:]) as int64."""
 
     def __init__(self, path: str, dtype: str, seq_len: int, length: int, seed: int, key: str = "data.path",
-                 span: Optional[Tuple[int, int]] = None) -> None:
+                 held_out: float = 0.0, validation: bool = False) -> None:
         self.path, self.seq_len, self.length, self.seed = path, seq_len, length, seed
         self.tokens = open_tokens(path, dtype, key)
-        self.start, self.end = span or (0, len(self.tokens))
+        total = len(self.tokens)
+        cut = total - int(total * held_out)  # the last ``held_out`` of the file is the validation split
+        self.start, self.end = (cut, total) if validation else (0, cut)
         if self.end - self.start < seq_len + 1:
             raise ConfigError(f"{key}: {path} holds {self.end - self.start} tokens, fewer than one sequence of "
                               f"{seq_len} + 1; use a longer file or a shorter model seq_len")
