@@ -71,7 +71,9 @@ def build_parts(config: Config, topology: Topology, whole: CheckpointManager, lo
         whole.check_space(estimate_checkpoint_bytes(model, config.optimizer))
     backend = get_backend(config.comm, device, topology)
     warning_lines.install(backend.rank, one_line_others=True)  # one line each; lmsdp's from rank 0 only
-    checkpoint_folder = check_run_folders(config, backend, sharded=config.comm.strategy == "shard")
+    strategy = get_strategy(config.comm, backend)  # replicate or shard (FSDP2) along dp; tp over a mesh
+    checkpoint_folder = check_run_folders(config, backend, sharded=strategy.sharded)
+    model = strategy.parallelize(model)  # comm.mesh tp > 1: the layers split over the tp ranks
     swap_config = config.swap
     if swap_config.trace:  # one file per rank unless the path says where {rank} goes
         swap_config = dataclasses.replace(swap_config, trace=rank_path(swap_config.trace, backend.rank, backend.size))
@@ -84,7 +86,6 @@ def build_parts(config: Config, topology: Topology, whole: CheckpointManager, lo
     model = engine.wrap_model(model)
     per_module = module_threads.attach(model, config.launch, base_threads,
                                        reduce=lambda t: backend.allreduce(t, op="sum"))
-    strategy = get_strategy(config.comm, backend)  # replicate, or shard (FSDP2): who reduces gradients
     model = strategy.prepare_model(model)
     optimizer = strategy.wrap_optimizer(build_optimizer(config, model), model)
     autocast = amp_dtype(config)
