@@ -26,7 +26,7 @@ from . import threads as module_threads
 from .build import amp_dtype, build_network, build_optimizer
 from .checkpoint import CheckpointManager
 from .checkpoint_lock import CheckpointLock
-from .job_plan import JobPlan, plan_for_job
+from .job_plan import JobPlan, plan_for_job, presize_host_pool
 from .state import Checkpoints, checkpoints_for
 from .run_folders import check_run_folders
 
@@ -83,6 +83,7 @@ def build_parts(config: Config, topology: Topology, whole: CheckpointManager, lo
     trace_window = TraceWindow(config.train.trace_schedule)  # one window for every trace of this rank
     backend.trace_window(trace_window)
     engine = SwapEngine(swap_config, device, policy=job_plan.policy if job_plan else None, trace_window=trace_window)
+    presize_host_pool(config, engine)  # CUDA: pinned buffers before step 1, not inside its pack hooks
     model = engine.wrap_model(model)
     per_module = module_threads.attach(model, config.launch, base_threads,
                                        reduce=lambda t: backend.allreduce(t, op="sum"))
