@@ -116,33 +116,38 @@ def _final_state(folder):
     return state["model"]
 
 
-@pytest.mark.parametrize("backend,strategy", [("horovod", "replicate"), ("torch", "replicate"), ("torch", "shard")])
-def test_two_hosts_by_two_ranks_match_one_host_by_four(cluster, backend, strategy):
+@pytest.mark.parametrize("backend,strategy,per_host", [("torch", "replicate", 2), ("horovod", "replicate", 1),
+                                                       ("torch", "shard", 1)])
+def test_ranks_across_hosts_match_the_same_ranks_on_one_host(cluster, backend, strategy, per_host):
+    """2 hosts x ``per_host`` ranks against one host with all of them: the same losses and weights, bit
+    for bit. 2 x 2 (inter- and intra-host links in one ring) for the torch replicate path; the other two
+    run 2 x 1, which crosses the hosts just the same at half the CPU of four ranks on two cores."""
     if backend == "horovod":
         pytest.importorskip("horovod.torch")
+    world = 2 * per_host
     common = ("--set", f"comm.backend={backend}", "--set", f"comm.strategy={strategy}", "--set", "train.steps=3",
               "--set", "train.deterministic=true", "--set", "swap.enabled=true", "--set", "swap.threshold=1KiB",
               "--set", "swap.keep_last=0")
     losses, weights = {}, {}
-    for layout, slots in (("2x2", 2), ("1x4", 4)):
+    for layout in ("hosts", "one"):
         out = shared_dir(cluster, f"exact-{backend}-{strategy}-{layout}")
-        if layout == "1x4":  # one host with four slots: the first host of a 4-slot hostfile
-            hostfile = os.path.join(cluster.folder, "one-host")
+        if layout == "one":  # one host with every slot: the first host only
+            hostfile = os.path.join(cluster.folder, f"one-host-{world}")
             with open(hostfile, "w", encoding="utf-8") as handle:
-                handle.write(f"{cluster.hosts[0].address} slots=4\n")
-            argv = [LMSRUN, TINY, *common, "--output-dir", out, "--hostfile", hostfile, "-np", "4"]
+                handle.write(f"{cluster.hosts[0].address} slots={world}\n")
+            argv = [LMSRUN, TINY, *common, "--output-dir", out, "--hostfile", hostfile, "-np", str(world)]
             run = subprocess.run(argv, cwd=REPO, env=cluster.env(ENV), capture_output=True, text=True, timeout=300)
         else:
-            run = lmsrun(cluster, TINY, *common, "--output-dir", out, slots=slots, timeout=300)
+            run = lmsrun(cluster, TINY, *common, "--output-dir", out, np=world, slots=per_host, timeout=300)
         assert run.returncode == 0, run.stderr[-3000:]
         losses[layout] = [m["loss"] for m in metric_lines(os.path.join(out, "metrics.rank0.jsonl")) if "loss" in m]
         if strategy == "replicate":
             weights[layout] = _final_state(os.path.join(out, "checkpoints"))
-    assert len(losses["2x2"]) == 3 and losses["2x2"] == losses["1x4"]
+    assert len(losses["hosts"]) == 3 and losses["hosts"] == losses["one"]
     if strategy == "replicate":
-        assert weights["2x2"].keys() == weights["1x4"].keys()
-        for key in weights["2x2"]:
-            assert torch.equal(weights["2x2"][key], weights["1x4"][key]), key
+        assert weights["hosts"].keys() == weights["one"].keys()
+        for key in weights["hosts"]:
+            assert torch.equal(weights["hosts"][key], weights["one"][key]), key
     assert_hosts_idle(cluster)
 
 

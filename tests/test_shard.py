@@ -337,6 +337,6 @@ def test_named_blocks_take_the_outermost_match_and_reject_unknown_names():
     with torch.device("meta"):
         model = build_model("gpt", layers=3)
     assert len(named_blocks(model, ["Block"])) == 3
-    assert len(named_blocks(model, ["Linear"])) == 3 * 4 + 1
+    assert len(named_blocks(model, ["Linear"])) == 3 * 6 + 1  # q, k, v, out, fc1, fc2 per block; the head
     with pytest.raises(UserError, match="did you mean 'Block'"):
         named_blocks(model, ["block"])
