@@ -1,0 +1,196 @@
+"""The parallel layout planner (Tofu's partitioning, workload-aware parallelization): for each mesh
+``{dp: D, tp: T}`` with ``D x T`` = world size and each data-parallel strategy (replicate, shard), one
+rank's memory and step time from the profiled step, and the fastest layout that fits the memory target.
+
+Per rank (``layout_profile``): parameters, gradients and optimizer state divided by T for the
+TP-split layers and by D for sharded state (plus the gathered weights of two blocks under shard);
+saved activations under the swap plan the swap planner makes for that rank's step (TP divides the
+split layers' activations). Step time = the swap plan's step (compute, with the split part divided by
+T, plus exposed swap traffic) + TP's activation all-reduces (from the TP plan's bytes) + the DP
+reduction of the rank's gradients (all-reduce under replicate; all-gathers and a reduce-scatter under
+shard), collectives costed by a ring model over a measured or configured link (``CommRates``).
+Fastest = most samples per second (each DP replica runs the configured batch). Pure arithmetic."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+from .layout_profile import RankState, TPSplit, layout_profile
+from .planner import PlanResult, plan
+from .profile import StepProfile
+from .units import format_size
+
+STRATEGIES = ("replicate", "shard")
+
+
+@dataclass(frozen=True)
+class CommRates:
+    """Collectives between ranks: ``latency_s`` per message hop, ``bandwidth_bps`` per direction (ring
+    algorithms: an all-reduce of n bytes over g ranks moves 2(g-1)/g n and takes 2(g-1) hops)."""
+
+    latency_s: float
+    bandwidth_bps: float
+    how: str = "configured"
+
+    def allreduce_s(self, nbytes: float, ranks: int, count: int = 1) -> float:
+        if ranks <= 1:
+            return 0.0
+        return 2 * (ranks - 1) * (count * self.latency_s + nbytes / ranks / self.bandwidth_bps)
+
+    def allgather_s(self, nbytes: float, ranks: int, count: int = 1) -> float:
+        """All-gather (or reduce-scatter) of a tensor of ``nbytes`` whole, in ``count`` collectives."""
+        if ranks <= 1:
+            return 0.0
+        return (ranks - 1) * (count * self.latency_s + nbytes / ranks / self.bandwidth_bps)
+
+
+@dataclass(frozen=True)
+class Layout:
+    dp: int
+    tp: int
+    strategy: str
+
+    @property
+    def name(self) -> str:
+        return f"dp {self.dp} x tp {self.tp} {self.strategy}"
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the layout model needs beyond the profile: the shard units' count and largest size (FSDP
+    gathers one unit at a time, two with prefetch) and the TP split per candidate degree."""
+
+    shard_units: int
+    largest_unit_bytes: int
+    splits: Dict[int, TPSplit]          # tp degree -> its split (absent: not a valid degree)
+    refused: Dict[int, str] = field(default_factory=dict)   # tp degree -> why not (one clause)
+
+
+@dataclass
+class LayoutEstimate:
+    layout: Layout
+    peak_bytes: int
+    step_s: float
+    compute_s: float
+    swap_exposed_s: float
+    tp_comm_s: float
+    dp_comm_s: float
+    samples_per_s: float
+    fits: bool
+    swap: Optional[PlanResult] = None
+    why: str = ""
+
+
+def meshes(world: int) -> List[tuple]:
+    """Every (dp, tp) with dp x tp = world, pure data parallel first."""
+    return [(world // t, t) for t in range(1, world + 1) if world % t == 0]
+
+
+def rank_state(profile: StepProfile, layout: Layout, split: TPSplit, facts: ModelFacts) -> RankState:
+    """Parameter, gradient and optimizer bytes one rank holds under ``layout``."""
+    total = max(1, profile.param_bytes)
+    tp_params = total - split.split_param_bytes + split.split_param_bytes // max(1, layout.tp)
+    share = tp_params / total
+    grads = int(profile.grad_bytes * share)
+    optim = int(profile.optimizer_bytes * share)
+    if layout.strategy != "shard":
+        return RankState(tp_params, grads, optim)
+    unit = int(facts.largest_unit_bytes * share)  # gathered for compute: this unit and the prefetched next
+    return RankState(tp_params // layout.dp + 2 * unit, grads // layout.dp + unit, optim // layout.dp)
+
+
+def estimate(profiles: Dict[str, StepProfile], layout: Layout, facts: ModelFacts, target: int, link_bps: float,
+             threshold: int, rates: CommRates, compute_scale: float = 1.0) -> LayoutEstimate:
+    """One layout: the swap planner on the rank's step, plus the collectives the layout adds."""
+    split = facts.splits[layout.tp]
+    base = profiles["none"]
+    state = rank_state(base, layout, split, facts)
+    ranked = {key: layout_profile(prof, split, state, compute_scale) for key, prof in profiles.items()}
+    result = plan(ranked, target, link_bps, threshold)
+    total = max(1, base.param_bytes)
+    tp_params = total - split.split_param_bytes + split.split_param_bytes // layout.tp
+    tp_s = sum(rates.allreduce_s(n, layout.tp) if op == "allreduce" else rates.allgather_s(n, layout.tp)
+               for op, n in split.collectives)
+    if layout.strategy == "shard":  # all-gather in forward and again in backward, one reduce-scatter of grads
+        dp_s = (2 * rates.allgather_s(tp_params, layout.dp, facts.shard_units)
+                + rates.allgather_s(base.grad_bytes * tp_params / total, layout.dp, facts.shard_units))
+    else:
+        dp_s = rates.allreduce_s(base.grad_bytes * tp_params / total, layout.dp)
+    chosen = result.chosen
+    if chosen is not None:
+        pred = chosen.prediction
+        peak, compute, exposed = pred.peak_device_bytes, pred.compute_s, pred.exposed_s
+    else:
+        peak = result.min_peak
+        prof = ranked["none"]
+        compute, exposed = prof.forward_s + prof.backward_s, 0.0
+    step = compute + exposed + tp_s + dp_s
+    return LayoutEstimate(layout, peak, step, compute, exposed, tp_s, dp_s, layout.dp * base.batch / step,
+                          chosen is not None, result)
+
+
+def refusal(layout: Layout, facts: ModelFacts, backend: str) -> str:
+    """Why a layout cannot run at all (empty: it can)."""
+    if layout.tp > 1 and layout.tp not in facts.splits:
+        return facts.refused.get(layout.tp, f"tp {layout.tp} does not divide the model's split dimensions")
+    if layout.tp > 1 and backend == "horovod":
+        return "horovod has no tensor parallel (comm.backend: torch)"
+    if layout.strategy == "shard" and backend == "horovod":
+        return "horovod has no sharding (comm.backend: torch)"
+    if layout.strategy == "shard" and layout.dp < 2:
+        return "shard needs dp >= 2"
+    return ""
+
+
+@dataclass
+class LayoutChoice:
+    """The table: every candidate estimated (or refused, with why) and the pick (None: none fits)."""
+
+    estimates: List[LayoutEstimate]
+    refused: List[tuple]               # (layout, why)
+    chosen: Optional[LayoutEstimate]
+    target: int
+    rates: CommRates
+    world: int
+
+
+def choose(profiles: Dict[str, StepProfile], world: int, facts: ModelFacts, target: int, link_bps: float,
+           threshold: int, rates: CommRates, backend: str = "torch", compute_scale: float = 1.0,
+           only: Optional[Callable[[Layout], bool]] = None) -> LayoutChoice:
+    """Estimate every layout of ``world`` ranks and pick the one with the most samples per second that
+    fits ``target`` (ties: less tensor parallel, replicate before shard)."""
+    estimates, refused = [], []
+    for dp, tp in meshes(world):
+        for strategy in STRATEGIES:
+            layout = Layout(dp, tp, strategy)
+            if only is not None and not only(layout):
+                continue
+            why = refusal(layout, facts, backend)
+            if why:
+                refused.append((layout, why))
+                continue
+            estimates.append(estimate(profiles, layout, facts, target, link_bps, threshold, rates, compute_scale))
+    fitting = [e for e in estimates if e.fits]
+    chosen = max(fitting, key=lambda e: (e.samples_per_s, -e.layout.tp, e.layout.strategy == "replicate"),
+                 default=None)
+    for e in estimates:
+        e.why = _why(e, chosen, target)
+    return LayoutChoice(estimates, refused, chosen, target, rates, world)
+
+
+def _why(e: LayoutEstimate, chosen: Optional[LayoutEstimate], target: int) -> str:
+    if not e.fits:
+        return f"does not fit: lowest peak {format_size(e.peak_bytes)} > {format_size(target)}"
+    parts = [f"{k} {v * 1e3:.1f} ms" for k, v in (("compute", e.compute_s), ("swap", e.swap_exposed_s),
+                                                  ("tp", e.tp_comm_s), ("dp", e.dp_comm_s)) if v > 0]
+    costs = " + ".join(parts)
+    if e is chosen:
+        return f"picked: the most samples/s that fits ({costs})"
+    assert chosen is not None
+    slower = 1 - e.samples_per_s / chosen.samples_per_s
+    return f"fits, {slower:.0%} fewer samples/s than the pick ({costs})"
+
+
+__all__ = ["CommRates", "Layout", "ModelFacts", "LayoutEstimate", "LayoutChoice", "STRATEGIES", "meshes",
+           "rank_state", "estimate", "refusal", "choose"]
+
