@@ -41,7 +41,9 @@ def get_backend(config: Union[CommConfig, str] = "auto", device: Optional[torch.
     global _announced
     cfg = CommConfig(backend=config) if isinstance(config, str) else config
     topology = topology or detect_topology()
-    entry = BACKENDS.resolve(cfg.backend, topology, cfg.strategy)
+    from .mesh import wants_tensor_parallel
+
+    entry = BACKENDS.resolve(cfg.backend, topology, cfg.strategy, wants_tensor_parallel(cfg.mesh))
     backend: Backend = entry.load()(cfg, device, topology)
     if cfg.backend == "auto" and not _announced and backend.rank == 0:
         info(f"comm backend: {backend.description}")

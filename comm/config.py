@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 from .registry import BACKENDS, STRATEGIES
 
@@ -33,6 +33,17 @@ class CommConfig:
     reshard_after_forward: bool = field(default=True, metadata={
         "help": "shard: free gathered parameters after forward and gather again in backward (less memory, "
                 "one more all-gather)"})
+    mesh: Optional[Union[str, Dict[str, Any]]] = field(default=None, metadata={
+        "choices": ("auto",),
+        "help": "device mesh {dp: D, tp: T} with D x T = ranks (tp ranks split each layer, comm.strategy applies "
+                "along dp; torch backend); auto: the layout lmsrun plan picks; unset: {dp: ranks, tp: 1}"})
+    tp_plan: Dict[str, str] = field(default_factory=dict, metadata={
+        "help": "tensor parallelism by hand: {module name: colwise|rowwise|colwise_gather|gather_input|"
+                "sequence_parallel|replicate} (default: the zoo model's plan, else Linear pairs and embeddings "
+                "found automatically)"})
+    sequence_parallel: bool = field(default=False, metadata={
+        "help": "tp > 1: norms and dropout on sequence shards (activations between blocks 1/tp per rank; "
+                "all-gather + reduce-scatter instead of all-reduce)"})
     mixed_precision: MixedPrecisionConfig = field(default_factory=MixedPrecisionConfig)
     offload: str = field(default="none", metadata={
         "choices": ("none", "optimizer_and_params"),

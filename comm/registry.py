@@ -21,10 +21,11 @@ def horovod_available() -> bool:
     return True
 
 
-def _horovod_usable(topology: Any, strategy: str = "replicate") -> bool:
-    # Horovod cannot join a torchrun rendezvous and has no sharding; elsewhere it is the first
-    # choice when it imports.
-    return strategy_backends(strategy) is None and topology.source != "torchrun" and horovod_available()
+def _horovod_usable(topology: Any, strategy: str = "replicate", tensor_parallel: bool = False) -> bool:
+    # Horovod cannot join a torchrun rendezvous, has no sharding and no device mesh (tensor
+    # parallelism); elsewhere it is the first choice when it imports.
+    return (strategy_backends(strategy) is None and not tensor_parallel and topology.source != "torchrun"
+            and horovod_available())
 
 
 def strategy_backends(strategy: str) -> Any:

@@ -18,7 +18,7 @@ from lmsdp.comm.config import CommConfig
 from lmsdp.runtime.network import check_spec
 from lmsdp.runtime.trace_schedule import DEFAULT_STEPS, TraceSchedule
 from lmsdp.swapping.config import SwapConfig
-from .errors import ConfigError
+from .errors import ConfigError, UserError
 from .factories import check_model, check_user_loss, model_from_factory, resolve_factory
 from .input_checks import check_name
 from .typed_yaml import apply_override, build, config_to_dict, read_yaml, reference_rows
@@ -268,6 +268,7 @@ def check_config(config: Config) -> None:
     if config.comm.strategy == "shard" and config.comm.backend == "horovod":
         raise ConfigError("comm.backend: horovod has no sharding (comm.strategy is 'shard'); "
                           "use comm.backend: torch (or auto, which picks torch for shard)")
+    _check_mesh(config.comm)
     if config.swap.keep_last < 0 or config.swap.prefetch < 0:
         raise ConfigError("swap.prefetch and swap.keep_last must be 0 or more")
     if config.swap.link_gbps is not None:
@@ -315,6 +316,20 @@ def _check_recompute_entries(recompute: Any) -> None:
         where = "swap.recompute" if isinstance(recompute, str) else f"swap.recompute[{i}]"
         raise ConfigError(f"{where}: '{entry}' is not allowed{guess}; allowed: auto, " + ", ".join(RECOMPUTE_KINDS)
                           + ", or module names: dotted paths from named_modules() (blocks.0.mlp) or module:NAME")
+
+
+def _check_mesh(comm: Any) -> None:
+    """comm.mesh's keys and sizes (D x T = world is checked once the world size is known), Horovod + tp."""
+    from lmsdp.comm.mesh import check_mesh_value, is_auto, wants_tensor_parallel
+
+    try:
+        check_mesh_value(comm.mesh)
+    except UserError as exc:
+        raise ConfigError(str(exc)) from None
+    if comm.backend == "horovod" and wants_tensor_parallel(comm.mesh):
+        what = "auto may pick tp > 1" if is_auto(comm.mesh) else "tp > 1 splits layers over ranks"
+        raise ConfigError(f"comm.backend: horovod has no tensor parallelism (comm.mesh: {what}); use comm.backend: "
+                          "torch (or auto, which picks torch for a mesh with tp)")
 
 
 def _check_data(data: DataConfig) -> None:

@@ -1,5 +1,8 @@
-"""GPT-style decoder-only transformer (pre-norm, causal attention, learned positions)."""
+"""GPT-style decoder-only transformer (pre-norm, causal attention, learned positions), with its
+tensor-parallel plan (Megatron's split: attention heads and the MLP's hidden units over the tp ranks)."""
 from __future__ import annotations
+
+from typing import Dict
 
 import torch
 import torch.nn.functional as F
@@ -12,18 +15,21 @@ class CausalSelfAttention(nn.Module):
         if width % heads:
             raise ValueError(f"gpt width {width} must be divisible by heads {heads}")
         self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
+        self.head_dim = width // heads
+        # q, k and v apart (not one fused Linear): a column split of each gives every tp rank whole heads
+        self.q = nn.Linear(width, width)
+        self.k = nn.Linear(width, width)
+        self.v = nn.Linear(width, width)
         self.proj = nn.Linear(width, width)
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, seq, width = x.shape
-        q, k, v = self.qkv(x).split(width, dim=2)
-        shape = (batch, seq, self.heads, width // self.heads)
-        q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))
+        batch, seq = x.shape[0], x.shape[1]
+        # -1 heads: under tensor parallelism q/k/v hold only this rank's heads
+        q, k, v = (f(x).view(batch, seq, -1, self.head_dim).transpose(1, 2) for f in (self.q, self.k, self.v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(y.transpose(1, 2).reshape(batch, seq, width))
+        return self.proj(y.transpose(1, 2).reshape(batch, seq, -1))
 
 
 class Block(nn.Module):
@@ -69,6 +75,27 @@ class GPT(nn.Module):
         seq = idx.shape[1]
         if seq > self.seq_len:
             raise ValueError(f"sequence length {seq} exceeds the model's seq_len {self.seq_len}")
-        positions = torch.arange(seq, device=idx.device)
+        positions = torch.arange(seq, device=idx.device).unsqueeze(0)  # [1, seq]: split like the tokens
         x = self.drop(self.tok(idx) + self.pos(positions))
         return self.head(self.ln_f(self.blocks(x)))
+
+    def tensor_parallel_plan(self, tp: int, sequence_parallel: bool) -> Dict[str, str]:
+        """Megatron's split (styles of ``lmsdp.comm.tensor_parallel``): q/k/v colwise and the output
+        projection rowwise with the heads divided; the MLP's first Linear colwise, second rowwise;
+        embeddings by vocabulary/position rows; the tied LM head colwise, gathered for the loss;
+        norms on sequence shards under ``sequence_parallel`` (else replicated)."""
+        heads = self.blocks[0].attn.heads if len(self.blocks) else tp
+        if heads % tp:
+            raise ValueError(f"{tp} does not divide the gpt's {heads} attention heads; allowed tp: a divisor of {heads}")
+        if sequence_parallel and self.seq_len % tp:
+            raise ValueError(f"{tp} does not divide seq_len {self.seq_len} (comm.sequence_parallel splits "
+                             "the sequence); allowed tp: a divisor of seq_len")
+        norm = "sequence_parallel" if sequence_parallel else "replicate"
+        plan = {"tok": "rowwise", "pos": "rowwise", "ln_f": norm, "head": "colwise_gather"}
+        for i in range(len(self.blocks)):
+            b = f"blocks.{i}"
+            plan.update({f"{b}.ln1": norm, f"{b}.attn": "gather_input", f"{b}.attn.q": "colwise",
+                         f"{b}.attn.k": "colwise", f"{b}.attn.v": "colwise", f"{b}.attn.proj": "rowwise",
+                         f"{b}.ln2": norm, f"{b}.mlp": "gather_input", f"{b}.mlp.0": "colwise",
+                         f"{b}.mlp.2": "rowwise"})
+        return plan

@@ -62,6 +62,10 @@ class ResNet(nn.Module):
     ``stem='imagenet'`` is the 7x7/stride-2 + max-pool stem; ``'cifar'`` a 3x3/stride-1 stem for
     small inputs. ``width_multiplier`` scales every stage (wide ResNets)."""
 
+    # comm.mesh tp > 1: lmsdp.comm.tensor_parallel refuses with this line
+    tensor_parallel_refusal = ("its convolutions' activations are far larger than their weights, so splitting "
+                               "channels over tp ranks moves more bytes per step than it saves")
+
     def __init__(self, depth: int = 18, num_classes: int = 1000, width: int = 64,
                  width_multiplier: float = 1.0, layers: Optional[Sequence[int]] = None,
                  block: Optional[str] = None, in_channels: int = 3, stem: str = "imagenet") -> None:

@@ -21,6 +21,10 @@ class UNet3D(nn.Module):
     """``levels`` resolutions (each halves D/H/W and doubles channels from ``width``); input
     [batch, in_channels, D, H, W] with D, H, W divisible by 2**(levels-1); output per-voxel logits."""
 
+    # comm.mesh tp > 1: lmsdp.comm.tensor_parallel refuses with this line
+    tensor_parallel_refusal = ("its convolutions' activations are far larger than their weights, so splitting "
+                               "channels over tp ranks moves more bytes per step than it saves")
+
     def __init__(self, in_channels: int = 1, classes: int = 2, width: int = 16, levels: int = 4,
                  norm: str = "batch") -> None:
         super().__init__()
