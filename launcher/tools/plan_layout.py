@@ -88,13 +88,14 @@ def does_not_fit(choice: Any, name: str, batch: int) -> str:
             f"target is {format_size(choice.target)}")
 
 
-def layout_table(args: argparse.Namespace, config: Any, profiles: Dict[str, Any], target: int, link: float,
-                 world: int, device: Any, write: Callable[[str], None]) -> Any:
-    """Estimate and print every layout of ``world`` ranks; returns the choice (``chosen`` None: none fits)."""
-    configured = configured_mesh(config, world)
-    choice = choose_layout(config, profiles, target, link, world, rates_of(args, world), device)
-    render_layouts(choice, write, configured)
-    return choice
+def layout_choice(args: argparse.Namespace, config: Any, profiles: Dict[str, Any], target: int, link: float,
+                  world: int, device: Any) -> Any:
+    """Every layout of ``world`` ranks estimated, and the pick (``chosen`` None: none fits)."""
+    return choose_layout(config, profiles, target, link, world, rates_of(args, world), device)
 
 
-__all__ = ["add_arguments", "world_of", "rates_of", "render_layouts", "does_not_fit", "layout_table"]
+def print_layouts(choice: Any, config: Any, write: Callable[[str], None]) -> None:
+    render_layouts(choice, write, configured_mesh(config, choice.world))
+
+
+__all__ = ["add_arguments", "world_of", "rates_of", "render_layouts", "does_not_fit", "layout_choice", "print_layouts"]
