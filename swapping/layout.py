@@ -77,6 +77,8 @@ class LayoutEstimate:
     dp_comm_s: float
     samples_per_s: float
     fits: bool
+    held_bytes: int = 0          # parameters + gradients + optimizer state this rank keeps across steps
+    saved_bytes: int = 0         # the swap engine's peak of saved activations resident (its accounting)
     swap: Optional[PlanResult] = None
     why: str = ""
 
@@ -86,8 +88,10 @@ def meshes(world: int) -> List[tuple]:
     return [(world // t, t) for t in range(1, world + 1) if world % t == 0]
 
 
-def rank_state(profile: StepProfile, layout: Layout, split: TPSplit, facts: ModelFacts) -> RankState:
-    """Parameter, gradient and optimizer bytes one rank holds under ``layout``."""
+def rank_state(profile: StepProfile, layout: Layout, split: TPSplit, facts: ModelFacts,
+               gathered: bool = True) -> RankState:
+    """Parameter, gradient and optimizer bytes one rank holds under ``layout`` (``gathered``: with the
+    whole units FSDP2 gathers for compute, the peak; without: what it keeps across steps)."""
     total = max(1, profile.param_bytes)
     tp_params = total - split.split_param_bytes + split.split_param_bytes // max(1, layout.tp)
     share = tp_params / total
@@ -95,7 +99,7 @@ def rank_state(profile: StepProfile, layout: Layout, split: TPSplit, facts: Mode
     optim = int(profile.optimizer_bytes * share)
     if layout.strategy != "shard":
         return RankState(tp_params, grads, optim)
-    unit = int(facts.largest_unit_bytes * share)  # gathered for compute: this unit and the prefetched next
+    unit = int(facts.largest_unit_bytes * share) if gathered else 0  # gathered for compute: this unit and the prefetched next
     return RankState(tp_params // layout.dp + 2 * unit, grads // layout.dp + unit, optim // layout.dp)
 
 
@@ -119,14 +123,17 @@ def estimate(profiles: Dict[str, StepProfile], layout: Layout, facts: ModelFacts
     chosen = result.chosen
     if chosen is not None:
         pred = chosen.prediction
-        peak, compute, exposed = pred.peak_device_bytes, pred.compute_s, pred.exposed_s
+        peak, compute, exposed, saved = pred.peak_device_bytes, pred.compute_s, pred.exposed_s, pred.peak_saved_bytes
     else:
         peak = result.min_peak
         prof = ranked["none"]
         compute, exposed = prof.forward_s + prof.backward_s, 0.0
+        saved = sum(t.nbytes for t in prof.tensors if t.nbytes >= threshold)
     step = compute + exposed + tp_s + dp_s
+    held = rank_state(base, layout, split, facts, gathered=False)
     return LayoutEstimate(layout, peak, step, compute, exposed, tp_s, dp_s, layout.dp * base.batch / step,
-                          chosen is not None, result)
+                          chosen is not None, held.param_bytes + held.grad_bytes + held.optimizer_bytes, saved,
+                          result)
 
 
 def refusal(layout: Layout, facts: ModelFacts, backend: str) -> str:
