@@ -189,7 +189,7 @@ def _why(e: LayoutEstimate, chosen: Optional[LayoutEstimate], target: int) -> st
     if not e.fits:
         return f"does not fit: lowest peak {format_size(e.peak_bytes)} > {format_size(target)}"
     parts = [f"{k} {v * 1e3:.1f} ms" for k, v in (("compute", e.compute_s), ("swap", e.swap_exposed_s),
-                                                  ("tp", e.tp_comm_s), ("dp", e.dp_comm_s)) if v > 0]
+                                                  ("tp", e.tp_comm_s), ("dp", e.dp_comm_s)) if v >= 5e-5]
     costs = " + ".join(parts)
     if e is chosen:
         return f"picked: the most samples/s that fits ({costs})"

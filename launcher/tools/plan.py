@@ -22,6 +22,7 @@ from lmsdp.launcher.config.errors import UserError
 from lmsdp.launcher.tools.plan_layout import add_arguments as add_layout_arguments
 from lmsdp.launcher.tools.plan_layout import does_not_fit as layouts_do_not_fit
 from lmsdp.launcher.tools.plan_layout import layout_choice, print_layouts, world_of
+from lmsdp.launcher.train.job_layout import check_configured
 from lmsdp.launcher.train.job_plan import batch_planner, default_target, link_bps, plan_config, workload_from_config
 
 EXIT_DOES_NOT_FIT = 2
@@ -200,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--time-batch: expected 0 or more, got {args.time_batch}")
     config = load_config(args.config, args.overrides)
     world = world_of(args, config)
+    check_configured(config, world)  # a comm.mesh that cannot run is one line before any profiling
     import torch
 
     from lmsdp.swapping.profile import optimizer_state_bytes

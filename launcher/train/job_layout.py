@@ -27,6 +27,25 @@ def configured_mesh(config: Any, world: int) -> Optional[Tuple[int, int]]:
     return shape.dp, shape.tp
 
 
+def check_configured(config: Any, world: int) -> None:
+    """A configured ``comm.mesh`` before any profiling: dp x tp = ``world`` and a tp the model's TP plan
+    divides (each a one-line UserError)."""
+    configured = configured_mesh(config, world)
+    if configured is None or configured[1] == 1:
+        return
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lmsdp.comm.tensor_parallel import plan_tensor_parallel
+
+    from .build import build_network
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        torch.manual_seed(0)
+        plan_tensor_parallel(build_network(config), config.comm.tp_plan or None, bool(config.comm.sequence_parallel),
+                             configured[1])
+
+
 def choose_layout(config: Any, profiles: Dict[str, Any], target: int, link: float, world: int, rates: Any,
                   device: Any, backend: str = "", ranks_here: Optional[int] = None) -> Any:
     """Every layout of ``world`` ranks estimated on ``profiles`` (the job's step profiled on one rank at
@@ -93,4 +112,4 @@ def layout_for_job(config: Any, backend: Any, device: Any, ranks_here: int) -> A
                                                                 strategy=strategy))
 
 
-__all__ = ["configured_mesh", "choose_layout", "layout_for_job", "NO_TARGET"]
+__all__ = ["configured_mesh", "check_configured", "choose_layout", "layout_for_job", "NO_TARGET"]
