@@ -85,8 +85,7 @@ def predicted(np: int, batch: int, memory: str, net_gbps: float) -> Any:
     if net_gbps:
         rates = CommRates(20e-6, net_gbps * 1e9, "--net-gbps")
     else:
-        latency, bandwidth = measure_local(np)
-        rates = CommRates(latency, bandwidth, f"measured among {np} local processes")
+        rates = CommRates.measured(measure_local(np), f"measured among {np} local processes")
     return choose_layout(config, result.profiles, target, link, np, rates, device)
 
 

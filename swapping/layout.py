@@ -13,7 +13,7 @@ Fastest = most samples per second (each DP replica runs the configured batch). P
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from .layout_profile import RankState, TPSplit, layout_profile
 from .planner import PlanResult, plan
@@ -25,23 +25,32 @@ STRATEGIES = ("replicate", "shard")
 
 @dataclass(frozen=True)
 class CommRates:
-    """Collectives between ranks: ``latency_s`` per message hop, ``bandwidth_bps`` per direction (ring
-    algorithms: an all-reduce of n bytes over g ranks moves 2(g-1)/g n and takes 2(g-1) hops)."""
+    """Collectives between ranks, ring model: an op over g ranks on a tensor of n bytes (whole) takes
+    ``hops (latency_s + n/g/bandwidth_bps)``, hops 2(g-1) for an all-reduce, g-1 for an all-gather or
+    a reduce-scatter. ``ops`` holds measured (op, latency, bandwidth) that replace the defaults per op."""
 
     latency_s: float
     bandwidth_bps: float
     how: str = "configured"
+    ops: Tuple[Tuple[str, float, float], ...] = ()
+
+    def cost(self, op: str, nbytes: float, ranks: int, count: int = 1) -> float:
+        """Seconds of ``count`` collectives ``op`` moving ``nbytes`` (whole) in all over ``ranks``."""
+        if ranks <= 1:
+            return 0.0
+        latency, bandwidth = next(((lat, bw) for name, lat, bw in self.ops if name == op),
+                                  (self.latency_s, self.bandwidth_bps))
+        hops = (2 if op == "allreduce" else 1) * (ranks - 1)
+        return hops * (count * latency + nbytes / ranks / bandwidth)
 
     def allreduce_s(self, nbytes: float, ranks: int, count: int = 1) -> float:
-        if ranks <= 1:
-            return 0.0
-        return 2 * (ranks - 1) * (count * self.latency_s + nbytes / ranks / self.bandwidth_bps)
+        return self.cost("allreduce", nbytes, ranks, count)
 
-    def allgather_s(self, nbytes: float, ranks: int, count: int = 1) -> float:
-        """All-gather (or reduce-scatter) of a tensor of ``nbytes`` whole, in ``count`` collectives."""
-        if ranks <= 1:
-            return 0.0
-        return (ranks - 1) * (count * self.latency_s + nbytes / ranks / self.bandwidth_bps)
+    @classmethod
+    def measured(cls, ops: Tuple[Tuple[str, float, float], ...], how: str) -> "CommRates":
+        """Rates from measured ops (the all-reduce's are the defaults for any op not measured)."""
+        latency, bandwidth = next(((lat, bw) for name, lat, bw in ops if name == "allreduce"), (ops[0][1], ops[0][2]))
+        return cls(latency, bandwidth, how, tuple(ops))
 
 
 @dataclass(frozen=True)
@@ -113,11 +122,10 @@ def estimate(profiles: Dict[str, StepProfile], layout: Layout, facts: ModelFacts
     result = plan(ranked, target, link_bps, threshold)
     total = max(1, base.param_bytes)
     tp_params = total - split.split_param_bytes + split.split_param_bytes // layout.tp
-    tp_s = sum(rates.allreduce_s(n, layout.tp) if op == "allreduce" else rates.allgather_s(n, layout.tp)
-               for op, n in split.collectives)
+    tp_s = sum(rates.cost(op, n, layout.tp) for op, n in split.collectives)
     if layout.strategy == "shard":  # all-gather in forward and again in backward, one reduce-scatter of grads
-        dp_s = (2 * rates.allgather_s(tp_params, layout.dp, facts.shard_units)
-                + rates.allgather_s(base.grad_bytes * tp_params / total, layout.dp, facts.shard_units))
+        dp_s = (2 * rates.cost("allgather", tp_params, layout.dp, facts.shard_units)
+                + rates.cost("reduce_scatter", base.grad_bytes * tp_params / total, layout.dp, facts.shard_units))
     else:
         dp_s = rates.allreduce_s(base.grad_bytes * tp_params / total, layout.dp)
     chosen = result.chosen

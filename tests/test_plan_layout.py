@@ -100,10 +100,11 @@ def test_the_pick_is_the_fastest_layout_that_fits(gpt):
 
 
 def test_collective_rates_fit_recovers_the_ring_model():
-    true = CommRates(30e-6, 2e9)
-    times = {n: true.allreduce_s(n, 4) for n in (4096, 4 << 20)}
-    latency, bandwidth = fit(4, times)
-    assert latency == pytest.approx(30e-6, rel=1e-6) and bandwidth == pytest.approx(2e9, rel=1e-6)
+    true = CommRates(30e-6, 2e9, ops=(("reduce_scatter", 50e-6, 0.5e9),))
+    for op, lat, bw in (("allreduce", 30e-6, 2e9), ("allgather", 30e-6, 2e9), ("reduce_scatter", 50e-6, 0.5e9)):
+        times = {n: true.cost(op, n, 4) for n in (4096, 4 << 20)}
+        latency, bandwidth = fit(4, times, op)
+        assert latency == pytest.approx(lat, rel=1e-6) and bandwidth == pytest.approx(bw, rel=1e-6)
 
 
 def test_lmsrun_plan_prints_the_layout_table_and_the_pick(tmp_path, capsys):

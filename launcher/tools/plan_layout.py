@@ -44,8 +44,7 @@ def rates_of(args: argparse.Namespace, world: int) -> Any:
         raise UserError("--net-latency-us: give it with --net-gbps (without both, both are measured)")
     from lmsdp.comm.collective_rates import measure_local
 
-    latency, bandwidth = measure_local(world)
-    return CommRates(latency, bandwidth, f"measured: gloo all-reduces among {max(2, world)} local processes")
+    return CommRates.measured(measure_local(world), f"measured: gloo collectives among {max(2, world)} local processes")
 
 
 def render_layouts(choice: Any, write: Callable[[str], None], configured: Optional[Any] = None) -> None:
@@ -71,8 +70,9 @@ def render_layouts(choice: Any, write: Callable[[str], None], configured: Option
     for layout, why in choice.refused:
         write(f"{name(layout):<28}  {'-':>10}  {'-':>9}  {'-':>10}  {'-':<4}  {'-':<22}  not a layout: {why}\n")
     r = choice.rates
-    write(f"(per rank; collectives at {r.bandwidth_bps / 1e9:.2f} GB/s and {r.latency_s * 1e6:.0f} us per hop, "
-          f"{r.how}{'; * = comm.mesh' if configured else ''})\n")
+    ops = ", ".join(f"{op} {bw / 1e9:.2f} GB/s" for op, _lat, bw in r.ops[1:])
+    write(f"(per rank; collectives at {r.bandwidth_bps / 1e9:.2f} GB/s and {r.latency_s * 1e6:.0f} us per hop"
+          f"{' (' + ops + ')' if ops else ''}, {r.how}{'; * = comm.mesh' if configured else ''})\n")
     if choice.chosen is not None:
         c = choice.chosen.layout
         write(f"\nlayout: comm.mesh={{dp: {c.dp}, tp: {c.tp}}} comm.strategy={c.strategy} "

@@ -72,10 +72,15 @@ def layout_for_job(config: Any, backend: Any, device: Any, ranks_here: int) -> A
         return config
     import torch
 
-    from lmsdp.comm.collective_rates import fit, time_allreduce
+    from lmsdp.comm.collective_rates import fit_all, time_allreduce, time_collectives
     from lmsdp.swapping.layout import CommRates
 
-    times = time_allreduce(lambda t: backend.allreduce(t, op="sum")) if backend.size > 1 else {}
+    times: Dict[str, Dict[int, float]] = {}
+    if backend.size > 1:  # every rank takes part: the job's own links, as the layout will use them
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            times = time_collectives()
+        else:
+            times = {"allreduce": time_allreduce(lambda t: backend.allreduce(t, op="sum"))}
     pick: Optional[Tuple[int, int, str, str]] = None
     error = ""
     if backend.rank == 0:
@@ -85,8 +90,8 @@ def layout_for_job(config: Any, backend: Any, device: Any, ranks_here: int) -> A
                           if config.swap.memory_target or device.type == "cuda" else NO_TARGET)
                 link = link_bps(device, None)
                 result = plan_config(config, target, config.train.batch_size, link, device)
-                latency, bandwidth = fit(backend.size, times) if times else (0.0, 1e12)
-                rates = CommRates(latency, bandwidth, f"measured over the job's {backend.size} ranks")
+                rates = (CommRates.measured(fit_all(backend.size, times), f"measured over the job's {backend.size} ranks")
+                         if times else CommRates(0.0, 1e12, "one rank: no collectives"))
                 choice = choose_layout(config, result.profiles, target, link, backend.size, rates, device,
                                        backend.name, ranks_here)
             if device.type == "cuda":
