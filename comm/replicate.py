@@ -19,9 +19,14 @@ class ReplicateStrategy(Strategy):
         return model
 
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> Any:
+        if self.layout is not None:  # tp > 1: gradients (local shards) averaged over the dp group only
+            return self.backend.wrap_optimizer(optimizer, model, group=self.layout.dp_group,  # type: ignore[call-arg]
+                                               group_size=self.layout.dp)
         return self.backend.wrap_optimizer(optimizer, model)
 
     def sync_state(self, model: nn.Module, optimizer: Any) -> None:
+        if self.layout is not None:
+            return  # weights broadcast before the split; a resume loads every rank's own shards
         self.backend.broadcast_state(model, optimizer)
 
     def clip_grad_norm(self, model: nn.Module, optimizer: Any, max_norm: float, scaler: Any) -> float:

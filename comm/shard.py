@@ -203,9 +203,10 @@ class ShardStrategy(Strategy):
                             f"use comm.backend: {' or '.join(SHARDING_BACKENDS)} (auto picks it for shard)")
         self.device = torch.device(backend.device)
         self.offload = config.offload == "optimizer_and_params" and self.device.type == "cuda"
-        if backend.size < 2 and not self.offload:
-            raise UserError("comm.strategy: shard needs 2 or more ranks (this job has 1: nothing to shard "
-                            "across); use replicate, or add comm.offload: optimizer_and_params on a GPU")
+        if self.dp_size < 2 and not self.offload:
+            raise UserError(f"comm.strategy: shard needs 2 or more data-parallel ranks (this job has "
+                            f"{self.dp_size}: nothing to shard across); use replicate, or add comm.offload: "
+                            "optimizer_and_params on a GPU")
         self.units: List[nn.Module] = []
         trace = backend.timer.trace
         if trace is not None:
@@ -229,7 +230,9 @@ class ShardStrategy(Strategy):
             _offload_noted = True
             info("comm.offload: optimizer_and_params is a no-op on CPU (parameters and optimizer state "
                  "are in host memory already)")
-        mesh = DeviceMesh.from_group(dist.group.WORLD, self.device.type)
+        # tp > 1: the dp sub-mesh of the 2-D mesh (FSDP2 + TP as torchtitan: fully_shard after parallelize)
+        mesh = self.layout.dp_mesh if self.layout is not None else DeviceMesh.from_group(dist.group.WORLD,
+                                                                                          self.device.type)
         return {"mesh": mesh, "mp_policy": policy, "offload_policy": offload}
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
@@ -239,7 +242,8 @@ class ShardStrategy(Strategy):
 
         units = shard_units(model, self.config.shard_modules)
         kinds = sorted({type(u).__name__ for u in units})  # before fully_shard renames them FSDP<class>
-        self.backend.broadcast_state(model)
+        if self.layout is None:  # under tp the weights were broadcast before the split (parallelize)
+            self.backend.broadcast_state(model)
         kwargs = self._fsdp_kwargs()
         for unit in units:
             fully_shard(unit, reshard_after_forward=self.config.reshard_after_forward, **kwargs)
@@ -251,7 +255,7 @@ class ShardStrategy(Strategy):
                 module.set_custom_all_gather(gather)
                 module.set_custom_reduce_scatter(scatter)
         if self.backend.rank == 0:
-            info(f"comm strategy: shard over {self.backend.size} ranks, {len(units)} units "
+            info(f"comm strategy: shard over {self.dp_size} ranks, {len(units)} units "
                  f"({', '.join(kinds) or 'root only'}) + root"
                  + (", parameters and optimizer offloaded to host" if self.offload else ""))
         return model

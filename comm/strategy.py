@@ -19,8 +19,11 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .base import Backend, unwrap_optimizer
+from lmsdp.runtime.errors import UserError
+
+from .base import Backend, info, unwrap_optimizer
 from .config import CommConfig
+from .mesh import MeshLayout, parse_mesh
 from .registry import STRATEGIES
 
 
@@ -34,6 +37,41 @@ class Strategy(ABC):
         self.config = config
         self.backend = backend
         self._held = HeldBytes()
+        # comm.mesh with tp > 1: a 2-D (dp, tp) DeviceMesh; this strategy then applies along dp only
+        self.layout: Optional[MeshLayout] = None
+        self.tp_plan: Any = None
+        shape = parse_mesh(config.mesh, backend.size)
+        if shape.tp > 1:
+            if backend.name != "torch":
+                raise UserError(f"comm.backend: {backend.name} has no tensor parallelism (comm.mesh: "
+                                f"{shape.describe()}); use comm.backend: torch")
+            self.layout = MeshLayout(shape, backend.rank, torch.device(backend.device).type)
+            self.sharded = True  # each rank holds a part of the layers: every rank writes its shards
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's index among the data-parallel groups (what batches it reads)."""
+        return self.layout.dp_rank if self.layout is not None else self.backend.rank
+
+    @property
+    def dp_size(self) -> int:
+        return self.layout.dp if self.layout is not None else self.backend.size
+
+    def parallelize(self, model: nn.Module) -> nn.Module:
+        """tp > 1: rank 0's weights to every rank, then the tensor-parallel plan applied over the tp
+        sub-mesh (before the swap engine wraps the model: plan names are the model's own)."""
+        if self.layout is None:
+            return model
+        from .tensor_parallel import plan_tensor_parallel
+        from .tp_apply import apply_tensor_parallel
+
+        plan = plan_tensor_parallel(model, self.config.tp_plan, self.config.sequence_parallel, self.layout.tp)
+        self.backend.broadcast_state(model)
+        apply_tensor_parallel(model, plan, self.layout.tp_mesh)
+        self.tp_plan = plan
+        if self.backend.rank == 0:
+            info(f"comm mesh: {self.layout.shape.describe()} ({self.name} along dp); {plan.describe()}")
+        return model
 
     @abstractmethod
     def prepare_model(self, model: nn.Module) -> nn.Module:
@@ -56,6 +94,10 @@ class Strategy(ABC):
         before clipping, the same on every rank."""
         scaler.unscale_(optimizer)
         params = [p for group in unwrap_optimizer(optimizer).param_groups for p in group["params"]]
+        if self.layout is not None:
+            from .mesh_grads import clip_mesh_grads
+
+            return clip_mesh_grads(params, max_norm, self.layout)
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         full = getattr(norm, "full_tensor", None)  # DTensor grads (shard) give a DTensor norm
         return float(full() if full is not None else norm)

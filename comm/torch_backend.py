@@ -102,8 +102,10 @@ class TorchBackend(Backend):
             if self.rank != 0:
                 inner.load_state_dict(box[0])
 
-    def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> "TorchDistributedOptimizer":
-        return TorchDistributedOptimizer(self, optimizer, model)
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, group: Any = None,
+                       group_size: Optional[int] = None) -> "TorchDistributedOptimizer":
+        """``group``: reduce over these ranks only (a mesh's dp group), ``group_size`` of them."""
+        return TorchDistributedOptimizer(self, optimizer, model, group=group, group_size=group_size)
 
     def allreduce(self, tensor: torch.Tensor, op: str = "average") -> torch.Tensor:
         self._check()

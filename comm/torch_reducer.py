@@ -54,7 +54,10 @@ class TorchDistributedOptimizer(OptimizerProxy):
     during the k-th backward only. Parameters that received no gradient are reduced as zeros in
     ``step()``/``synchronize()`` (like Horovod), so ranks never diverge in what they send."""
 
-    def __init__(self, backend: ReducingBackend, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> None:
+    def __init__(self, backend: ReducingBackend, optimizer: torch.optim.Optimizer, model: torch.nn.Module,
+                 group: Any = None, group_size: Optional[int] = None) -> None:
+        """``group``/``group_size``: reduce over this process group only (the dp ranks of a mesh;
+        default every rank). DTensor parameters (tensor parallelism) are reduced by their local shards."""
         cfg = backend.config
         if cfg.backward_passes_per_step < 1:
             raise ValueError("backward_passes_per_step must be >= 1")
@@ -66,6 +69,8 @@ class TorchDistributedOptimizer(OptimizerProxy):
         self.compress = cfg.compression == "fp16"
         self.average = cfg.op == "average"
         self.predivide = float(cfg.gradient_predivide_factor)
+        self.group = group
+        self.group_size = group_size if group_size is not None else backend.size
         opt_params = {id(p) for g in optimizer.param_groups for p in g["params"]}
         params = [p for p in model.parameters() if p.requires_grad and id(p) in opt_params]
         # parameters the optimizer holds that are not in the model still get reduced
@@ -78,7 +83,7 @@ class TorchDistributedOptimizer(OptimizerProxy):
         cur: List[torch.nn.Parameter] = []
         cur_bytes = 0
         for p in reversed(params):
-            nbytes = p.numel() * p.element_size()
+            nbytes = _local(p).numel() * p.element_size()
             if cur and (cur_bytes + nbytes > cap or cur[0].dtype != p.dtype or cur[0].device != p.device):
                 self._add_bucket(cur)
                 cur, cur_bytes = [], 0
@@ -140,7 +145,7 @@ class TorchDistributedOptimizer(OptimizerProxy):
         for p in b.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            grads.append(p.grad.detach().reshape(-1))
+            grads.append(_local(p.grad).detach().reshape(-1))
         flat = torch.cat(grads)
         if self.compress and flat.is_floating_point():
             flat = flat.to(torch.float16)
@@ -150,7 +155,7 @@ class TorchDistributedOptimizer(OptimizerProxy):
         b.flat = flat
         backend.timer.started(b.key, flat.numel() * flat.element_size(), f"allreduce bucket {b.index}")
         try:
-            b.work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True)
+            b.work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
         except Exception as exc:
             raise backend.comm_error("allreduce", exc) from exc
         if self._exact_end:
@@ -182,11 +187,12 @@ class TorchDistributedOptimizer(OptimizerProxy):
             if flat.dtype != b.params[0].dtype:  # fp16 on the wire -> back to the gradient dtype
                 flat = flat.to(b.params[0].dtype)
             if self.average:
-                flat = flat.div_(self.backend.size / self.predivide)
+                flat = flat.div_(self.group_size / self.predivide)
             offset = 0
             for p in b.params:
-                n = p.numel()
-                p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+                grad = _local(p.grad)
+                n = grad.numel()
+                grad.copy_(flat[offset:offset + n].view_as(grad))
                 offset += n
             b.work = b.done = b.flat = None
             b.ready = 0
@@ -214,4 +220,10 @@ class TorchDistributedOptimizer(OptimizerProxy):
     def bucket_sizes(self) -> Iterator[int]:
         """Bytes per bucket (for logs and tests)."""
         for b in self.buckets:
-            yield sum(p.numel() * p.element_size() for p in b.params)
+            yield sum(_local(p).numel() * p.element_size() for p in b.params)
+
+
+def _local(t: Any) -> torch.Tensor:
+    """A DTensor's local shard (the same storage), or the tensor itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t

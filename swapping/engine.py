@@ -13,8 +13,9 @@ Built on ``torch.autograd.graph.saved_tensors_hooks``:
   requested is copied at once (a stall). Each unpack starts swap-ins for the next ``prefetch`` swapped
   handles the policy names, within ``prefetch_window`` bytes: in the order learned on the first step
   (Capuchin), before that reverse pack order; the first ones already at the learned end of forward.
-* the same tensor saved several times (same storage, geometry and version) is one handle; in-place
-  modification after saving raises autograd's usual error (hooks disable autograd's own check).
+* the same tensor saved several times (same storage, geometry and version) is one handle; a DTensor
+  (tensor parallelism) is swapped by its local shard (``LocalShard``); in-place modification after
+  saving raises autograd's usual error (hooks disable autograd's own check).
 * ``step_end`` never waits for the device: unfinished copies and stalls are counted next step.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ from lmsdp.runtime.trace_schedule import TraceSchedule, TraceWindow
 from .binding import DeviceBinding, warn_cpu_once
 from .candidates import is_swappable
 from .config import SwapConfig
-from .handles import Handle, Packed, modified_error
+from .handles import Handle, LocalShard, Packed, modified_error
 from .mover import Mover
 from .policy import SwapPolicy, threshold_policy
 from .stats import StepLedger, StepStats, Totals, describe, zero_stats
@@ -118,8 +119,7 @@ class SwapEngine:
 
     @property
     def resident_saved_bytes(self) -> int:
-        """Candidate bytes packed this step and still on the device (what budgets compare against)."""
-        return self._resident
+        return self._resident  # candidate bytes packed this step and still on the device (budgets compare)
 
     def __enter__(self) -> "SwapEngine":
         if not self.enabled:
@@ -210,7 +210,7 @@ class SwapEngine:
             self._begin_step()
         nbytes = t.nbytes
         if nbytes < self.threshold or nbytes == 0 or type(t) is not torch.Tensor:
-            return (t, version)  # the fast path: one tuple, no bookkeeping
+            return (type(t) is not torch.Tensor and LocalShard.pack(self._pack, t)) or (t, version)
         if not self._binding.holds(t):
             self._binding.elsewhere(t)
             return (t, version)
@@ -261,6 +261,8 @@ class SwapEngine:
         self._ledger.transfer("swap-out", h.out_tr, h.seq)
 
     def _unpack(self, packed: Packed) -> torch.Tensor:
+        if type(packed) is LocalShard:  # type: ignore[comparison-overlap]
+            return packed.wrap(self._unpack(packed.inner))  # type: ignore[union-attr]
         if type(packed) is tuple:
             t, version = packed
             if t._version != version:
@@ -387,8 +389,7 @@ class SwapEngine:
         return self.totals.summary(self.pool if self.enabled else None)
 
     def describe(self) -> str:
-        """One line for logs."""
-        return describe(self.summary())
+        return describe(self.summary())  # one line for logs
 
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """Apply cost-aware recomputation per ``config.recompute`` (identity when None or disabled)."""

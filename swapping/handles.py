@@ -8,7 +8,7 @@ so this module does not depend on the engine.
 from __future__ import annotations
 
 import weakref
-from typing import Optional, Protocol, Tuple, Union
+from typing import Any, Optional, Protocol, Tuple, Union
 
 import torch
 
@@ -75,3 +75,29 @@ class Handle:
 
 
 Packed = Union[Handle, Tuple[torch.Tensor, int]]
+
+
+class LocalShard:
+    """A DTensor whose local shard the engine took over: rebuilt around the shard on unpack (autograd
+    saved the DTensor; the engine moves only the bytes this rank holds)."""
+
+    __slots__ = ("inner", "spec", "requires_grad")
+
+    def __init__(self, inner: Packed, spec: Any, requires_grad: bool) -> None:
+        self.inner, self.spec, self.requires_grad = inner, spec, requires_grad
+
+    @staticmethod
+    def pack(pack: Any, t: torch.Tensor) -> Optional["LocalShard"]:
+        """``t``'s local shard packed by ``pack`` if ``t`` is a swappable DTensor whose shard the
+        engine takes (else None: ``t`` stays as it is)."""
+        from .candidates import is_swappable
+
+        if type(t).__name__ != "DTensor" or not is_swappable(t):
+            return None
+        inner = pack(t._local_tensor)  # type: ignore[attr-defined]
+        return None if type(inner) is tuple else LocalShard(inner, t._spec, t.requires_grad)  # type: ignore[attr-defined]
+
+    def wrap(self, local: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.tensor import DTensor
+
+        return DTensor(local, self.spec, requires_grad=self.requires_grad)  # type: ignore[call-arg]

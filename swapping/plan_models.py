@@ -7,7 +7,8 @@ workspace (+ inputs that recompute checkpoints hold, + the saved tensors of the 
 module, live again while its backward runs). The resident-saved part follows the engine's own accounting rule for rule (candidate =
 saved tensor >= threshold; bytes added at pack, removed when a swap-out starts), so it is checked
 against ``peak_saved_bytes`` exactly. Time model: step = forward + backward + recompute + exposed
-transfer, replaying the engine's overlap rules: swap-outs FIFO on one stream from the moment the policy
+transfer, replaying the engine's overlap rules (a transfer moves the tensor's storage span, which for
+a view such as attention's head split is more than its own bytes): swap-outs FIFO on one stream from the moment the policy
 decides, swap-ins FIFO on another, each waits for its own swap-out, prefetch ``prefetch`` handles ahead
 in the learned first-use order, the first ones at forward end; compute waits for a swap-in it needs.
 Pure arithmetic on the profile: no torch, no timing.
@@ -41,7 +42,7 @@ class Prediction:
     compute_s: float
     exposed_s: float             # compute waiting for swap-ins
     swapped: List[int]           # candidate seqs swapped
-    swap_bytes: int
+    swap_bytes: int              # bytes copied each way per step (storage spans, as the engine copies)
 
 
 def predict(profile: StepProfile, settings: Settings, link_bps: float, timed: bool = True) -> Prediction:
@@ -56,6 +57,7 @@ def predict(profile: StepProfile, settings: Settings, link_bps: float, timed: bo
         return Prediction(peak, device, compute, compute, 0.0, [], 0)
     cand = profile.candidates(settings.threshold)
     sizes = [tensors[i].nbytes for i in cand]
+    moved = [tensors[i].copy_bytes for i in cand]   # a view's swap copies its whole storage span
     swap_at: Dict[int, int] = {}          # candidate seq -> candidate seq at whose pack it is swapped
     resident = peak = 0
     pending: List[int] = []
@@ -82,7 +84,7 @@ def predict(profile: StepProfile, settings: Settings, link_bps: float, timed: bo
     free = 0.0
     for seq in sorted(swap_at, key=lambda s: (swap_at[s], s)):
         start = max(free, tensors[cand[swap_at[seq]]].pack_s)
-        free = out_end[seq] = start + sizes[seq] / link_bps
+        free = out_end[seq] = start + moved[seq] / link_bps
     # forward peak with swap-outs still in flight (the device copy is freed when its copy ends): swap-outs
     # finish in FIFO (decision) order, so those in flight at a pack are a suffix of those decided before it
     fifo = sorted(swap_at, key=lambda s: (swap_at[s], s))
@@ -110,7 +112,7 @@ def predict(profile: StepProfile, settings: Settings, link_bps: float, timed: bo
 
     def issue(s: int, now: float) -> None:
         start = max(now, in_free[0], out_end[s])
-        in_free[0] = issued[s] = start + sizes[s] / link_bps
+        in_free[0] = issued[s] = start + moved[s] / link_bps
 
     def prefetch_after(i: int, now: float) -> None:
         if settings.prefetch <= 0:
@@ -140,7 +142,7 @@ def predict(profile: StepProfile, settings: Settings, link_bps: float, timed: bo
     device = (profile.fixed_bytes + non_candidates + max(fw_peak, bw_peak) + profile.workspace_bytes
               + profile.held_bytes)
     return Prediction(peak, device, compute + stall, compute, stall, sorted(swapped),
-                      sum(sizes[s] for s in swapped))
+                      sum(moved[s] for s in swapped))
 
 
 __all__ = ["Settings", "Prediction", "predict"]

@@ -91,6 +91,22 @@ class HostPool:
             self.peak_in_use_bytes = max(self.peak_in_use_bytes, self.in_use_bytes)
             return buf
 
+    def reserve(self, sizes: List[int]) -> int:
+        """Allocate a free buffer for each of ``sizes`` now (before step 1, outside any pack hook: a
+        pinned allocation there is an implicit device sync); stops quietly at ``limit`` (the step then
+        allocates or raises as usual). Returns the bytes added to the pool."""
+        added = 0
+        with self._lock:
+            for nbytes in sorted(sizes, reverse=True):
+                cls = size_class(nbytes, self.power_of_two)
+                if self.limit is not None and self.total_bytes + cls > self.limit:
+                    continue
+                self._free[cls].append(torch.empty(cls, dtype=torch.uint8, pin_memory=self.pin_memory))
+                self.total_bytes += cls
+                self.allocations += 1
+                added += cls
+        return added
+
     def release(self, buf: torch.Tensor, done: Optional[Callable[[], bool]] = None,
                 wait: Optional[Callable[[], object]] = None) -> None:
         """Give ``buf`` back; if ``done`` says a copy still reads it, reuse waits until it finishes

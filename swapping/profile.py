@@ -34,6 +34,12 @@ class SavedTensor:
     use_s: float         # compute seconds from backward start to its first use (-1: never used)
     use_rank: int        # position in the first-use order (-1: never used)
     packers: Tuple[str, ...] = ()   # every module that saved it (autograd saves one tensor for several ops)
+    span_bytes: int = 0  # bytes a swap copies: the storage span of a view (0: nbytes, a dense tensor)
+
+    @property
+    def copy_bytes(self) -> int:
+        """What one swap-out (or swap-in) of this tensor moves over the link."""
+        return max(self.nbytes, self.span_bytes)
 
 
 @dataclass
@@ -153,7 +159,7 @@ def _saved_tensors(fake: _Recorder, facts: _ModuleFacts, pack_t: Sequence[float]
                    use_t: Dict[int, float]) -> List[SavedTensor]:
     rank = {idx: r for r, idx in enumerate(fake.order)}
     return [SavedTensor(n, facts.rename(m), p, use_t.get(i, -1.0), rank.get(i, -1),
-                        tuple(facts.rename(x) for x in fake.packers[i]))
+                        tuple(facts.rename(x) for x in fake.packers[i]), fake.spans[i])
             for i, (n, m, p) in enumerate(zip(fake.sizes, fake.modules, pack_t))]
 
 

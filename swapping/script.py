@@ -22,7 +22,7 @@ ENV = {
     "LMSDP_SWAP_THRESHOLD": "threshold", "LMSDP_SWAP_PREFETCH": "prefetch",
     "LMSDP_SWAP_KEEP_LAST": "keep_last", "LMSDP_SWAP_BUDGET": "budget",
     "LMSDP_SWAP_HOST_LIMIT": "host_limit", "LMSDP_SWAP_RECOMPUTE": "recompute",
-    "LMSDP_SWAP_TRANSPORT": "transport", "LMSDP_SWAP_TRACE": "trace",
+    "LMSDP_SWAP_TRANSPORT": "transport", "LMSDP_SWAP_TRACE": "trace", "LMSDP_SWAP_LINK_GBPS": "link_gbps",
 }
 
 
@@ -76,6 +76,8 @@ def config_from_env(environ: Optional[Dict[str, str]] = None) -> SwapConfig:
             values[name] = parse_size(raw)
         elif name in ("prefetch", "keep_last"):
             values[name] = int(raw)
+        elif name == "link_gbps":
+            values[name] = float(raw)
         elif name == "recompute":
             parts = [p.strip() for p in raw.split(",") if p.strip()]
             values[name] = None if parts in ([], ["none"]) else ("auto" if parts == ["auto"] else parts)

@@ -15,6 +15,7 @@ from torch import nn
 from lmsdp.runtime.errors import UserError
 
 from .candidates import is_swappable
+from .handles import storage_span
 
 RecomputeSpec = Union[None, str, List[str]]
 RECOMPUTE_VARIANTS: Tuple[RecomputeSpec, ...] = (None, "auto", ["activation", "norm", "pool", "dropout"])
@@ -69,6 +70,7 @@ class _Recorder:
         self.keys: Dict[tuple, int] = {}
         self.keep: List[torch.Tensor] = []
         self.sizes: List[int] = []
+        self.spans: List[int] = []        # bytes the engine copies: the storage span a view covers
         self.modules: List[str] = []
         self.pack_t: List[float] = []
         self.use_t: Dict[int, float] = {}
@@ -99,6 +101,7 @@ class _Recorder:
             self.keys[key] = idx
             self.keep.append(t)  # alive until the profile ends: no storage reuse, as the engine's weakref check
             self.sizes.append(t.nbytes)
+            self.spans.append(storage_span(t) * t.element_size())
             self.modules.append(self.stack[-1] if self.stack else "")
             self.pack_t.append(self.clock() - self.t_forward)
         return (idx, t)

@@ -41,6 +41,7 @@ BAD_FLAGS = [
     (["--threads", "-1"], ["--threads", "0 or more"]),
     (["--no-such-flag"], ["unrecognized arguments", "--no-such-flag", "--help"]),
     (["--swap-transport", "pigeon"], ["--swap-transport", "pigeon"]),
+    (["--swap-link-gbps", "0"], ["--swap-link-gbps", "positive number", "'0'"]),
     (["--mpi-args"], ["--mpi-args", "expected one argument"]),
     (["-H", "a:b"], ["-H", "host:slots"]),
     (["-H", "node1:0"], ["-H", "host:slots"]),

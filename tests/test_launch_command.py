@@ -90,10 +90,10 @@ def test_dry_run_oversubscribes_only_beyond_local_cores():
 @pytest.mark.integration
 def test_dry_run_script_mode_without_config():
     out = dry_run("-np", "2", "--swap-threshold", "256KiB", "--swap-prefetch", "3", "--swap-recompute", "relu,pool",
-                  "--", "python", "train.py", "--lr", "0.1")
+                  "--swap-link-gbps", "2", "--", "python", "train.py", "--lr", "0.1")
     assert out == (f"/usr/bin/mpirun {ROOT}-np 2 --map-by slot --bind-to none --tag-output -x PATH "
                    f"-x PYTHONPATH={SITE}:{SCRIPTS} -x PYTHONUNBUFFERED=1 -x LMSDP_EXPECTED_NP=2 -x LMSDP_LAUNCHED=1 "
-                   "-x LMSDP_SWAP=1 -x LMSDP_SWAP_PREFETCH=3 -x LMSDP_SWAP_RECOMPUTE=relu,pool "
+                   "-x LMSDP_SWAP=1 -x LMSDP_SWAP_LINK_GBPS=2.0 -x LMSDP_SWAP_PREFETCH=3 -x LMSDP_SWAP_RECOMPUTE=relu,pool "
                    f"-x LMSDP_SWAP_THRESHOLD=256KiB -x OMP_NUM_THREADS={max(1, (os.cpu_count() or 1) // 2)} "
                    f"{PY} train.py --lr 0.1\n# script mode: no config\n")
 

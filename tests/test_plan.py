@@ -103,8 +103,10 @@ def test_planner_never_picks_a_plan_over_the_target(tmp_path, name):
         # (parameters, optimizer state, gradients, workspace) is the same term of the model
         measured_device = pred.peak_device_bytes - pred.peak_saved_bytes + got["peak_saved_bytes"]
         assert measured_device <= target and got["swapped"] == pred.swapped
-    settings, pred = plan_swaps(profile, low - 1, LINK, threshold)
-    assert pred.peak_device_bytes > low - 1  # nothing fits: the smallest peak is reported, not a fit
+    # nothing fits one byte: the smallest peak the search found is reported (swapping everything is not
+    # always the smallest: swap-outs still in flight count, so a lighter plan can peak lower), not a fit
+    settings, pred = plan_swaps(profile, 1, LINK, threshold)
+    assert 1 < pred.peak_device_bytes <= low
 
 
 RESNET = {"name": "resnet18", "kwargs": {"width": 8, "num_classes": 10, "stem": "cifar"}}

@@ -299,9 +299,9 @@ def test_config_from_env() -> None:
     cfg = config_from_env({"LMSDP_SWAP": "1", "LMSDP_SWAP_THRESHOLD": "64KiB", "LMSDP_SWAP_PREFETCH": "3",
                            "LMSDP_SWAP_KEEP_LAST": "0", "LMSDP_SWAP_BUDGET": "1MiB",
                            "LMSDP_SWAP_HOST_LIMIT": "2GiB", "LMSDP_SWAP_RECOMPUTE": "relu,pool",
-                           "LMSDP_SWAP_TRANSPORT": "loopback"})
+                           "LMSDP_SWAP_TRANSPORT": "loopback", "LMSDP_SWAP_LINK_GBPS": "2.5"})
     assert cfg == SwapConfig(enabled=True, threshold=65536, prefetch=3, keep_last=0, budget=1 << 20,
-                             host_limit=2 << 30, recompute=["relu", "pool"], transport="loopback")
+                             host_limit=2 << 30, recompute=["relu", "pool"], transport="loopback", link_gbps=2.5)
     assert config_from_env({}).enabled is False
     assert config_from_env({"LMSDP_SWAP": "1", "LMSDP_SWAP_RECOMPUTE": "auto"}).recompute == "auto"
 

@@ -273,6 +273,34 @@ def test_pinned_pool_is_constant_from_step_2_and_matches_the_host_allocator() ->
         assert stats()["allocated_bytes.current"] <= before.get("allocated_bytes.current", 0)
 
 
+def test_job_pool_is_pinned_before_step_1_and_step_1_allocates_nothing() -> None:
+    """Item 4: a config-mode job reserves its pinned buffers from a fake record of its step, so step 1's
+    pack hooks allocate no pinned memory (each would be an implicit device sync)."""
+    from lmsdp.launcher.config import load_config
+    from lmsdp.launcher.train.job_plan import presize_host_pool, workload_from_config
+
+    config = load_config(None, ["model.name=gpt", "model.kwargs={vocab: 256, seq_len: 256, layers: 4, width: 256, heads: 4}",
+                                "train.batch_size=8", "swap.enabled=true", "swap.threshold=64KiB",
+                                "swap.transport=cuda", "comm.backend=torch"])
+    engine = SwapEngine(config.swap, "cuda")
+    try:
+        assert presize_host_pool(config, engine) > 0
+        before = (engine.pool.allocations, engine.pool.total_bytes)
+        w = workload_from_config(config)
+        torch.manual_seed(0)
+        model = w.build_model().cuda()
+        for _ in range(2):
+            inputs, targets = w.make_batch(8)
+            with engine:
+                loss = w.loss(model(inputs.cuda()), targets.cuda())
+            loss.backward()
+            engine.step_end()
+            assert engine.last_stats["swap_out_bytes"] > 0
+        assert (engine.pool.allocations, engine.pool.total_bytes) == before
+    finally:
+        engine.close()
+
+
 def test_cuda_graph_capture_passes_through_with_equal_gradients() -> None:
     """Item 6: the pack hook stands aside inside a capture; replayed gradients equal eager ones."""
     torch.manual_seed(0)

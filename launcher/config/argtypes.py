@@ -36,6 +36,17 @@ def positive_int(text: str) -> int:
     return _int_at_least(text, 1, "a positive integer")
 
 
+def positive_float(text: str) -> float:
+    """``text`` as a number > 0 (argparse type: e.g. --swap-link-gbps)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def rank_list(text: str) -> List[int]:
     """'1,2,4,8' -> [1, 2, 4, 8] (argparse type for --ranks)."""
     try:

@@ -8,7 +8,7 @@ from typing import Any
 
 from lmsdp.swapping.registry import TRANSPORTS
 
-from lmsdp.launcher.config.argtypes import OneLineParser, nonneg_int, positive_int
+from lmsdp.launcher.config.argtypes import OneLineParser, nonneg_int, positive_float, positive_int
 
 
 def build_parser(epilog: str = "") -> argparse.ArgumentParser:
@@ -46,6 +46,8 @@ def build_parser(epilog: str = "") -> argparse.ArgumentParser:
     swap.add_argument("--swap-host-limit", metavar="SIZE", help="cap on pinned host memory")
     swap.add_argument("--swap-recompute", metavar="KINDS", help="'auto' or a comma list, e.g. relu,batchnorm")
     swap.add_argument("--swap-transport", choices=TRANSPORTS.choices(), help="swap transport")
+    swap.add_argument("--swap-link-gbps", type=positive_float, metavar="GBPS",
+                      help="loopback transport only: pace its copies to GBPS GB/s (a simulated link)")
     return parser
 
 

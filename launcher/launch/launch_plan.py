@@ -24,6 +24,7 @@ SWAP_FLAGS = {  # flag dest -> (swap config key, environment variable, how to wr
     "swap_host_limit": ("host_limit", "LMSDP_SWAP_HOST_LIMIT", "str"),
     "swap_recompute": ("recompute", "LMSDP_SWAP_RECOMPUTE", "list"),
     "swap_transport": ("transport", "LMSDP_SWAP_TRANSPORT", "str"),
+    "swap_link_gbps": ("link_gbps", "LMSDP_SWAP_LINK_GBPS", "number"),
 }
 
 
@@ -67,7 +68,7 @@ def config_overrides(args: argparse.Namespace) -> List[str]:
             parts = [p.strip() for p in str(value).split(",") if p.strip()]
             text = json.dumps("auto" if parts == ["auto"] else parts)
         else:
-            text = str(value) if kind == "int" else json.dumps(str(value))
+            text = str(value) if kind in ("int", "number") else json.dumps(str(value))
         items.append(f"swap.{key}={text}")
     if swap_given:
         items.append("swap.enabled=true")

@@ -229,3 +229,26 @@ def plan_log_line(plan: JobPlan, step: int, record: Dict[str, Any]) -> str:
         line += (f"; {plan.policy.mismatches} saved tensors so far did not match the plan and stayed on the device "
                  "(plan again for this model and batch)")
     return line
+
+
+def presize_host_pool(config: Any, engine: Any) -> int:
+    """Reserve the pinned host buffers the engine will swap into, before step 1 (a pinned allocation in
+    the pack hook is an implicit device sync), from a fake-tensor record of the job's step. Only where
+    the pool pins memory (CUDA): pageable buffers cost no sync. A step the fake run cannot size keeps
+    the old way (buffers allocated during step 1), said once. Returns the bytes reserved."""
+    if not engine.enabled or not engine.pool.pin_memory:
+        return 0
+    from lmsdp.swapping.presize import presize_host_pool as reserve, settings_of
+    from lmsdp.swapping.profile import sizes_profile
+
+    import torch
+
+    try:  # the fake run seeds torch's generators: the job's RNG streams must not notice
+        with torch.random.fork_rng(devices=[engine.device] if engine.device.type == "cuda" else []):
+            profile = sizes_profile(workload_from_config(config), config.train.batch_size,
+                                    engine.config.recompute or None, 0)
+    except Exception as exc:  # noqa: BLE001 - an optimisation: the engine works without it
+        warnings.warn(f"lmsdp: host pool not sized before step 1 ({type(exc).__name__}: {str(exc)[:120]}); "
+                      "step 1 allocates its pinned buffers as it swaps", RuntimeWarning, stacklevel=2)
+        return 0
+    return reserve(engine.pool, profile, settings_of(engine.policy))

@@ -27,7 +27,7 @@ from .build import amp_dtype, build_network, build_optimizer
 from .checkpoint import CheckpointManager
 from .checkpoint_lock import CheckpointLock
 from .job_layout import layout_for_job
-from .job_plan import JobPlan, plan_for_job
+from .job_plan import JobPlan, plan_for_job, presize_host_pool
 from .state import Checkpoints, checkpoints_for
 from .run_folders import check_run_folders
 
@@ -74,7 +74,9 @@ def build_parts(config: Config, topology: Topology, whole: CheckpointManager, lo
     backend = get_backend(config.comm, device, topology)
     warning_lines.install(backend.rank, one_line_others=True)  # one line each; lmsdp's from rank 0 only
     config = layout_for_job(config, backend, device, topology.local_size)  # comm.mesh: auto -> rank 0's pick
-    checkpoint_folder = check_run_folders(config, backend, sharded=config.comm.strategy == "shard")
+    strategy = get_strategy(config.comm, backend)  # replicate or shard (FSDP2) along dp; tp over a mesh
+    checkpoint_folder = check_run_folders(config, backend, sharded=strategy.sharded)
+    model = strategy.parallelize(model)  # comm.mesh tp > 1: the layers split over the tp ranks
     swap_config = config.swap
     if swap_config.trace:  # one file per rank unless the path says where {rank} goes
         swap_config = dataclasses.replace(swap_config, trace=rank_path(swap_config.trace, backend.rank, backend.size))
@@ -84,10 +86,10 @@ def build_parts(config: Config, topology: Topology, whole: CheckpointManager, lo
     trace_window = TraceWindow(config.train.trace_schedule)  # one window for every trace of this rank
     backend.trace_window(trace_window)
     engine = SwapEngine(swap_config, device, policy=job_plan.policy if job_plan else None, trace_window=trace_window)
+    presize_host_pool(config, engine)  # CUDA: pinned buffers before step 1, not inside its pack hooks
     model = engine.wrap_model(model)
     per_module = module_threads.attach(model, config.launch, base_threads,
                                        reduce=lambda t: backend.allreduce(t, op="sum"))
-    strategy = get_strategy(config.comm, backend)  # replicate, or shard (FSDP2): who reduces gradients
     model = strategy.prepare_model(model)
     optimizer = strategy.wrap_optimizer(build_optimizer(config, model), model)
     autocast = amp_dtype(config)

@@ -12,6 +12,7 @@ def check_strategy(config: Any, world_size: int) -> None:
     """shard needs two or more ranks (one only with GPU offload) and ``comm.shard_modules`` must
     name classes of the model (built on the meta device: no memory, no time)."""
     comm = config.comm
+    check_mesh(config, world_size)
     if comm.strategy != "shard":
         return
     if comm.compression != "none":
@@ -23,6 +24,9 @@ def check_strategy(config: Any, world_size: int) -> None:
     import torch
 
     offload_on_gpu = comm.offload == "optimizer_and_params" and torch.cuda.is_available()
+    from lmsdp.comm.mesh import parse_mesh
+
+    world_size = parse_mesh(comm.mesh, world_size).dp  # shard applies along the mesh's dp
     if world_size < 2 and not offload_on_gpu:
         raise ConfigError("comm.strategy: shard needs 2 or more ranks (this job has 1: nothing to shard "
                           "across); use replicate, run with -np 2 or more, or add "
@@ -42,3 +46,32 @@ def check_strategy(config: Any, world_size: int) -> None:
             named_blocks(model, comm.shard_modules)
         except UserError as exc:
             raise ConfigError(str(exc)) from None
+
+
+def check_mesh(config: Any, world_size: int) -> None:
+    """``comm.mesh``: D x T = world size, and with tp > 1 a tensor-parallel plan for the model
+    (built on the meta device) that divides by T."""
+    from lmsdp.comm.mesh import parse_mesh
+    from lmsdp.runtime.errors import UserError
+
+    try:
+        shape = parse_mesh(config.comm.mesh, world_size)
+    except UserError as exc:
+        raise ConfigError(str(exc)) from None
+    if shape.tp < 2:
+        return
+    import torch
+
+    from lmsdp.comm.tensor_parallel import plan_tensor_parallel
+
+    from .build import build_network
+
+    try:
+        with torch.device("meta"):
+            model = build_network(config)
+    except Exception:  # noqa: BLE001 - a factory that cannot build on meta: the ranks check instead
+        return
+    try:
+        plan_tensor_parallel(model, config.comm.tp_plan, config.comm.sequence_parallel, shape.tp)
+    except UserError as exc:
+        raise ConfigError(str(exc)) from None

@@ -94,6 +94,8 @@ class Trainer:
         self.config, self.parts, self.loader_workers = config, parts, loader_workers
         self.total = 0  # optimizer steps of the whole run, known once the data is (run)
         self.rank, self.size = parts.backend.rank, parts.backend.size
+        # what batches this rank reads: its data-parallel group's (the tp ranks of a mesh share them)
+        self.dp_rank, self.dp_size = parts.strategy.dp_rank, parts.strategy.dp_size
         self.is_main = self.rank == 0
         self.step_loss = StepLoss.from_config(config)  # reads the output of any library's model
         self.memory = MemoryMeter(parts.device)
@@ -152,7 +154,7 @@ class Trainer:
             comm_stats["loss_scale"] = parts.scaler.get_scale()
         elapsed = time.perf_counter() - started
         record = {"step": step, "loss": loss_sum / self.size, "step_time_s": elapsed,
-                  "samples_per_s": train.batch_size * train.accumulate * self.size / elapsed,
+                  "samples_per_s": train.batch_size * train.accumulate * self.dp_size / elapsed,
                   "lr": parts.optimizer.param_groups[0]["lr"], **swap_stats, **comm_stats, **self.memory.sample()}
         return record, stop_votes > 0
 
@@ -197,9 +199,9 @@ class Trainer:
         config, train = self.config, self.config.train
         start_step, resumed_from = self.resume()
         pin = config.data.pin_memory if isinstance(config.data.pin_memory, bool) else self.parts.device.type == "cuda"
-        batches, steps_per_epoch = make_batches(config, self.rank, self.size, self.loader_workers, pin)
+        batches, steps_per_epoch = make_batches(config, self.dp_rank, self.dp_size, self.loader_workers, pin)
         steps = self.total = total_steps(config, steps_per_epoch)
-        validation = make_batches(config, self.rank, self.size, split="val")[0] \
+        validation = make_batches(config, self.dp_rank, self.dp_size, split="val")[0] \
             if config.eval.every and has_validation(config) else None
         if self.is_main and resumed_from:
             print(f"[lmsdp] resumed from {resumed_from} at step {start_step}/{steps}", file=sys.stderr, flush=True)
