@@ -1,11 +1,13 @@
 """``lmsrun plan CONFIG``: will the job fit, how fast, with which swap / recompute settings.
 
     lmsrun plan CONFIG [--memory SIZE] [--batch N|max] [--link-gbps X] [--write FILE] [--set k=v ..]
+                       [-np N] [--net-gbps X] [--net-latency-us X]
 
 Builds the job's model, data, loss and optimizer exactly as a rank does (the worker's own builders),
 profiles one step (``lmsdp.swapping.profile``), and prints a per-module table (saved bytes, decision,
 why), one row per strategy (no swap, recompute only, swap only, planned: predicted peak and step time)
-and the largest batch each approach fits. ``--write`` stores the chosen settings and the per-tensor plan
+and the largest batch each approach fits; with ``-np N`` >= 2 the table of ``{dp, tp}`` layouts and the
+pick (``plan_layout.py``). ``--write`` stores the chosen settings and the per-tensor plan
 as YAML; ``swap.plan: FILE`` runs a job with it. The job-start side of ``swap.plan`` is ``train/job_plan.py``.
 """
 from __future__ import annotations

@@ -63,12 +63,12 @@ def render_layouts(choice: Any, write: Callable[[str], None], configured: Option
         mark = " *" if configured is not None and (layout.dp, layout.tp) == configured else ""
         return layout.name + mark
 
-    write(f"\n{'layout':<28}  {'peak':>10}  {'step':>9}  {'samples/s':>10}  {'fits':<4}  {'activations':<22}  why\n")
+    write(f"\n{'layout':<28}  {'peak':>10}  {'step':>9}  {'samples/s':>10}  {'fits':<4}  {'activations':<26}  why\n")
     for e in choice.estimates:
         write(f"{name(e.layout):<28}  {format_size(e.peak_bytes):>10}  {e.step_s * 1e3:>7.1f}ms  "
-              f"{e.samples_per_s:>10.1f}  {'yes' if e.fits else 'no':<4}  {activations(e):<22}  {e.why}\n")
+              f"{e.samples_per_s:>10.1f}  {'yes' if e.fits else 'no':<4}  {activations(e):<26}  {e.why}\n")
     for layout, why in choice.refused:
-        write(f"{name(layout):<28}  {'-':>10}  {'-':>9}  {'-':>10}  {'-':<4}  {'-':<22}  not a layout: {why}\n")
+        write(f"{name(layout):<28}  {'-':>10}  {'-':>9}  {'-':>10}  {'-':<4}  {'-':<26}  not a layout: {why}\n")
     r = choice.rates
     ops = ", ".join(f"{op} {bw / 1e9:.2f} GB/s" for op, _lat, bw in r.ops[1:])
     write(f"(per rank; collectives at {r.bandwidth_bps / 1e9:.2f} GB/s and {r.latency_s * 1e6:.0f} us per hop"
