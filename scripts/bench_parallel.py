@@ -82,11 +82,13 @@ def predicted(np: int, batch: int, memory: str, net_gbps: float) -> Any:
     target = parse_size(memory)
     link = 5e9  # the loopback transport's copies: nothing is swapped under an unbounded budget
     result = plan_config(config, target, batch, link, device)
+    share = None
     if net_gbps:
         rates = CommRates(20e-6, net_gbps * 1e9, "--net-gbps")
     else:
-        rates = CommRates.measured(measure_local(np), f"measured among {np} local processes")
-    return choose_layout(config, result.profiles, target, link, np, rates, device)
+        ops, share = measure_local(np, rank_threads(config, np))
+        rates = CommRates.measured(ops, f"measured among {np} local processes, compute x{share:.2f} when all run")
+    return choose_layout(config, result.profiles, target, link, np, rates, device, compute=share)
 
 
 def main() -> int:

@@ -5,7 +5,7 @@ same choice runs at job start under ``comm.mesh: auto`` (``train/job_layout.py``
 from __future__ import annotations
 
 import argparse
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from lmsdp.swapping.units import format_size
 
@@ -29,8 +29,9 @@ def world_of(args: argparse.Namespace, config: Any) -> int:
     return world
 
 
-def rates_of(args: argparse.Namespace, world: int) -> Any:
-    """Collective rates: configured by the flags, else measured among ``world`` local processes."""
+def rates_of(args: argparse.Namespace, world: int, threads: int = 1) -> Tuple[Any, Optional[float]]:
+    """Collective rates (configured by the flags, else measured among ``world`` local processes with
+    ``threads`` each) and, when measured, how much slower those processes compute than one alone."""
     from lmsdp.swapping.layout import CommRates
 
     if args.net_gbps is not None:
@@ -39,12 +40,14 @@ def rates_of(args: argparse.Namespace, world: int) -> Any:
         latency = 20.0 if args.net_latency_us is None else args.net_latency_us
         if latency < 0:
             raise UserError(f"--net-latency-us: expected 0 or more, got {latency:g}")
-        return CommRates(latency * 1e-6, args.net_gbps * 1e9, "--net-gbps")
+        return CommRates(latency * 1e-6, args.net_gbps * 1e9, "--net-gbps"), None
     if args.net_latency_us is not None:
         raise UserError("--net-latency-us: give it with --net-gbps (without both, both are measured)")
     from lmsdp.comm.collective_rates import measure_local
 
-    return CommRates.measured(measure_local(world), f"measured: gloo collectives among {max(2, world)} local processes")
+    ops, share = measure_local(world, threads)
+    return CommRates.measured(ops, f"measured: gloo collectives among {max(2, world)} local processes, "
+                                   f"compute x{share:.2f} when all run"), share
 
 
 def render_layouts(choice: Any, write: Callable[[str], None], configured: Optional[Any] = None) -> None:
@@ -91,7 +94,11 @@ def does_not_fit(choice: Any, name: str, batch: int) -> str:
 def layout_choice(args: argparse.Namespace, config: Any, profiles: Dict[str, Any], target: int, link: float,
                   world: int, device: Any) -> Any:
     """Every layout of ``world`` ranks estimated, and the pick (``chosen`` None: none fits)."""
-    return choose_layout(config, profiles, target, link, world, rates_of(args, world), device)
+    from lmsdp.launcher.train.layout_facts import rank_threads
+
+    rates, share = rates_of(args, world, rank_threads(config, world))
+    return choose_layout(config, profiles, target, link, world, rates, device,
+                         compute=share if device.type == "cpu" else None)
 
 
 def print_layouts(choice: Any, config: Any, write: Callable[[str], None]) -> None:

@@ -47,10 +47,12 @@ def check_configured(config: Any, world: int) -> None:
 
 
 def choose_layout(config: Any, profiles: Dict[str, Any], target: int, link: float, world: int, rates: Any,
-                  device: Any, backend: str = "", ranks_here: Optional[int] = None) -> Any:
+                  device: Any, backend: str = "", ranks_here: Optional[int] = None,
+                  compute: Optional[float] = None) -> Any:
     """Every layout of ``world`` ranks estimated on ``profiles`` (the job's step profiled on one rank at
     its batch) and the fastest that fits ``target``; a configured mesh whose tp the model cannot split
-    is the TP plan's one line."""
+    is the TP plan's one line. ``compute``: the measured slowdown of a rank's compute when every rank
+    runs (else from cores, ranks and threads on a CPU)."""
     from lmsdp.swapping.layout import choose
 
     base = profiles["none"]
@@ -59,7 +61,7 @@ def choose_layout(config: Any, profiles: Dict[str, Any], target: int, link: floa
     if configured is not None and configured[1] in facts.refused:
         raise UserError(facts.refused[configured[1]])
     threshold = parse_size(config.swap.threshold) or 0
-    scale = compute_scale(config, ranks_here or world, device)
+    scale = compute if compute is not None else compute_scale(config, ranks_here or world, device)
     return choose(profiles, world, facts, target, link, threshold, rates, backend or config.comm.backend, scale)
 
 
@@ -72,7 +74,7 @@ def layout_for_job(config: Any, backend: Any, device: Any, ranks_here: int) -> A
         return config
     import torch
 
-    from lmsdp.comm.collective_rates import fit_all, time_allreduce, time_collectives
+    from lmsdp.comm.collective_rates import compute_share, fit_all, time_allreduce, time_collectives, work_s
     from lmsdp.swapping.layout import CommRates
 
     times: Dict[str, Dict[int, float]] = {}
@@ -81,6 +83,8 @@ def layout_for_job(config: Any, backend: Any, device: Any, ranks_here: int) -> A
             times = time_collectives()
         else:
             times = {"allreduce": time_allreduce(lambda t: backend.allreduce(t, op="sum"))}
+    share: Optional[float] = (compute_share(backend.barrier, lambda: work_s() if backend.rank == 0 else 0.0)
+             if backend.size > 1 and device.type == "cpu" else None)
     pick: Optional[Tuple[int, int, str, str]] = None
     error = ""
     if backend.rank == 0:
@@ -90,10 +94,11 @@ def layout_for_job(config: Any, backend: Any, device: Any, ranks_here: int) -> A
                           if config.swap.memory_target or device.type == "cuda" else NO_TARGET)
                 link = link_bps(device, None)
                 result = plan_config(config, target, config.train.batch_size, link, device)
-                rates = (CommRates.measured(fit_all(backend.size, times), f"measured over the job's {backend.size} ranks")
+                rates = (CommRates.measured(fit_all(backend.size, times), f"measured over the job's {backend.size} ranks"
+                                            + (f", compute x{share:.2f} when all run" if share else ""))
                          if times else CommRates(0.0, 1e12, "one rank: no collectives"))
                 choice = choose_layout(config, result.profiles, target, link, backend.size, rates, device,
-                                       backend.name, ranks_here)
+                                       backend.name, ranks_here, share)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             if choice.chosen is None:
