@@ -6,7 +6,7 @@ Per rank (``layout_profile``): parameters, gradients and optimizer state divided
 TP-split layers and by D for sharded state (plus the gathered weights of two blocks under shard);
 saved activations under the swap plan the swap planner makes for that rank's step (TP divides the
 split layers' activations). Step time = the swap plan's step (compute, with the split part divided by
-T, plus exposed swap traffic) + TP's activation all-reduces (from the TP plan's bytes) + the DP
+T, plus exposed swap traffic) + TP's activation collectives (from the TP plan's bytes) + the DP
 reduction of the rank's gradients (all-reduce under replicate; all-gathers and a reduce-scatter under
 shard), collectives costed by a ring model over a measured or configured link (``CommRates``).
 Fastest = most samples per second (each DP replica runs the configured batch). Pure arithmetic."""
@@ -72,7 +72,7 @@ class ModelFacts:
     shard_units: int
     largest_unit_bytes: int
     splits: Dict[int, TPSplit]          # tp degree -> its split (absent: not a valid degree)
-    refused: Dict[int, str] = field(default_factory=dict)   # tp degree -> why not (one clause)
+    refused: Dict[int, str] = field(default_factory=dict)   # tp degree -> why not (the TP plan's one line)
 
 
 @dataclass
@@ -147,7 +147,8 @@ def estimate(profiles: Dict[str, StepProfile], layout: Layout, facts: ModelFacts
 def refusal(layout: Layout, facts: ModelFacts, backend: str) -> str:
     """Why a layout cannot run at all (empty: it can)."""
     if layout.tp > 1 and layout.tp not in facts.splits:
-        return facts.refused.get(layout.tp, f"tp {layout.tp} does not divide the model's split dimensions")
+        why = facts.refused.get(layout.tp, f"tp {layout.tp} does not divide the model's split dimensions")
+        return why.split("comm.mesh.tp: ", 1)[-1]
     if layout.tp > 1 and backend == "horovod":
         return "horovod has no tensor parallel (comm.backend: torch)"
     if layout.strategy == "shard" and backend == "horovod":

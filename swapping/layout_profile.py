@@ -94,15 +94,4 @@ def layout_profile(profile: StepProfile, split: TPSplit, state: RankState,
                                optimizer_bytes=state.optimizer_bytes)
 
 
-def split_share(profile: StepProfile, split: TPSplit) -> float:
-    """Fraction of the step's compute in the split regions (what tensor parallelism divides)."""
-    one = dataclasses.replace(split, tp=1)
-    whole = layout_profile(profile, one, RankState(0, 0, 0))
-    if split.tp <= 1:
-        return 0.0
-    halved = layout_profile(profile, dataclasses.replace(split, tp=2), RankState(0, 0, 0))
-    total = whole.forward_s + whole.backward_s
-    return 0.0 if total <= 0 else 2 * (total - halved.forward_s - halved.backward_s) / total
-
-
-__all__ = ["TPSplit", "RankState", "layout_profile", "split_share"]
+__all__ = ["TPSplit", "RankState", "layout_profile"]

@@ -99,6 +99,17 @@ def test_the_pick_is_the_fastest_layout_that_fits(gpt):
     assert all(e.why.startswith("does not fit: lowest peak") for e in tight.estimates if not e.fits)
 
 
+def test_a_tp_the_model_cannot_split_is_listed_with_why(gpt):
+    config, profile, _facts = gpt
+    facts = model_facts(config, workload_from_config(config), 4, 6)
+    assert set(facts.splits) == {1, 2} and set(facts.refused) == {3, 6}
+    choice = choose({"none": profile}, 6, facts, 1 << 40, 5e9, 0, RATES)
+    refused = {(lay.dp, lay.tp, lay.strategy): why for lay, why in choice.refused}
+    assert refused[(2, 3, "replicate")] == refused[(2, 3, "shard")]
+    assert refused[(2, 3, "replicate")].startswith("3 does not divide the gpt's 4 attention heads")
+    assert {(e.layout.dp, e.layout.tp) for e in choice.estimates} == {(6, 1), (3, 2)}
+
+
 def test_collective_rates_fit_recovers_the_ring_model():
     true = CommRates(30e-6, 2e9, ops=(("reduce_scatter", 50e-6, 0.5e9),))
     for op, lat, bw in (("allreduce", 30e-6, 2e9), ("allgather", 30e-6, 2e9), ("reduce_scatter", 50e-6, 0.5e9)):

@@ -114,7 +114,7 @@ def model_facts(config: Any, workload: Any, batch: int, world: int) -> Any:
                 plans[tp] = plan_tensor_parallel(model, config.comm.tp_plan or None,
                                                  bool(config.comm.sequence_parallel), tp)
             except UserError as exc:
-                refused[tp] = str(exc).partition(": ")[2] or str(exc)
+                refused[tp] = str(exc)  # the TP plan's own line (comm.mesh.tp: ...)
     names = sorted({c.module for p in plans.values() for c in p.collectives})
     rows = activation_rows(workload, batch, names) if names else {}
     splits = {1: TPSplit()}
