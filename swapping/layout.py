@@ -13,7 +13,7 @@ Fastest = most samples per second (each DP replica runs the configured batch). P
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from .layout_profile import RankState, TPSplit, layout_profile
 from .planner import PlanResult, plan
@@ -171,16 +171,13 @@ class LayoutChoice:
 
 
 def choose(profiles: Dict[str, StepProfile], world: int, facts: ModelFacts, target: int, link_bps: float,
-           threshold: int, rates: CommRates, backend: str = "torch", compute_scale: float = 1.0,
-           only: Optional[Callable[[Layout], bool]] = None) -> LayoutChoice:
+           threshold: int, rates: CommRates, backend: str = "torch", compute_scale: float = 1.0) -> LayoutChoice:
     """Estimate every layout of ``world`` ranks and pick the one with the most samples per second that
     fits ``target`` (ties: less tensor parallel, replicate before shard)."""
     estimates, refused = [], []
     for dp, tp in meshes(world):
         for strategy in STRATEGIES:
             layout = Layout(dp, tp, strategy)
-            if only is not None and not only(layout):
-                continue
             why = refusal(layout, facts, backend)
             if why:
                 refused.append((layout, why))
