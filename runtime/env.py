@@ -33,6 +33,8 @@ _ALL = [
     Variable("LMSDP_SWAP_HOST_LIMIT", "lmsrun", "script mode: swap.host_limit (--swap-host-limit)"),
     Variable("LMSDP_SWAP_RECOMPUTE", "lmsrun", "script mode: swap.recompute, 'auto' or a comma list (--swap-recompute)"),
     Variable("LMSDP_SWAP_TRANSPORT", "lmsrun", "script mode: swap.transport (--swap-transport)"),
+    Variable("LMSDP_SWAP_DISK_DIR", "lmsrun", "script mode: swap.disk_dir, a disk tier below host memory (--swap-disk-dir)"),
+    Variable("LMSDP_SWAP_DISK_LIMIT", "lmsrun", "script mode: swap.disk_limit (--swap-disk-limit)"),
     Variable("LMSDP_SWAP_LINK_GBPS", "lmsrun", "script mode: swap.link_gbps, the loopback transport's simulated link (--swap-link-gbps)"),
     Variable("LMSDP_SWAP_TRACE", "you", "script mode: swap.trace, chrome-trace path ({rank} is replaced) of steps "
              + f"{DEFAULT_STEPS[0]}-{DEFAULT_STEPS[1]} (the default window)"),

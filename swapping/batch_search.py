@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 from .batch_profiles import BatchProfiles
-from .plan_models import Settings, predict
+from .plan_models import DiskModel, Settings, predict
 from .planner import PlanResult, plan, plan_swaps
 from .profile import RECOMPUTE_VARIANTS, RecomputeSpec, variant_key
 
@@ -70,6 +70,7 @@ class BatchPlanner:
     variants: Sequence[RecomputeSpec]
     configured: Optional[Settings] = None
     configured_recompute: RecomputeSpec = None
+    disk: Optional[DiskModel] = None     # a disk tier's rates (``swap.disk_dir``) for the time model
     _plans: Dict[Tuple[int, bool], PlanResult] = field(default_factory=dict)
 
     def plan(self, batch: int, per_module: bool = True) -> PlanResult:
@@ -80,7 +81,8 @@ class BatchPlanner:
             profiles = self.source.variants(batch, self.variants)
             spec = (lambda s: self.source.aligned(profiles["none"], s)) if per_module else None
             self._plans[(batch, per_module)] = plan(profiles, self.target, self.link_bps, self.threshold,
-                                                    self.configured, self.configured_recompute, profile_spec=spec)
+                                                    self.configured, self.configured_recompute, profile_spec=spec,
+                                                    disk=self.disk)
         return self._plans[(batch, per_module)]
 
     def fits(self, batch: int, approach: str = "planned") -> bool:
@@ -93,7 +95,8 @@ class BatchPlanner:
             return any(APPROACHES[approach](r.name) and r.fits for r in made.strategies)
         profiles = self.source.variants(batch, self.variants)
         if approach == "swap only":
-            return plan_swaps(profiles["none"], self.target, self.link_bps, self.threshold)[1].peak_device_bytes <= self.target
+            return plan_swaps(profiles["none"], self.target, self.link_bps, self.threshold,
+                              self.disk)[1].peak_device_bytes <= self.target
         keys = ["none"] if approach == "no swap" else [variant_key(r) for r in RECOMPUTE_VARIANTS[1:]]
         off = Settings(self.threshold, 0, enabled=False)
         return any(predict(profiles[k], off, self.link_bps).peak_device_bytes <= self.target for k in keys)

@@ -34,7 +34,16 @@ class SwapConfig:
         "help": "loopback transport only: pace its copies to this many GB/s per direction, a simulation of a "
                 "slow link on CPU (transfer-bound behaviour in tests and benchmarks); default: unlimited"})
     host_limit: Optional[int] = field(default=None, metadata={
-        "unit": "bytes", "help": "cap on pinned host memory for swapped tensors; exceeding it is a HostMemoryLimitError"})
+        "unit": "bytes", "help": "cap on pinned host memory for swapped tensors; exceeding it is a HostMemoryLimitError, "
+                                 "or with disk_dir the tensors past it spill to disk"})
+    disk_dir: Optional[str] = field(default=None, metadata={
+        "help": "a local folder for a disk tier below host memory: tensors that do not fit in host_limit spill there "
+                "(one sub-folder per rank, removed at exit and at the next start if a killed job left it); "
+                "default: no disk tier"})
+    disk_limit: Optional[int] = field(default=None, metadata={
+        "unit": "bytes", "help": "cap on spilled bytes in disk_dir per rank; default: the free space there"})
+    verify: bool = field(default=False, metadata={
+        "help": "check each spilled tensor read back from disk with a CRC32 of its bytes (its size is always checked)"})
     recompute: Union[str, List[str], None] = field(default=None, metadata={
         "help": "layers recomputed in backward instead of swapped: 'auto', or a list of kinds ("
                 + ", ".join(RECOMPUTE_KINDS) + ") and/or module names from named_modules() (dotted paths, e.g. blocks.0.mlp; "

@@ -13,10 +13,9 @@ Built on ``torch.autograd.graph.saved_tensors_hooks``:
   requested is copied at once (a stall). Each unpack starts swap-ins for the next ``prefetch`` swapped
   handles the policy names, within ``prefetch_window`` bytes: in the order learned on the first step
   (Capuchin), before that reverse pack order; the first ones already at the learned end of forward.
-* the same tensor saved several times (same storage, geometry and version) is one handle; a DTensor
-  (tensor parallelism) is swapped by its local shard (``LocalShard``); in-place modification after
-  saving raises autograd's usual error (hooks disable autograd's own check).
-* ``step_end`` never waits for the device: unfinished copies and stalls are counted next step.
+* one handle per tensor saved several times (same storage, geometry, version); a DTensor is swapped by
+  its local shard; in-place modification after saving raises autograd's error; ``step_end`` never
+  waits for the device; ``swap.disk_dir``: spills past host_limit (``storage.py``).
 """
 from __future__ import annotations
 
@@ -27,6 +26,7 @@ import weakref
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from lmsdp.runtime.trace_schedule import TraceSchedule, TraceWindow
 
@@ -37,7 +37,7 @@ from .handles import Handle, LocalShard, Packed, modified_error
 from .mover import Mover
 from .policy import SwapPolicy, threshold_policy
 from .stats import StepLedger, StepStats, Totals, describe, zero_stats
-from .trace import MEMORY_COUNTER, Tracer
+from .trace import Tracer
 from .transport import LoopbackTransport
 
 class SwapEngine:
@@ -99,7 +99,7 @@ class SwapEngine:
         self._step_id += 1
         self._step = StepStats()
         self._phase = "idle"                     # idle -> forward -> backward -> done
-        self._dedupe: Dict[tuple, Tuple[weakref.ref, Optional[weakref.ref]]] = {}
+        self._dedupe: Dict[tuple, Tuple[StorageWeakRef, weakref.ref]] = {}
         self._handles: List[weakref.ref] = []    # by seq
         self._order: List[int] = []              # first unpack of each handle, in order
         self._prefetch_log: List[int] = []
@@ -188,7 +188,7 @@ class SwapEngine:
 
     def handle_released(self, h: Handle) -> None:
         """Autograd dropped ``h`` (maybe on its device thread): its host buffer and held bytes go back."""
-        if h.host is not None:
+        if h.out_tr is not None:  # swapped out: its host buffer or spill file goes back
             self.mover.released(h, self._lock)
         if h.tensor is not None or h.in_tensor is not None:
             if self._recording:  # a timeline sample: ordered with the others under the lock
@@ -216,10 +216,11 @@ class SwapEngine:
             return (t, version)
         if not is_swappable(t):
             return (t, version)
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype, version)
+        storage = t.untyped_storage()
+        key = (storage.data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype, version)
         with self._lock:
             hit = self._dedupe.get(key)
-            if hit is not None and hit[0]() is not None:
+            if hit is not None and not hit[0].expired():  # same storage still alive: not a reused address
                 h = hit[1]()
                 if h is not None:
                     return h
@@ -232,7 +233,7 @@ class SwapEngine:
             h = Handle(self, len(self._handles), self._step_id, t, version, nbytes)
             self._live += 1
             self._handles.append(weakref.ref(h))
-            self._dedupe[key] = (weakref.ref(t), weakref.ref(h))
+            self._dedupe[key] = (StorageWeakRef(storage), weakref.ref(h))  # views are new objects per save
             self.policy.on_pack(h)
             on_device = self._resident + self.mover.inflight.out_bytes  # swap-outs count until copied
             if on_device > st.peak_resident_bytes:
@@ -251,7 +252,7 @@ class SwapEngine:
 
     def swap_out(self, h: Handle) -> None:
         """Start moving resident handle ``h`` to host memory (called by the policy, under the lock)."""
-        self.mover.swap_out(h)
+        self.mover.swap_out(h, self.policy)
         self._resident -= h.nbytes
         self._held_change(-h.nbytes)
         self._outstanding += 1
@@ -320,9 +321,9 @@ class SwapEngine:
         limit = self.policy.prefetch
         if limit <= 0 or self._outstanding <= 0:
             return
-        # the next ``limit`` swapped handles in the policy's order, those on their way back included: the
-        # window slides by one per use (``limit`` new copies per unpack once held 61 of 72 MiB at once)
-        window = 0
+        # the next ``limit`` swapped handles in the policy's order, those on their way back included (the window
+        # slides by one per use); with a disk tier (levels 2) the ``limit`` after them are read from disk ahead
+        window, reach = 0, limit * self.mover.levels
         for s in self.policy.prefetch_candidates(seq):
             if s >= len(self._handles):
                 continue
@@ -330,11 +331,13 @@ class SwapEngine:
             if other is None or other.out_tr is None or other.used:
                 continue  # gone, never swapped (resident), or already used this step
             window += 1
-            if other.in_tr is None and other.tensor is None:
-                if not self._swap_in(other):
-                    break  # the prefetch window (bytes) is full
+            fresh = window <= limit and other.in_tr is None and other.tensor is None
+            if fresh and self._swap_in(other):
                 self._prefetch_log.append(s)
-            if window >= limit or self._outstanding <= 0:
+            elif window > limit or fresh:  # the second level, or the prefetch window (bytes) is full
+                self.mover.read_ahead(other)
+                window = max(window, limit)
+            if window >= reach or self._outstanding <= 0:
                 break
 
     def _begin_backward(self) -> None:
@@ -359,10 +362,10 @@ class SwapEngine:
             st = self._step
             tracer = self.tracer if self.tracer is not None and self.tracer.recording else None
             self._ledger = self._ledger.close(st, tracer, tracer.step if tracer else self._step_id, block=False)
-            st.swap_out_waits, st.peak_swapin_bytes = self.mover.settle()
+            self.mover.settle(st)  # swap-out waits, peak swap-in bytes, per-tier figures
             self._binding.check_step(st.packed_tensors)
             if tracer is not None:
-                self._trace_memory()
+                tracer.memory(self._mem_log, self._device_log)
             self.last_memory_timeline = self._mem_log
             st.finish(self._resident, self.pool.total_bytes, self.recomputed_modules, self.device)
             self.policy.step_end(self._order, len(self._handles))
@@ -373,16 +376,6 @@ class SwapEngine:
             self.last_stats = st.as_dict()
             self._reset_step()
             return dict(self.last_stats)
-
-    def _trace_memory(self) -> None:
-        """This step's memory samples as counter events (step end)."""
-        tracer = self.tracer
-        assert tracer is not None
-        for t, held in self._mem_log:
-            tracer.counter(MEMORY_COUNTER, t, {"resident_bytes": held})
-        for t, allocated in self._device_log:
-            tracer.counter("device memory allocated", t, {"device_allocated_bytes": allocated})
-        tracer.flush()  # a killed run keeps its recorded steps
 
     def summary(self) -> Dict[str, float]:
         """Totals over all steps (for the end-of-run table)."""

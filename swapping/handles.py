@@ -43,7 +43,7 @@ class Handle:
 
     __slots__ = ("owner", "seq", "step_id", "dtype", "size", "stride", "span", "pad", "nbytes",
                  "span_bytes", "tensor", "orig", "version", "host", "host_view", "out_tr", "in_tr",
-                 "in_tensor", "in_users", "used", "prefetched", "__weakref__")
+                 "in_tensor", "in_users", "used", "prefetched", "spill", "__weakref__")
 
     def __init__(self, owner: HandleOwner, seq: int, step_id: int, t: torch.Tensor, version: int,
                  nbytes: int) -> None:
@@ -66,6 +66,7 @@ class Handle:
         self.in_users = 0        # references to the swapped-in storage when the engine alone held it
         self.used = False
         self.prefetched = False  # its swap-in was started ahead of need (not by its own unpack)
+        self.spill: Optional[Any] = None  # its file in the disk tier (``disk.Spill``), when it went there
 
     def __del__(self) -> None:
         try:

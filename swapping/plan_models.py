@@ -35,6 +35,17 @@ class Settings:
 
 
 @dataclass
+class DiskModel:
+    """A disk tier below host memory (``swap.disk_dir``): the first ``host_bytes`` swapped (in swap
+    order, as the engine fills the host pool) move at the link's rate, the rest at the slower of the
+    link and the disk (``write_bps`` out, ``read_bps`` back), as measured by ``rates.disk_bandwidth``."""
+
+    host_bytes: int
+    write_bps: float
+    read_bps: float
+
+
+@dataclass
 class Prediction:
     peak_saved_bytes: int        # the engine's accounting: candidate bytes resident during forward
     peak_device_bytes: int       # what the device must hold (params, optimizer state, saved, in flight, ...)
@@ -45,9 +56,11 @@ class Prediction:
     swap_bytes: int              # bytes copied each way per step (storage spans, as the engine copies)
 
 
-def predict(profile: StepProfile, settings: Settings, link_bps: float, timed: bool = True) -> Prediction:
+def predict(profile: StepProfile, settings: Settings, link_bps: float, timed: bool = True,
+            disk: Optional[DiskModel] = None) -> Prediction:
     """Peak memory and step time of ``settings`` on ``profile`` (steady state: order learned);
-    ``timed=False``: the peak only (the step is the compute alone, no stall replay: for scans)."""
+    ``timed=False``: the peak only (the step is the compute alone, no stall replay: for scans);
+    ``disk``: swapped bytes past its host share move at the disk's rates."""
     tensors = profile.tensors
     compute = profile.forward_s + profile.backward_s
     if not settings.enabled:
@@ -79,12 +92,20 @@ def predict(profile: StepProfile, settings: Settings, link_bps: float, timed: bo
     released: Dict[int, int] = {}
     for seq, at in swap_at.items():
         released[at] = released.get(at, 0) + sizes[seq]
-    # swap-outs: FIFO from the decision time
+    # swap-outs: FIFO from the decision time; with a disk tier, those past the host share go at its rates
+    out_bps: Dict[int, float] = {}
+    in_bps: Dict[int, float] = {}
+    on_host = 0
+    for seq in sorted(swap_at, key=lambda s: (swap_at[s], s)):
+        on_host += moved[seq]
+        spilled = disk is not None and on_host > disk.host_bytes
+        out_bps[seq] = min(link_bps, disk.write_bps) if spilled and disk else link_bps
+        in_bps[seq] = min(link_bps, disk.read_bps) if spilled and disk else link_bps
     out_end: Dict[int, float] = {}
     free = 0.0
     for seq in sorted(swap_at, key=lambda s: (swap_at[s], s)):
         start = max(free, tensors[cand[swap_at[seq]]].pack_s)
-        free = out_end[seq] = start + moved[seq] / link_bps
+        free = out_end[seq] = start + moved[seq] / out_bps[seq]
     # forward peak with swap-outs still in flight (the device copy is freed when its copy ends): swap-outs
     # finish in FIFO (decision) order, so those in flight at a pack are a suffix of those decided before it
     fifo = sorted(swap_at, key=lambda s: (swap_at[s], s))
@@ -112,7 +133,7 @@ def predict(profile: StepProfile, settings: Settings, link_bps: float, timed: bo
 
     def issue(s: int, now: float) -> None:
         start = max(now, in_free[0], out_end[s])
-        in_free[0] = issued[s] = start + moved[s] / link_bps
+        in_free[0] = issued[s] = start + moved[s] / in_bps[s]
 
     def prefetch_after(i: int, now: float) -> None:
         if settings.prefetch <= 0:
@@ -145,4 +166,4 @@ def predict(profile: StepProfile, settings: Settings, link_bps: float, timed: bo
                       sum(moved[s] for s in swapped))
 
 
-__all__ = ["Settings", "Prediction", "predict"]
+__all__ = ["Settings", "DiskModel", "Prediction", "predict"]

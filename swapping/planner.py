@@ -13,11 +13,12 @@ receives the same plan).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from .plan_models import Prediction, Settings, predict
+from .plan_models import DiskModel, Prediction, Settings, predict
 from .policy import PlanPolicy, SwapPolicy, ThresholdPolicy
 from .profile import RECOMPUTE_VARIANTS, RecomputeSpec, StepProfile, Workload, sizes_profile, variant_key
 from .units import format_size
@@ -107,7 +108,8 @@ def _grid(n: int) -> List[int]:
     return sorted({round(i * n / (SCAN_PREFIXES - 1)) for i in range(SCAN_PREFIXES)})
 
 
-def plan_swaps(profile: StepProfile, target: int, link_bps: float, threshold: int) -> Tuple[Settings, Prediction]:
+def plan_swaps(profile: StepProfile, target: int, link_bps: float, threshold: int,
+               disk: Optional[DiskModel] = None) -> Tuple[Settings, Prediction]:
     """Fastest per-tensor plan for ``profile`` under ``target`` device bytes, else the smallest peak found.
 
     Per ranking and prefetch depth: when swapping the whole ranking fits, the fewest swaps that fit
@@ -125,7 +127,7 @@ def plan_swaps(profile: StepProfile, target: int, link_bps: float, threshold: in
 
     def at(ranking: List[int], k: int, depth: int, timed: bool = True) -> Tuple[Settings, Prediction]:
         settings = Settings(threshold, depth, swap=sorted(ranking[:k]))
-        return settings, predict(profile, settings, link_bps, timed)
+        return settings, predict(profile, settings, link_bps, timed, disk)
 
     for ranking in rankings:
         for depth in PREFETCH_DEPTHS:
@@ -152,22 +154,23 @@ def plan_swaps(profile: StepProfile, target: int, link_bps: float, threshold: in
                 for depth in PREFETCH_DEPTHS:
                     best = min(best, at(ranking, k, depth), key=key)
     if best[1].peak_device_bytes > target:  # the smallest peak may come from the scan: time it
-        best = best[0], predict(profile, best[0], link_bps)
+        best = best[0], predict(profile, best[0], link_bps, disk=disk)
     return best
 
 
 def plan(profiles: Dict[str, StepProfile], target: int, link_bps: float, threshold: int,
          config_settings: Optional[Settings] = None, config_recompute: RecomputeSpec = None,
-         profile_spec: Optional[Callable[[List[str]], StepProfile]] = None) -> PlanResult:
+         profile_spec: Optional[Callable[[List[str]], StepProfile]] = None,
+         disk: Optional[DiskModel] = None) -> PlanResult:
     """Compare strategies on the profiled variants and pick the fastest one that fits ``target``.
     With ``profile_spec`` (profiles a list of module names exactly) recompute is also chosen per
     module (``recompute_plan``); that row is never worse than the best per-kind plan, whose module
-    set is one of the sets it may choose."""
+    set is one of the sets it may choose. ``disk``: a disk tier's rates in the time model."""
     base = profiles["none"]
     rows: List[PlanStrategy] = []
 
     def row(name: str, recompute: RecomputeSpec, settings: Settings) -> PlanStrategy:
-        pred = predict(profiles[variant_key(recompute)], settings, link_bps)
+        pred = predict(profiles[variant_key(recompute)], settings, link_bps, disk=disk)
         st = PlanStrategy(name, recompute, settings, pred, pred.peak_device_bytes <= target)
         rows.append(st)
         return st
@@ -178,16 +181,16 @@ def plan(profiles: Dict[str, StepProfile], target: int, link_bps: float, thresho
     for r in RECOMPUTE_VARIANTS[1:]:
         if variant_key(r) in profiles:
             row(f"recompute {recompute_label(r)}", r, Settings(threshold, 0, enabled=False))
-    settings, _ = plan_swaps(base, target, link_bps, threshold)
+    settings, _ = plan_swaps(base, target, link_bps, threshold, disk)
     row("swap only", None, settings)
     planned: List[PlanStrategy] = []
     for key, prof in profiles.items():
         if key == "none":
             continue
-        s, _ = plan_swaps(prof, target, link_bps, threshold)
-        planned.append(PlanStrategy("", prof.recompute, s, predict(prof, s, link_bps), False))
+        s, _ = plan_swaps(prof, target, link_bps, threshold, disk)
+        planned.append(PlanStrategy("", prof.recompute, s, predict(prof, s, link_bps, disk=disk), False))
     if profile_spec is not None:
-        rows.append(_per_module(profiles, target, link_bps, threshold, profile_spec, planned))
+        rows.append(_per_module(profiles, target, link_bps, threshold, profile_spec, planned, disk))
     candidates = [r for r in rows if r.name != "configured"] + planned
     fitting = [c for c in candidates if c.prediction.peak_device_bytes <= target]
     min_peak = min(c.prediction.peak_device_bytes for c in candidates)
@@ -197,12 +200,14 @@ def plan(profiles: Dict[str, StepProfile], target: int, link_bps: float, thresho
 
 
 def _per_module(profiles: Dict[str, StepProfile], target: int, link_bps: float, threshold: int,
-                profile_spec: Callable[[List[str]], StepProfile], per_kind: List[PlanStrategy]) -> PlanStrategy:
+                profile_spec: Callable[[List[str]], StepProfile], per_kind: List[PlanStrategy],
+                disk: Optional[DiskModel] = None) -> PlanStrategy:
     """The per-module row: the greedy search's plan, or a per-kind variant's module set where that is faster."""
     from .recompute import module_entry
     from .recompute_plan import plan_modules
 
-    found = plan_modules(profiles["none"], target, link_bps, threshold, profile_spec, plan_swaps)
+    found = plan_modules(profiles["none"], target, link_bps, threshold, profile_spec,
+                         functools.partial(plan_swaps, disk=disk))
     options = []
     if found is not None:
         spec = [module_entry(n) for n in found.modules] or None

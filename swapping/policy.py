@@ -60,6 +60,11 @@ class SwapPolicy:
     def on_pack(self, h: Handle) -> None:
         """A new candidate handle ``h`` (``h.seq`` = its index this step, ``h.nbytes`` its size)."""
 
+    def tier(self, h: Handle) -> str:
+        """The storage tier swapped ``h`` goes to: ``host`` (the host pool while ``swap.host_limit`` has room,
+        then the disk tier below when there is one) or ``disk`` (straight to the disk tier)."""
+        return "host"
+
     def backward_begins(self) -> None:
         """The first saved tensor of this step was unpacked."""
 

@@ -45,6 +45,18 @@ def size_class(nbytes: int, power_of_two: bool = False) -> int:
     return -(-nbytes // step) * step
 
 
+def aligned_empty(nbytes: int, align: int, pin_memory: bool = False) -> torch.Tensor:
+    """A uint8 buffer of ``nbytes`` whose first byte sits at a multiple of ``align`` (``O_DIRECT`` I/O).
+    Pinned blocks are page-aligned already (over-allocating would double a power-of-two pinned class)."""
+    plain = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin_memory)
+    if plain.data_ptr() % align == 0:
+        return plain
+    del plain
+    raw = torch.empty(nbytes + align, dtype=torch.uint8, pin_memory=pin_memory)
+    off = (-raw.data_ptr()) % align
+    return raw[off:off + nbytes]
+
+
 class HostPool:
     """Thread-safe cache of host buffers keyed by size class.
 
@@ -53,8 +65,9 @@ class HostPool:
     """
 
     def __init__(self, pin_memory: bool = False, limit: Optional[int] = None,
-                 power_of_two: Optional[bool] = None) -> None:
+                 power_of_two: Optional[bool] = None, align: int = 0) -> None:
         self.pin_memory = pin_memory
+        self.align = align        # buffers start at a multiple of it (the disk tier's staging: O_DIRECT)
         self.power_of_two = pin_memory if power_of_two is None else power_of_two
         self.limit = limit
         self.sized = False        # set by the engine after the first step
@@ -84,7 +97,8 @@ class HostPool:
                     if self.total_bytes + cls > self.limit:
                         raise HostMemoryLimitError(self.total_bytes + cls - self.limit, self.limit,
                                                    self.in_use_bytes, cls)
-                buf = torch.empty(cls, dtype=torch.uint8, pin_memory=self.pin_memory)
+                buf = (aligned_empty(cls, self.align, self.pin_memory) if self.align
+                       else torch.empty(cls, dtype=torch.uint8, pin_memory=self.pin_memory))
                 self.total_bytes += cls
                 self.allocations += 1
             self.in_use_bytes += cls

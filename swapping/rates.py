@@ -1,9 +1,9 @@
 """The machine's rates the planner's time model needs, measured: matmul FLOP/s and one direction of
-the swap link (pinned device<->host copies on CUDA, a host copy on CPU)."""
+the swap link (pinned device<->host copies on CUDA, a host copy on CPU) and the disk tier's write and read."""
 from __future__ import annotations
 
 import time
-from typing import Union
+from typing import Tuple, Union
 
 import torch
 
@@ -43,3 +43,27 @@ def link_bandwidth(device: Union[str, torch.device]) -> float:
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
     return n / sorted(times)[2]
+
+
+def disk_bandwidth(folder: str, nbytes: int = 64 << 20) -> Tuple[float, float]:
+    """(write, read) bytes/s of the disk tier in ``folder``: one ``nbytes`` tensor spilled and read
+    back through the tier's own path (worker thread, O_DIRECT where allowed), in a throw-away rank
+    folder. A short probe, like ``link_bandwidth``: a first figure for the planner, not a benchmark."""
+    from .disk import ALIGN, DiskTier
+    from .pool import aligned_empty
+
+    tier = DiskTier(folder, None, False, workers=1)
+    try:
+        buf = aligned_empty(nbytes, ALIGN).fill_(7)
+        t0 = time.perf_counter()
+        sp = tier.spill(buf, nbytes, lambda: None, lambda: None)
+        sp.written.wait()
+        write_s = time.perf_counter() - t0
+        tier.check()
+        t0 = time.perf_counter()
+        tier.read_ahead(sp, buf)
+        tier.fetch(sp)
+        read_s = time.perf_counter() - t0
+    finally:
+        tier.close()
+    return nbytes / max(write_s, 1e-9), nbytes / max(read_s, 1e-9)

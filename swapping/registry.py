@@ -1,6 +1,6 @@
 """The swap transports lmsdp knows, by name: what moves a saved tensor's bytes off the device and back.
-``swap.transport`` choices, the ``auto`` rule and the README table come from here. A disk tier below
-host memory would be one more entry (a Transport that owns its storage), not a change to the engine.
+``swap.transport`` choices, the ``auto`` rule and the README table come from here. Where the bytes
+live on the host side (host pool, disk tier below it) is the storage's business (``storage.py``), not a transport's.
 
 Torch-free on import: targets are imported only when a transport is created."""
 from __future__ import annotations

@@ -23,6 +23,7 @@ ENV = {
     "LMSDP_SWAP_KEEP_LAST": "keep_last", "LMSDP_SWAP_BUDGET": "budget",
     "LMSDP_SWAP_HOST_LIMIT": "host_limit", "LMSDP_SWAP_RECOMPUTE": "recompute",
     "LMSDP_SWAP_TRANSPORT": "transport", "LMSDP_SWAP_TRACE": "trace", "LMSDP_SWAP_LINK_GBPS": "link_gbps",
+    "LMSDP_SWAP_DISK_DIR": "disk_dir", "LMSDP_SWAP_DISK_LIMIT": "disk_limit",
 }
 
 
@@ -72,7 +73,7 @@ def config_from_env(environ: Optional[Dict[str, str]] = None) -> SwapConfig:
         raw = env.get(var)
         if raw is None or raw == "":
             continue
-        if name in ("threshold", "budget", "host_limit"):
+        if name in ("threshold", "budget", "host_limit", "disk_limit"):
             values[name] = parse_size(raw)
         elif name in ("prefetch", "keep_last"):
             values[name] = int(raw)

@@ -43,6 +43,21 @@ class StepStats:
     packed_tensors: int = 0        # candidates seen by the pack hook (after dedupe)
     host_pool_bytes: int = 0
     recomputed_modules: int = 0
+    # per tier (``storage.py``): bytes that went to the host pool, and the disk tier's traffic; GB/s are per
+    # worker operation (bytes over the time a write / read call took), stall: compute waiting on disk reads
+    host_tier_bytes: int = 0
+    disk_write_bytes: int = 0
+    disk_read_bytes: int = 0
+    disk_write_ms: float = 0.0
+    disk_read_ms: float = 0.0
+    disk_write_gbps: float = 0.0
+    disk_read_gbps: float = 0.0
+    disk_stall_ms: float = 0.0
+    disk_write_waits: int = 0      # times compute waited for a disk write (swap_out_window of writes in flight)
+    disk_reads_ahead: int = 0      # spilled tensors read back ahead of need (the second prefetch level)
+    disk_reads_forced: int = 0     # spilled tensors compute needed before any read of them had started
+    disk_peak_bytes: int = 0       # most bytes in spill files at once
+    disk_staging_bytes: int = 0    # host buffers the disk tier's transfers hold (beyond host_limit)
     max_memory_allocated: Optional[int] = None  # CUDA only
 
     def finish(self, resident: int, pool_bytes: int, recomputed: int, device: torch.device) -> None:
@@ -52,12 +67,19 @@ class StepStats:
             self.max_memory_allocated = int(torch.cuda.max_memory_allocated(device))
             torch.cuda.reset_peak_memory_stats(device)
         self.hidden_frac = hidden_fraction(self.stall_ms, self.swap_out_ms + self.swap_in_ms)
+        self.disk_write_gbps, self.disk_read_gbps = disk_rates(self.disk_write_bytes, self.disk_write_ms,
+                                                               self.disk_read_bytes, self.disk_read_ms)
 
     def as_dict(self) -> Dict[str, float]:
         out = asdict(self)
         if out["max_memory_allocated"] is None:
             del out["max_memory_allocated"]
         return out
+
+
+def disk_rates(write_bytes: float, write_ms: float, read_bytes: float, read_ms: float) -> Tuple[float, float]:
+    """(write, read) GB/s of the disk tier's worker operations (0 where nothing moved)."""
+    return (write_bytes / write_ms / 1e6 if write_ms > 0 else 0.0, read_bytes / read_ms / 1e6 if read_ms > 0 else 0.0)
 
 
 def zero_stats() -> Dict[str, float]:
@@ -81,19 +103,32 @@ class Totals:
     peak_saved_bytes: int = 0
     host_pool_bytes: int = 0
     recomputed_modules: int = 0
+    host_tier_bytes: int = 0
+    disk_write_bytes: int = 0
+    disk_read_bytes: int = 0
+    disk_write_ms: float = 0.0
+    disk_read_ms: float = 0.0
+    disk_stall_ms: float = 0.0
+    disk_peak_bytes: int = 0
+    disk_staging_bytes: int = 0
 
     def add(self, s: StepStats) -> None:
         self.steps += 1
         for name in ("swap_out_bytes", "swap_in_bytes", "swapped_tensors", "swap_in_tensors", "stall_ms",
-                     "stalls", "swap_out_ms", "swap_in_ms"):
+                     "stalls", "swap_out_ms", "swap_in_ms", "host_tier_bytes", "disk_write_bytes", "disk_read_bytes",
+                     "disk_write_ms", "disk_read_ms", "disk_stall_ms"):
             setattr(self, name, getattr(self, name) + getattr(s, name))
         self.peak_saved_bytes = max(self.peak_saved_bytes, s.peak_saved_bytes)
+        self.disk_peak_bytes = max(self.disk_peak_bytes, s.disk_peak_bytes)
+        self.disk_staging_bytes = max(self.disk_staging_bytes, s.disk_staging_bytes)
         self.host_pool_bytes = max(self.host_pool_bytes, s.host_pool_bytes)
         self.recomputed_modules = s.recomputed_modules
 
     def as_dict(self) -> Dict[str, float]:
         out = asdict(self)
         out["hidden_frac"] = hidden_fraction(self.stall_ms, self.swap_out_ms + self.swap_in_ms)
+        out["disk_write_gbps"], out["disk_read_gbps"] = disk_rates(self.disk_write_bytes, self.disk_write_ms,
+                                                                   self.disk_read_bytes, self.disk_read_ms)
         return out
 
     def summary(self, pool: Optional[HostPool]) -> Dict[str, float]:
@@ -108,7 +143,9 @@ def describe(s: Dict[str, float]) -> str:
     return (f"steps={s['steps']} swapped_out={s['swap_out_bytes']} ({format_size(s['swap_out_bytes'])}) "
             f"swapped_in={s['swap_in_bytes']} tensors={s['swapped_tensors']} stalls={s['stalls']} "
             f"stall_ms={s['stall_ms']:.1f} hidden={s['hidden_frac']:.2f} "
-            f"host_pool={format_size(s['host_pool_bytes'])}")
+            f"host_pool={format_size(s['host_pool_bytes'])}"
+            + (f" disk={format_size(s['disk_write_bytes'])} written at {s['disk_write_gbps']:.2f} GB/s, "
+               f"read at {s['disk_read_gbps']:.2f} GB/s" if s.get("disk_write_bytes") else ""))
 
 
 class StepLedger:
@@ -157,8 +194,8 @@ class StepLedger:
                 tracer.span("stall", "swap-in stall", t0, t0 + ms / 1e3, {"ms": ms, "step": step_id})
         return rest
 
-_PEAKS = ("peak_saved_bytes", "max_memory_allocated")       # the largest of the micro-batches
-_LAST = ("resident_saved_bytes", "host_pool_bytes", "recomputed_modules")
+_PEAKS = ("peak_saved_bytes", "max_memory_allocated", "disk_peak_bytes")       # the largest of the micro-batches
+_LAST = ("resident_saved_bytes", "host_pool_bytes", "recomputed_modules", "disk_staging_bytes")
 
 
 def combine_steps(first: Dict[str, float], second: Dict[str, float]) -> Dict[str, float]:
@@ -174,4 +211,7 @@ def combine_steps(first: Dict[str, float], second: Dict[str, float]) -> Dict[str
             out[key] = first.get(key, 0) + value
     if "hidden_frac" in out:
         out["hidden_frac"] = hidden_fraction(out.get("stall_ms", 0.0), out.get("swap_out_ms", 0.0) + out.get("swap_in_ms", 0.0))
+    if "disk_write_gbps" in out:
+        out["disk_write_gbps"], out["disk_read_gbps"] = disk_rates(out["disk_write_bytes"], out["disk_write_ms"],
+                                                                   out["disk_read_bytes"], out["disk_read_ms"])
     return out

@@ -4,7 +4,7 @@ and swap spans merge into one timeline. Only the steps of a :class:`TraceWindow`
 events stream to the file as they come: memory and file size do not grow with the run's length."""
 from __future__ import annotations
 
-from typing import Dict, Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 from lmsdp.runtime.chrome_trace import ChromeTrace
 from lmsdp.runtime.topology import rank_hint
@@ -49,6 +49,15 @@ class Tracer:
     def counter(self, name: str, t: float, values: Dict[str, float]) -> None:
         """A counter sample (chrome 'C' event): Perfetto draws it as a stepped line per key."""
         self._trace.emit({"name": name, "ph": "C", "pid": self.rank, "ts": t * 1e6, "args": values})
+
+    def memory(self, saved: List[Tuple[float, int]], device: List[Tuple[float, int]]) -> None:
+        """A step's memory samples as counters (saved candidate bytes; the device allocator's figure),
+        flushed so that a killed run keeps its recorded steps."""
+        for t, held in saved:
+            self.counter(MEMORY_COUNTER, t, {"resident_bytes": held})
+        for t, allocated in device:
+            self.counter("device memory allocated", t, {"device_allocated_bytes": allocated})
+        self.flush()
 
     def flush(self) -> None:
         self._trace.flush()

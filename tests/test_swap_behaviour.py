@@ -116,6 +116,35 @@ def test_shared_tensor_is_swapped_once() -> None:
         e.close()
 
 
+def test_input_shared_by_q_k_v_projections_is_swapped_once_and_exact() -> None:
+    """Separate q/k/v Linears on one 3-D input (Llama-style attention): each saves a fresh view object
+    of the same storage. A weak reference to the first view died with it, so every projection made its
+    own handle and the input crossed the link three times; the storage's identity dedupes it."""
+    torch.manual_seed(0)
+    qkv = nn.ModuleList(nn.Linear(64, 64) for _ in range(3))
+    x = torch.randn(4, 32, 64, requires_grad=True)
+
+    def step(e: SwapEngine) -> List[torch.Tensor]:
+        qkv.zero_grad(set_to_none=True)
+        x.grad = None
+        with e:
+            h = x * 2  # saves nothing itself: the projections' saved inputs are the only candidates
+            loss = sum(p(h).sum() for p in qkv)
+        loss.backward()
+        e.step_end()
+        return [x.grad.clone(), *(p.weight.grad.clone() for p in qkv)]
+
+    ref = step(engine(threshold=1 << 40))
+    e = engine(threshold=32 * 1024)
+    try:
+        got = step(e)
+        s = e.last_stats
+        assert s["packed_tensors"] == 1 and s["swap_out_bytes"] == 4 * 32 * 64 * 4, s
+        assert all(torch.equal(a, b) for a, b in zip(ref, got))
+    finally:
+        e.close()
+
+
 def test_prefetch_follows_the_learned_order() -> None:
     """Within a node tensors are read in pack order, so the real order is not reverse pack order."""
     e = engine(prefetch=2)

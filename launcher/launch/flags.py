@@ -48,6 +48,8 @@ def build_parser(epilog: str = "") -> argparse.ArgumentParser:
     swap.add_argument("--swap-transport", choices=TRANSPORTS.choices(), help="swap transport")
     swap.add_argument("--swap-link-gbps", type=positive_float, metavar="GBPS",
                       help="loopback transport only: pace its copies to GBPS GB/s (a simulated link)")
+    swap.add_argument("--swap-disk-dir", metavar="DIR", help="a local folder: a disk tier below host memory")
+    swap.add_argument("--swap-disk-limit", metavar="SIZE", help="cap on spilled bytes per rank in --swap-disk-dir")
     return parser
 
 

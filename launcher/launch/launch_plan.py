@@ -25,6 +25,8 @@ SWAP_FLAGS = {  # flag dest -> (swap config key, environment variable, how to wr
     "swap_recompute": ("recompute", "LMSDP_SWAP_RECOMPUTE", "list"),
     "swap_transport": ("transport", "LMSDP_SWAP_TRANSPORT", "str"),
     "swap_link_gbps": ("link_gbps", "LMSDP_SWAP_LINK_GBPS", "number"),
+    "swap_disk_dir": ("disk_dir", "LMSDP_SWAP_DISK_DIR", "str"),
+    "swap_disk_limit": ("disk_limit", "LMSDP_SWAP_DISK_LIMIT", "str"),
 }
 
 

@@ -131,6 +131,9 @@ def draw_memory(run: "Run", spans: Dict[int, Dict[int, Dict[str, Event]]], step:
     budget = (run.config.get("swap") or {}).get("budget")
     if isinstance(budget, (int, float)) and budget > 0:
         ax.axhline(budget / MiB, color=COLORS["stall"], ls="--", lw=1, label=f"swap budget ({budget / MiB:.1f} MiB)")
+    tiers = tier_text(next((r for r in run.metrics.get(pid, []) if r.get("step") == step), {}))
+    if tiers:
+        ax.text(0.005, 0.90, tiers, transform=ax.transAxes, va="top", fontsize=8, color="#333333")
     peak = max(ys)
     ax.annotate(f"peak {peak:.1f} MiB", (xs[ys.index(peak)], peak), textcoords="offset points", xytext=(6, 4),
                 fontsize=8)
@@ -145,6 +148,16 @@ def draw_memory(run: "Run", spans: Dict[int, Dict[int, Dict[str, Event]]], step:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def tier_text(record: Dict[str, Any]) -> str:
+    """Where a step's swapped bytes went (host pool, disk tier with its GB/s), from its metrics record."""
+    if not record.get("disk_write_bytes") and not record.get("disk_read_bytes"):
+        return ""
+    return (f" host tier {record.get('host_tier_bytes', 0) / MiB:.1f} MiB; disk tier wrote "
+            f"{record['disk_write_bytes'] / MiB:.1f} MiB at {record.get('disk_write_gbps', 0):.2f} GB/s, read "
+            f"{record.get('disk_read_bytes', 0) / MiB:.1f} MiB at {record.get('disk_read_gbps', 0):.2f} GB/s, "
+            f"compute waited {record.get('disk_stall_ms', 0):.1f} ms on it")
 
 
 def _counter(events: List[Event], name: str, key: str, start: float, end: float) -> List[Tuple[float, float]]:

@@ -54,6 +54,8 @@ class Run:
         if swap.get("enabled"):
             parts.append(f"swap threshold {size_text(swap.get('threshold'))}, budget {size_text(swap.get('budget'))}, "
                          f"prefetch {swap.get('prefetch')}, keep_last {swap.get('keep_last')}")
+            if swap.get("disk_dir"):
+                parts.append(f"disk tier below host_limit {size_text(swap.get('host_limit'))}")
         elif swap:
             parts.append("swap off")
         return ", ".join(parts)

@@ -125,7 +125,7 @@ def batch_planner(config: Any, target: int, link: float, flops_rate: float, work
     opt_bytes = optimizer_state_bytes(workload) if optimizer_bytes is None else optimizer_bytes
     threshold, configured = _configured(config)
     return BatchPlanner(BatchProfiles(workload, flops_rate, opt_bytes), target, link, threshold, _variants(config),
-                        configured, config.swap.recompute)
+                        configured, config.swap.recompute, disk_model(config))
 
 
 def plan_config(config: Any, target: int, batch: int, link: float, device: Any,
@@ -143,7 +143,18 @@ def plan_config(config: Any, target: int, batch: int, link: float, device: Any,
     threshold, configured = _configured(config)
     base = profiles["none"]
     return plan(profiles, target, link, threshold, configured, config.swap.recompute,
-                profile_spec=lambda spec: profile_aligned(workload, base, spec, device))
+                profile_spec=lambda spec: profile_aligned(workload, base, spec, device), disk=disk_model(config))
+
+
+def disk_model(config: Any) -> Any:
+    """The disk tier's rates for the planner (a short probe in ``swap.disk_dir``), None without one."""
+    if not (config.swap.enabled and config.swap.disk_dir):
+        return None
+    from lmsdp.swapping.plan_models import DiskModel
+    from lmsdp.swapping.rates import disk_bandwidth
+
+    write_bps, read_bps = disk_bandwidth(config.swap.disk_dir)
+    return DiskModel(parse_size(config.swap.host_limit) or (1 << 62), write_bps, read_bps)
 
 
 # --------------------------------------------------------------------------------------- printing
