@@ -1,11 +1,13 @@
 """``lmsrun plan CONFIG``: will the job fit, how fast, with which swap / recompute settings.
 
     lmsrun plan CONFIG [--memory SIZE] [--batch N|max] [--link-gbps X] [--write FILE] [--set k=v ..]
+                       [-np N] [--net-gbps X] [--net-latency-us X]
 
 Builds the job's model, data, loss and optimizer exactly as a rank does (the worker's own builders),
 profiles one step (``lmsdp.swapping.profile``), and prints a per-module table (saved bytes, decision,
 why), one row per strategy (no swap, recompute only, swap only, planned: predicted peak and step time)
-and the largest batch each approach fits. ``--write`` stores the chosen settings and the per-tensor plan
+and the largest batch each approach fits; with ``-np N`` >= 2 the table of ``{dp, tp}`` layouts and the
+pick (``plan_layout.py``). ``--write`` stores the chosen settings and the per-tensor plan
 as YAML; ``swap.plan: FILE`` runs a job with it. The job-start side of ``swap.plan`` is ``train/job_plan.py``.
 """
 from __future__ import annotations
@@ -19,6 +21,10 @@ from lmsdp.swapping.units import format_size, parse_size
 
 from lmsdp.launcher.config.argtypes import OneLineParser
 from lmsdp.launcher.config.errors import UserError
+from lmsdp.launcher.tools.plan_layout import add_arguments as add_layout_arguments
+from lmsdp.launcher.tools.plan_layout import does_not_fit as layouts_do_not_fit
+from lmsdp.launcher.tools.plan_layout import layout_choice, print_layouts, world_of
+from lmsdp.launcher.train.job_layout import check_configured
 from lmsdp.launcher.train.job_plan import batch_planner, default_target, link_bps, plan_config, workload_from_config
 
 EXIT_DOES_NOT_FIT = 2
@@ -42,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the planned batch if its saved tensors take <= 1 GiB, else 1; 0: FLOPs only)")
     parser.add_argument("--depth", type=int, default=2, metavar="D", help="module name depth of the table (default 2)")
     parser.add_argument("--write", metavar="FILE", help="write the chosen settings and per-tensor plan as YAML")
+    add_layout_arguments(parser)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (repeatable)")
     return parser
@@ -195,6 +202,8 @@ def run(args: argparse.Namespace) -> int:
     if args.time_batch is not None and args.time_batch < 0:
         raise UserError(f"--time-batch: expected 0 or more, got {args.time_batch}")
     config = load_config(args.config, args.overrides)
+    world = world_of(args, config)
+    check_configured(config, world)  # a comm.mesh that cannot run is one line before any profiling
     import torch
 
     from lmsdp.swapping.profile import optimizer_state_bytes
@@ -202,6 +211,10 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     target = default_target(config, device, args.memory)
     link = link_bps(device, args.link_gbps)
+    if world > 1 and device.type == "cpu":  # time the step as one rank of the job computes it
+        from lmsdp.launcher.train.layout_facts import rank_threads
+
+        torch.set_num_threads(rank_threads(config, world))
     workload = workload_from_config(config)
     opt_bytes = optimizer_state_bytes(workload)
     start = config.train.batch_size if batch_text in (None, "max") else batch
@@ -219,12 +232,24 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--memory: not even batch 1 fits {format_size(target)}: "
                             f"{planner.plan(1).shortfall()}")
     result = planner.plan(batch) if args.tflops or batch_text == "max" else timed
-    if result.chosen is None:
+    if result.chosen is None and world == 1:
         return _does_not_fit(config.name, batch, result, planner.largest(batch))
+    choice = layout_choice(args, config, result.profiles, target, link, world, device) if world > 1 else None
+    if choice is not None and choice.chosen is None:
+        print("lmsrun: error: " + layouts_do_not_fit(choice, config.name, batch), file=sys.stderr, flush=True)
+        return EXIT_DOES_NOT_FIT
+    if result.chosen is None:  # one rank cannot hold the step whole; a layout of the job's ranks does
+        render(result, args.depth, config.name)
+        print_layouts(choice, config, sys.stdout.write)
+        print(f"\nthe step does not fit one rank whole ({result.shortfall()}); the layout above does "
+              "(no swap plan file for one rank: use comm.mesh with swap.plan: none)")
+        return 0
     limits = planner.limits(batch)
     render(result, args.depth, config.name)
     print("\nlargest batch that fits: " + ", ".join(f"{k} {v}" for k, v in limits.items())
           + f" (times from FLOPs at {rate / 1e12:.3g} TFLOP/s)")
+    if choice is not None:
+        print_layouts(choice, config, sys.stdout.write)
     text = document_yaml(result, config.name, args.write)
     if args.write:
         try:

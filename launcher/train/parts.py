@@ -26,6 +26,7 @@ from . import threads as module_threads
 from .build import amp_dtype, build_network, build_optimizer
 from .checkpoint import CheckpointManager
 from .checkpoint_lock import CheckpointLock
+from .job_layout import layout_for_job
 from .job_plan import JobPlan, plan_for_job, presize_host_pool
 from .state import Checkpoints, checkpoints_for
 from .run_folders import check_run_folders
@@ -51,6 +52,7 @@ class RunParts:
     job_plan: Optional[JobPlan] = None                    # swap.plan: auto / FILE, else None
     per_module: Optional[module_threads.ModuleThreads] = None  # launch.threads: auto, else None
     checkpoint_folder: Optional[FolderView] = None        # which hosts see the checkpoint folder
+    config: Optional[Config] = None                       # the config as built (comm.mesh: auto resolved)
 
 
 def claim_checkpoint_dir(checkpoints: CheckpointManager) -> CheckpointLock:
@@ -71,6 +73,7 @@ def build_parts(config: Config, topology: Topology, whole: CheckpointManager, lo
         whole.check_space(estimate_checkpoint_bytes(model, config.optimizer))
     backend = get_backend(config.comm, device, topology)
     warning_lines.install(backend.rank, one_line_others=True)  # one line each; lmsdp's from rank 0 only
+    config = layout_for_job(config, backend, device, topology.local_size)  # comm.mesh: auto -> rank 0's pick
     strategy = get_strategy(config.comm, backend)  # replicate or shard (FSDP2) along dp; tp over a mesh
     checkpoint_folder = check_run_folders(config, backend, sharded=strategy.sharded)
     model = strategy.parallelize(model)  # comm.mesh tp > 1: the layers split over the tp ranks
@@ -95,7 +98,7 @@ def build_parts(config: Config, topology: Topology, whole: CheckpointManager, lo
                     scaler=scaler, engine=engine, whole=whole,
                     checkpoints=checkpoints_for(config, strategy, backend, whole), trace_window=trace_window,
                     autocast=autocast,
-                    job_plan=job_plan, per_module=per_module, checkpoint_folder=checkpoint_folder)
+                    job_plan=job_plan, per_module=per_module, checkpoint_folder=checkpoint_folder, config=config)
 
 
 def estimate_checkpoint_bytes(model: nn.Module, optimizer: Any) -> int:

@@ -51,7 +51,8 @@ def run_worker(config: Config, topology: Topology) -> int:
     whole = CheckpointManager(config.checkpoint_dir, config.train.keep_checkpoints, announce=topology.rank == 0)
     lock = claim_checkpoint_dir(whole) if topology.rank == 0 else None
     try:
-        return Trainer(config, build_parts(config, topology, whole, lock, base_threads), workers).run()
+        parts = build_parts(config, topology, whole, lock, base_threads)
+        return Trainer(parts.config or config, parts, workers).run()  # comm.mesh: auto resolved there
     finally:
         if lock is not None:
             lock.release()
