@@ -84,14 +84,56 @@ def layout_profile(profile: StepProfile, split: TPSplit, state: RankState,
                               profile.forward_s)
     uses, backward = _retimed([(i, t.use_s) for i, t in enumerate(profile.tensors) if t.use_rank >= 0], factor,
                               compute_scale, profile.backward_s)
+    # the timeline gives each gap to the module of the event opening it, which misplaces compute where a
+    # region has no events of its own (a recomputed block saves only its input; an unsplit LM head runs
+    # after the last block's pack): the FLOPs say how much of the step divides, and the timeline keeps
+    # its shape scaled to that total
+    expected = compute_scale * (1 - split_flops_fraction(profile, split) * (1 - 1 / tp))
+    measured = (forward + backward) / max(1e-12, profile.forward_s + profile.backward_s)
+    if tp > 1 and profile.module_forward_flops.get("") and abs(measured / expected - 1) > 1e-3:
+        fix = expected / measured
+        packs, uses = {i: v * fix for i, v in packs.items()}, {i: v * fix for i, v in uses.items()}
+        forward, backward = forward * fix, backward * fix
     tensors: List[SavedTensor] = []
     for i, t in enumerate(profile.tensors):
         nbytes = -(-t.nbytes // tp) if split.divided(t.module) else t.nbytes
         tensors.append(dataclasses.replace(t, nbytes=nbytes, pack_s=packs[i],
                                            use_s=uses[i] if t.use_rank >= 0 else t.use_s))
+    outer = _outermost(split.split_compute)
+    per_module = {m: v * compute_scale * _module_factor(profile, split, outer, m)
+                  for m, v in profile.module_forward_s.items()}  # what recomputing a module costs here
     return dataclasses.replace(profile, tensors=tensors, forward_s=forward, backward_s=backward,
+                               module_forward_s=per_module,
                                param_bytes=state.param_bytes, grad_bytes=state.grad_bytes,
                                optimizer_bytes=state.optimizer_bytes)
 
 
-__all__ = ["TPSplit", "RankState", "layout_profile"]
+def _outermost(names: Tuple[str, ...]) -> List[str]:
+    return [n for n in names if not any(n.startswith(m + ".") for m in names)]
+
+
+def split_flops_fraction(profile: StepProfile, split: TPSplit) -> float:
+    """The share of the step's compute inside the modules whose compute tp divides (outermost names
+    only: a region's FLOPs include its modules'), from forward FLOPs: backward runs the same modules'
+    matmuls at about twice the forward's, while the counter's backward attribution to modules is not
+    to be trusted (under checkpointing it charges backward ops to modules still on its stack)."""
+    forward = profile.module_forward_flops
+    if split.tp <= 1 or not forward.get(""):
+        return 0.0
+    return min(1.0, sum(forward.get(n, 0) for n in _outermost(split.split_compute)) / forward[""])
+
+
+def _module_factor(profile: StepProfile, split: TPSplit, outer: List[str], module: str) -> float:
+    """How much of ``module``'s forward one tp rank runs: 1/tp inside a split region, else its share of
+    forward FLOPs outside the split modules it contains (a block: its norms stay whole)."""
+    if split.tp <= 1:
+        return 1.0
+    if split.compute_divided(module):
+        return 1.0 / split.tp
+    flops = profile.module_forward_flops
+    total = flops.get(module, 0)
+    inner = sum(flops.get(n, 0) for n in outer if n.startswith(module + ".") or not module)
+    return 1.0 - (min(1.0, inner / total) if total else 0.0) * (1 - 1 / split.tp)
+
+
+__all__ = ["TPSplit", "RankState", "layout_profile", "split_flops_fraction"]

@@ -75,6 +75,41 @@ def test_tp_divides_split_activations_and_parameters_as_the_tp_plan_does(gpt):
     assert sharded.param_bytes == held.param_bytes // 2 and sharded.optimizer_bytes == held.optimizer_bytes // 2
 
 
+def test_tp_divides_the_split_share_of_compute_by_forward_flops(tmp_path):
+    """The step's compute at tp T is (1 - f) + f / T of one rank's, f the split modules' share of forward
+    FLOPs, whatever events the timeline has: with every block recomputed (its tensors gone, nothing to
+    attribute compute to) and with the LM head left whole, as a vocabulary tp does not divide leaves it."""
+    from lmsdp.swapping.layout_profile import split_flops_fraction
+    from lmsdp.swapping.recompute import apply_recompute  # noqa: F401 - the variant below is the engine's
+
+    config = load_config(_config_file(tmp_path), ["model.kwargs.vocab=65"])  # 2 does not divide: head whole
+    workload = workload_from_config(config)
+    facts = model_facts(config, workload, 4, 4)
+    plain = profile_workload(workload, 4, time_batch=0, flops_rate=1e9)
+    recomputed = profile_workload(workload, 4, ["blocks.0", "blocks.1"], time_batch=0, flops_rate=1e9)
+    for prof in (plain, recomputed):
+        split = facts.splits[2]
+        f = split_flops_fraction(prof, split)
+        assert 0.3 < f < 0.95, f  # the LM head's matmul runs whole on every tp rank
+        ranked = layout_profile(prof, split, RankState(0, 0, 0))
+        ratio = (ranked.forward_s + ranked.backward_s) / (prof.forward_s + prof.backward_s)
+        assert ratio == pytest.approx(1 - f / 2, rel=1e-6), (prof.recompute, ratio, f)
+
+
+def test_tflops_plans_for_one_device_per_rank_not_this_machines_cores(tmp_path, capsys):
+    """--tflops: each rank will own a GPU, so the layouts' compute is not slowed by ranks sharing this
+    machine's cores (8 ranks on 2 cores made every layout's compute 4x)."""
+    config = _config_file(tmp_path)
+    flags = ["--memory", "1GiB", "--tflops", "0.0005", "--link-gbps", "8", "--net-gbps", "10", "-np", "4"]
+    assert plan_main([config, *flags]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("dp 4 x tp 1 replicate")]
+    assert rows and "compute" in rows[0]
+    base = load_config(config)
+    prof = profile_workload(workload_from_config(base), 4, time_batch=0, flops_rate=0.0005e12)
+    compute_ms = float(rows[0].split("(compute ")[1].split(" ms")[0])
+    assert compute_ms == pytest.approx((prof.forward_s + prof.backward_s) * 1e3, rel=0.02)
+
+
 def test_the_pick_is_the_fastest_layout_that_fits(gpt):
     _config, profile, facts = gpt
     profiles = {"none": profile}

@@ -52,14 +52,14 @@ def rates_of(args: argparse.Namespace, world: int, threads: int = 1) -> Tuple[An
 
 def render_layouts(choice: Any, write: Callable[[str], None], configured: Optional[Any] = None) -> None:
     """The layout table: one row per candidate (estimated or refused, with why), then the pick."""
-    from lmsdp.swapping.profile import variant_key
+    from lmsdp.swapping.planner import recompute_label
 
     def activations(e: Any) -> str:
         res = e.swap
         if res is None or res.chosen is None:
             return "-"
         n = len(res.chosen.prediction.swapped)
-        rec = variant_key(res.chosen.recompute)
+        rec = recompute_label(res.chosen.recompute)  # '25 modules', not every name (the plan file lists them)
         return ("no swap" if not n else f"{n} swapped") + ("" if rec == "none" else f", recompute {rec}")
 
     def name(layout: Any) -> str:
@@ -97,8 +97,9 @@ def layout_choice(args: argparse.Namespace, config: Any, profiles: Dict[str, Any
     from lmsdp.launcher.train.layout_facts import rank_threads
 
     rates, share = rates_of(args, world, rank_threads(config, world))
-    return choose_layout(config, profiles, target, link, world, rates, device,
-                         compute=share if device.type == "cpu" else None)
+    # --tflops plans for the device each rank will own: no sharing of this machine's cores
+    compute = 1.0 if getattr(args, "tflops", None) else (share if device.type == "cpu" else None)
+    return choose_layout(config, profiles, target, link, world, rates, device, compute=compute)
 
 
 def print_layouts(choice: Any, config: Any, write: Callable[[str], None]) -> None:
