@@ -1,29 +1,15 @@
 """Who is gone when a collective fails: a dead local peer is named, so a CommError says which rank."""
 from __future__ import annotations
 
-import os
 import socket
 import time
 from typing import List, Optional, Tuple
 
+from lmsdp.runtime.processes import pid_alive
+
 from .base import CommError
 
 EXIT_GRACE_S = 1.0  # how long a failed collective waits for a departing local peer to be gone
-
-
-def pid_alive(pid: int) -> bool:
-    """False when the process is gone or a zombie (exited, not yet reaped)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 def dead_peers(rank: int, peers: List[Tuple[str, int]]) -> List[int]:

@@ -27,6 +27,7 @@ from typing import Callable, List, Optional
 import torch
 
 from lmsdp.runtime.errors import UserError
+from lmsdp.runtime.processes import pid_alive
 
 from .units import format_size
 
@@ -47,16 +48,6 @@ def _rank() -> int:
     return 0
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def folder_name(rank: int) -> str:
     """This process's spill folder name: rank, host and pid (a shared ``disk_dir`` never mixes hosts up)."""
     return f"rank{rank}-{socket.gethostname()}-pid{os.getpid()}"
@@ -71,7 +62,7 @@ def clear_stale(root: str) -> List[str]:
         m = _FOLDER.match(name)
         path = os.path.join(root, name)
         if (m and m.group(1) == host and not os.path.islink(path) and os.path.isdir(path)
-                and not _alive(int(m.group(2)))):
+                and not pid_alive(int(m.group(2)))):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
