@@ -3,7 +3,7 @@ rank starts, so a bad combination is one line and exit 2 instead of N failing ra
 check the same again (``comm/shard.py``) when run without lmsrun's front end."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from lmsdp.launcher.config.errors import ConfigError
 
@@ -33,19 +33,8 @@ def check_strategy(config: Any, world_size: int) -> None:
                           "comm.offload: optimizer_and_params on a GPU")
     if comm.shard_modules:
         from lmsdp.comm.shard import named_blocks
-        from lmsdp.runtime.errors import UserError
 
-        from .build import build_network
-
-        try:
-            with torch.device("meta"):
-                model = build_network(config)
-        except Exception:  # noqa: BLE001 - a factory that cannot build on meta: the ranks check instead
-            return
-        try:
-            named_blocks(model, comm.shard_modules)
-        except UserError as exc:
-            raise ConfigError(str(exc)) from None
+        _check_on_meta(config, lambda model: named_blocks(model, comm.shard_modules))
 
 
 def check_mesh(config: Any, world_size: int) -> None:
@@ -60,9 +49,19 @@ def check_mesh(config: Any, world_size: int) -> None:
         raise ConfigError(str(exc)) from None
     if shape.tp < 2:
         return
+    from lmsdp.comm.tensor_parallel import plan_tensor_parallel
+
+    _check_on_meta(config, lambda model: plan_tensor_parallel(model, config.comm.tp_plan,
+                                                              config.comm.sequence_parallel, shape.tp))
+
+
+def _check_on_meta(config: Any, check: Callable[[Any], Any]) -> None:
+    """Run ``check`` on the model built on the meta device (no memory): its UserError becomes the
+    job's one-line ConfigError before any rank starts; a factory that cannot build on meta is
+    checked by the ranks instead."""
     import torch
 
-    from lmsdp.comm.tensor_parallel import plan_tensor_parallel
+    from lmsdp.runtime.errors import UserError
 
     from .build import build_network
 
@@ -72,6 +71,6 @@ def check_mesh(config: Any, world_size: int) -> None:
     except Exception:  # noqa: BLE001 - a factory that cannot build on meta: the ranks check instead
         return
     try:
-        plan_tensor_parallel(model, config.comm.tp_plan, config.comm.sequence_parallel, shape.tp)
+        check(model)
     except UserError as exc:
         raise ConfigError(str(exc)) from None
