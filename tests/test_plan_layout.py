@@ -4,6 +4,7 @@ under a {dp, tp} layout (TP's division of saved activations and parameters, DP's
 auto`` resolved at job start in one real multi-rank run."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ from lmsdp.launcher.cli import main
 from lmsdp.launcher.config import load_config
 from lmsdp.launcher.models.gpt import GPT
 from lmsdp.launcher.tools.plan import main as plan_main
-from lmsdp.launcher.train.job_plan import workload_from_config
+from lmsdp.launcher.train.job_plan import plan_config, workload_from_config
 from lmsdp.launcher.train.layout_facts import model_facts
 from lmsdp.swapping.layout import CommRates, Layout, choose, rank_state
 from lmsdp.swapping.layout_profile import RankState, layout_profile
@@ -73,6 +74,20 @@ def test_tp_divides_split_activations_and_parameters_as_the_tp_plan_does(gpt):
     assert held.param_bytes == plan.param_bytes_per_rank(2)
     sharded = rank_state(profile, Layout(2, 2, "shard"), split, facts, gathered=False)
     assert sharded.param_bytes == held.param_bytes // 2 and sharded.optimizer_bytes == held.optimizer_bytes // 2
+
+
+def test_swap_plan_auto_under_tp_plans_one_ranks_local_shards(gpt):
+    """``swap.plan: auto`` with tp 2 plans the rank's step (the division above, tensor for tensor what the
+    swap engine packs per rank: tests/test_tensor_parallel.py), not the whole model's."""
+    config, profile, facts = gpt
+    meshed = dataclasses.replace(config, comm=dataclasses.replace(config.comm, mesh={"dp": 2, "tp": 2}))
+    result = plan_config(meshed, 1 << 40, 4, 5e9, torch.device("cpu"), time_batch=1, world=4)
+    planned = result.profiles["none"]
+    split = facts.splits[2]
+    ranked = layout_profile(profile, split, rank_state(profile, Layout(2, 2, "replicate"), split, facts))
+    assert [t.nbytes for t in planned.tensors] == [t.nbytes for t in ranked.tensors]
+    assert sum(t.nbytes for t in planned.tensors) < sum(t.nbytes for t in profile.tensors)
+    assert planned.param_bytes == ranked.param_bytes < profile.param_bytes
 
 
 def test_the_pick_is_the_fastest_layout_that_fits(gpt):
