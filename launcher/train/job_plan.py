@@ -128,14 +128,15 @@ def batch_planner(config: Any, target: int, link: float, flops_rate: float, work
                         configured, config.swap.recompute, disk_model(config))
 
 
-def _per_rank(config: Any, workload: Any, base: Any, world: int) -> Callable[[Any], Any]:
+def _per_rank(config: Any, workload: Any, base: Any, world: Optional[int]) -> Callable[[Any], Any]:
     """How one rank of the job's ``comm.mesh`` sees a one-rank profile: with tp > 1 the layout planner's
     division (a split region's saved tensors and compute by tp, the rank's parameter and state bytes),
-    which is also what the swap engine packs per rank, tensor for tensor; else the profile itself."""
+    which is also what the swap engine packs per rank, tensor for tensor; else (or ``world`` None: the
+    whole model, as ``lmsrun plan`` and the layout planner want it) the profile itself."""
     from lmsdp.comm.mesh import parse_mesh
 
-    shape = parse_mesh(config.comm.mesh, world)
-    if shape.tp <= 1:
+    shape = parse_mesh(config.comm.mesh, world) if world is not None else None
+    if shape is None or shape.tp <= 1:
         return lambda profile: profile
     from lmsdp.swapping.layout import Layout, rank_state
     from lmsdp.swapping.layout_profile import layout_profile
@@ -149,10 +150,12 @@ def _per_rank(config: Any, workload: Any, base: Any, world: int) -> Callable[[An
 
 
 def plan_config(config: Any, target: int, batch: int, link: float, device: Any,
-                time_batch: Optional[int] = None, tflops: Optional[float] = None, world: int = 1) -> Any:
+                time_batch: Optional[int] = None, tflops: Optional[float] = None,
+                world: Optional[int] = None) -> Any:
     """Profile the job's step at ``batch`` and plan it for ``target`` device bytes (``tflops``: times
     from FLOPs at that rate, on the same profiles the largest-batch search uses). ``world``: the job's
-    ranks, so that under ``comm.mesh`` with tp > 1 the plan is one rank's (its local shards)."""
+    ranks, so that under ``comm.mesh`` with tp > 1 the plan is one rank's (its local shards); None:
+    the whole model's step."""
     from lmsdp.swapping.planner import plan
     from lmsdp.swapping.profile import profile_aligned, profile_variants
 
