@@ -127,7 +127,7 @@ def test_ranks_across_hosts_match_the_same_ranks_on_one_host(cluster, backend, s
     world = 2 * per_host
     common = ("--set", f"comm.backend={backend}", "--set", f"comm.strategy={strategy}", "--set", "train.steps=3",
               "--set", "train.deterministic=true", "--set", "swap.enabled=true", "--set", "swap.threshold=1KiB",
-              "--set", "swap.keep_last=0")
+              "--set", "swap.keep_last=0", "--set", "launch.threads=1")  # threads follow ranks per host otherwise
     losses, weights = {}, {}
     for layout in ("hosts", "one"):
         out = shared_dir(cluster, f"exact-{backend}-{strategy}-{layout}")

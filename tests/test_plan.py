@@ -221,7 +221,7 @@ def test_plan_auto_without_swaps_still_runs_the_engine_for_its_accounting(tmp_pa
 
 def test_batch_max_plans_the_largest_batch_and_one_more_does_not_fit(tmp_path, capsys):
     config = _write_config(tmp_path)
-    flags = ["--memory", "3MiB", "--link-gbps", "8", "--time-batch", "0"]
+    flags = ["--memory", "3MiB", "--link-gbps", "8", "--time-batch", "0", "--tflops", "0.02"]  # no measured rate: two calls, one answer
     assert plan_main([config, *flags, "--batch", "max"]) == 0
     out = capsys.readouterr().out
     largest = int(out.split("largest batch that fits:")[1].split("planned ")[1].split()[0])

@@ -234,3 +234,15 @@ def test_resnet_is_refused_in_one_line():
     with pytest.raises(UserError) as err:
         plan_tensor_parallel(build_model("resnet18", width=4, num_classes=10, stem="cifar"), None, False, 2)
     assert str(err.value).startswith("comm.mesh.tp: 2 has no tensor-parallel plan for ResNet")
+
+
+@pytest.mark.integration
+@pytest.mark.mpi
+def test_a_vocabulary_tp_does_not_divide_keeps_embedding_and_head_whole(tmp_path):
+    """GPT-2's 50257 tokens divide by no tp: the tied embedding and head stay whole on every tp rank,
+    the blocks split, and the losses are one rank's (a refusal would rule tp out for real GPT vocabularies)."""
+    odd = [item.replace("vocab: 64", "vocab: 65") for item in GPT]
+    plan = plan_tensor_parallel(build_model("gpt", **{**GPT_KW, "vocab": 65}), None, False, 2)
+    assert (plan.styles["tok"], plan.styles["head"], plan.styles["blocks.0.attn.q"]) == ("replicate", "replicate", "colwise")
+    one, tp = losses(lmsrun(tmp_path / "one", 1, 4, *odd)), losses(lmsrun(tmp_path / "tp2", 2, 4, *odd, "comm.mesh={tp: 2}"))
+    assert len(tp) == 5 and all(abs(a - b) <= 1e-5 for a, b in zip(one, tp)), (one, tp)

@@ -82,7 +82,8 @@ class GPT(nn.Module):
     def tensor_parallel_plan(self, tp: int, sequence_parallel: bool) -> Dict[str, str]:
         """Megatron's split (styles of ``lmsdp.comm.tensor_parallel``): q/k/v colwise and the output
         projection rowwise with the heads divided; the MLP's first Linear colwise, second rowwise;
-        embeddings by vocabulary/position rows; the tied LM head colwise, gathered for the loss;
+        embeddings by vocabulary/position rows; the tied LM head colwise, gathered for the loss (both
+        whole when tp does not divide the vocabulary);
         norms on sequence shards under ``sequence_parallel`` (else replicated)."""
         heads = self.blocks[0].attn.heads if len(self.blocks) else tp
         if heads % tp:
@@ -91,7 +92,17 @@ class GPT(nn.Module):
             raise ValueError(f"{tp} does not divide seq_len {self.seq_len} (comm.sequence_parallel splits "
                              "the sequence); allowed tp: a divisor of seq_len")
         norm = "sequence_parallel" if sequence_parallel else "replicate"
-        plan = {"tok": "rowwise", "pos": "rowwise", "ln_f": norm, "head": "colwise_gather"}
+        vocab = self.tok.num_embeddings
+        if sequence_parallel and vocab % tp:
+            raise ValueError(f"{tp} does not divide the vocabulary ({vocab}), which comm.sequence_parallel splits "
+                             "by rows; allowed: a tp dividing it, or sequence_parallel: false (the embeddings "
+                             "and head then stay whole)")
+        # a vocabulary tp does not divide (GPT-2's 50257) keeps the tied embedding and head whole on every
+        # tp rank (Megatron pads the vocabulary instead, which changes the model's logits); the blocks split
+        split_vocab = vocab % tp == 0
+        plan = {"tok": "rowwise" if split_vocab else "replicate",
+                "pos": "rowwise" if self.seq_len % tp == 0 else "replicate", "ln_f": norm,
+                "head": "colwise_gather" if split_vocab else "replicate"}
         for i in range(len(self.blocks)):
             b = f"blocks.{i}"
             plan.update({f"{b}.ln1": norm, f"{b}.attn": "gather_input", f"{b}.attn.q": "colwise",
