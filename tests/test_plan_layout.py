@@ -4,6 +4,7 @@ under a {dp, tp} layout (TP's division of saved activations and parameters, DP's
 auto`` resolved at job start in one real multi-rank run."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ from lmsdp.launcher.cli import main
 from lmsdp.launcher.config import load_config
 from lmsdp.launcher.models.gpt import GPT
 from lmsdp.launcher.tools.plan import main as plan_main
-from lmsdp.launcher.train.job_plan import workload_from_config
+from lmsdp.launcher.train.job_plan import plan_config, workload_from_config
 from lmsdp.launcher.train.layout_facts import model_facts
 from lmsdp.swapping.layout import CommRates, Layout, choose, rank_state
 from lmsdp.swapping.layout_profile import RankState, layout_profile
@@ -80,7 +81,6 @@ def test_tp_divides_the_split_share_of_compute_by_forward_flops(tmp_path):
     FLOPs, whatever events the timeline has: with every block recomputed (its tensors gone, nothing to
     attribute compute to) and with the LM head left whole, as a vocabulary tp does not divide leaves it."""
     from lmsdp.swapping.layout_profile import split_flops_fraction
-    from lmsdp.swapping.recompute import apply_recompute  # noqa: F401 - the variant below is the engine's
 
     config = load_config(_config_file(tmp_path), ["model.kwargs.vocab=65"])  # 2 does not divide: head whole
     workload = workload_from_config(config)
@@ -108,6 +108,20 @@ def test_tflops_plans_for_one_device_per_rank_not_this_machines_cores(tmp_path, 
     prof = profile_workload(workload_from_config(base), 4, time_batch=0, flops_rate=0.0005e12)
     compute_ms = float(rows[0].split("(compute ")[1].split(" ms")[0])
     assert compute_ms == pytest.approx((prof.forward_s + prof.backward_s) * 1e3, rel=0.02)
+
+
+def test_swap_plan_auto_under_tp_plans_one_ranks_local_shards(gpt):
+    """``swap.plan: auto`` with tp 2 plans the rank's step (the division above, tensor for tensor what the
+    swap engine packs per rank: tests/test_tensor_parallel.py), not the whole model's."""
+    config, profile, facts = gpt
+    meshed = dataclasses.replace(config, comm=dataclasses.replace(config.comm, mesh={"dp": 2, "tp": 2}))
+    result = plan_config(meshed, 1 << 40, 4, 5e9, torch.device("cpu"), time_batch=1, world=4)
+    planned = result.profiles["none"]
+    split = facts.splits[2]
+    ranked = layout_profile(profile, split, rank_state(profile, Layout(2, 2, "replicate"), split, facts))
+    assert [t.nbytes for t in planned.tensors] == [t.nbytes for t in ranked.tensors]
+    assert sum(t.nbytes for t in planned.tensors) < sum(t.nbytes for t in profile.tensors)
+    assert planned.param_bytes == ranked.param_bytes < profile.param_bytes
 
 
 def test_the_pick_is_the_fastest_layout_that_fits(gpt):

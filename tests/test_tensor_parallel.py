@@ -2,10 +2,11 @@
 
 Runs are shared across the asserts (module fixture). Shown: the tiny GPT at tp 2 and at {dp: 2, tp: 2}
 trains the one-rank losses within 1e-5 with swapping off and on (and sequence parallelism), every
-rank holds 1/tp of the split layers' bytes, the swap engine moves local shards, a {dp: 2, tp: 2}
-checkpoint resumes at {dp: 4, tp: 1} with the same next loss and exports a plain state dict, and an
-automatic plan on a user's model trains the hand-written plan's losses. The plan itself (pure) and
-bad input are checked without ranks."""
+rank holds 1/tp of the split layers' bytes, the swap engine moves local shards (every saved activation,
+as many tensors and bytes per rank as the layout planner predicts), a {dp: 2, tp: 2} checkpoint resumes
+at {dp: 4, tp: 1} with the same next loss and exports a plain state dict, and an automatic plan on a
+user's model trains the hand-written plan's losses bit for bit, the latter with swapping on. The plan
+itself (pure) and bad input are checked without ranks."""
 from __future__ import annotations
 
 import json
@@ -21,8 +22,13 @@ import torch
 
 from lmsdp.comm.mesh import MeshShape, mesh_shapes, parse_mesh
 from lmsdp.comm.tensor_parallel import plan_tensor_parallel
+from lmsdp.launcher.config import load_config
 from lmsdp.launcher.models import build_model
+from lmsdp.launcher.train.job_plan import workload_from_config
+from lmsdp.launcher.train.layout_facts import model_facts
 from lmsdp.runtime.errors import UserError
+from lmsdp.swapping.layout_profile import RankState, layout_profile
+from lmsdp.swapping.profile import profile_workload
 
 LMSRUN = os.path.join(os.path.dirname(sys.executable), "lmsrun")
 SCRIPTS = str(Path(__file__).parent / "scripts")
@@ -76,7 +82,8 @@ def losses(out: Path) -> List[float]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
     """The shared runs: one rank, tp 2 (swap off; swap on + sequence parallel), {dp: 2, tp: 2} with
-    swap and a checkpoint at step 4, its resume at {dp: 4, tp: 1}, and a user's model auto vs hand."""
+    swap and a checkpoint at step 4, its resume at {dp: 4, tp: 1}, and a user's model auto vs hand
+    (hand with swap)."""
     if shutil.which("mpirun") is None:
         pytest.skip("mpirun not installed")
     root = tmp_path_factory.mktemp("tp")
@@ -88,7 +95,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
         "dp2tp2-swap": lmsrun(root / "dp2tp2-swap", 4, 2, *GPT, *SWAP, "comm.mesh={dp: 2, tp: 2}",
                               "train.checkpoint_every=4"),
         "user-auto": lmsrun(root / "user-auto", 2, 4, *USER, "comm.mesh={tp: 2}"),
-        "user-hand": lmsrun(root / "user-hand", 2, 4, *USER, "comm.mesh={tp: 2}", HAND),
+        "user-hand": lmsrun(root / "user-hand", 2, 4, *USER, *SWAP, "comm.mesh={tp: 2}", HAND),
     }
     resumed = root / "dp4-resume"
     shutil.copytree(out["dp2tp2-swap"] / "checkpoints", resumed / "checkpoints")
@@ -131,6 +138,24 @@ def test_each_rank_holds_one_tp_th_of_the_split_layers(runs):
 
 @pytest.mark.integration
 @pytest.mark.mpi
+def test_swap_engine_takes_every_saved_activation_the_layout_planner_counts(runs):
+    """At {dp: 2, tp: 2} every rank swaps (threshold 0, keep_last 0: every candidate) as many tensors and
+    bytes per step as the layout planner's division of the one-rank profile predicts. The norms' inputs,
+    which ``DTensor.from_local`` wraps as a view autograd calls a leaf, were pass-through: 36 of 41."""
+    run = runs["dp2tp2-swap"]
+    config = load_config(str(run / "config.json"))
+    workload = workload_from_config(config)
+    batch = config.train.batch_size
+    profile = profile_workload(workload, batch, time_batch=0, flops_rate=1e9)
+    ranked = layout_profile(profile, model_facts(config, workload, batch, 4).splits[2], RankState(0, 0, 0))
+    predicted = (len(ranked.tensors), sum(t.nbytes for t in ranked.tensors))
+    assert predicted[0] == len(profile.tensors) and predicted[1] < sum(t.nbytes for t in profile.tensors)
+    for rank in range(4):
+        assert {(r["packed_tensors"], r["swap_out_bytes"]) for r in metrics(run, rank)} == {predicted}, rank
+
+
+@pytest.mark.integration
+@pytest.mark.mpi
 def test_mesh_checkpoint_resumes_under_another_mesh_shape(runs):
     saved = sorted(p.name for p in (runs["dp2tp2-swap"] / "checkpoints" / "step-00000004").iterdir())
     assert saved == [".metadata", "__0_0.distcp", "__1_0.distcp", "__2_0.distcp", "__3_0.distcp", "lmsdp.pt"]
@@ -154,8 +179,10 @@ def test_export_of_a_mesh_checkpoint_is_a_plain_state_dict(runs):
 @pytest.mark.integration
 @pytest.mark.mpi
 def test_automatic_plan_matches_the_hand_written_plan(runs):
+    # the same plan, and swapping (here of the column-parallel layers' replicated inputs too) is bit-exact
     auto, hand = losses(runs["user-auto"]), losses(runs["user-hand"])
-    assert auto == pytest.approx(hand, abs=1e-6) and auto[0] != auto[-1]
+    assert auto == hand and auto[0] != auto[-1]
+    assert all(r["packed_tensors"] == 9 for r in metrics(runs["user-hand"]))  # 8 while body.0's input was not
     assert "2 colwise, 2 rowwise" in (runs["user-auto"] / "stderr.txt").read_text()
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from lmsdp.swapping.units import format_size, parse_size
 
@@ -128,10 +128,34 @@ def batch_planner(config: Any, target: int, link: float, flops_rate: float, work
                         configured, config.swap.recompute, disk_model(config))
 
 
+def _per_rank(config: Any, workload: Any, base: Any, world: Optional[int]) -> Callable[[Any], Any]:
+    """How one rank of the job's ``comm.mesh`` sees a one-rank profile: with tp > 1 the layout planner's
+    division (a split region's saved tensors and compute by tp, the rank's parameter and state bytes),
+    which is also what the swap engine packs per rank, tensor for tensor; else (or ``world`` None: the
+    whole model, as ``lmsrun plan`` and the layout planner want it) the profile itself."""
+    from lmsdp.comm.mesh import parse_mesh
+
+    shape = parse_mesh(config.comm.mesh, world) if world is not None else None
+    if shape is None or shape.tp <= 1:
+        return lambda profile: profile
+    from lmsdp.swapping.layout import Layout, rank_state
+    from lmsdp.swapping.layout_profile import layout_profile
+
+    from .layout_facts import model_facts
+
+    facts = model_facts(config, workload, base.batch, world)
+    split = facts.splits[shape.tp]
+    state = rank_state(base, Layout(shape.dp, shape.tp, config.comm.strategy), split, facts)
+    return lambda profile: layout_profile(profile, split, state)
+
+
 def plan_config(config: Any, target: int, batch: int, link: float, device: Any,
-                time_batch: Optional[int] = None, tflops: Optional[float] = None) -> Any:
+                time_batch: Optional[int] = None, tflops: Optional[float] = None,
+                world: Optional[int] = None) -> Any:
     """Profile the job's step at ``batch`` and plan it for ``target`` device bytes (``tflops``: times
-    from FLOPs at that rate, on the same profiles the largest-batch search uses)."""
+    from FLOPs at that rate, on the same profiles the largest-batch search uses). ``world``: the job's
+    ranks, so that under ``comm.mesh`` with tp > 1 the plan is one rank's (its local shards); None:
+    the whole model's step."""
     from lmsdp.swapping.planner import plan
     from lmsdp.swapping.profile import profile_aligned, profile_variants
 
@@ -142,8 +166,10 @@ def plan_config(config: Any, target: int, batch: int, link: float, device: Any,
     profiles = profile_variants(workload, batch, device, tb, _variants(config))
     threshold, configured = _configured(config)
     base = profiles["none"]
-    return plan(profiles, target, link, threshold, configured, config.swap.recompute,
-                profile_spec=lambda spec: profile_aligned(workload, base, spec, device), disk=disk_model(config))
+    rank = _per_rank(config, workload, base, world)
+    return plan({key: rank(p) for key, p in profiles.items()}, target, link, threshold, configured,
+                config.swap.recompute, profile_spec=lambda spec: rank(profile_aligned(workload, base, spec, device)),
+                disk=disk_model(config))
 
 
 def disk_model(config: Any) -> Any:
@@ -200,7 +226,8 @@ def plan_for_job(config: Any, backend: Any, device: Any) -> Optional[JobPlan]:
             try:  # planning builds and runs models: the job's RNG streams must not notice
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                     target = default_target(config, device, None)
-                    result = plan_config(config, target, config.train.batch_size, link_bps(device, None), device)
+                    result = plan_config(config, target, config.train.batch_size, link_bps(device, None), device,
+                                         world=backend.size)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 if result.chosen is None:
