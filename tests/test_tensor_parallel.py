@@ -81,7 +81,7 @@ def losses(out: Path) -> List[float]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
-    """The shared runs: one rank, tp 2 (swap off; swap on + sequence parallel), {dp: 2, tp: 2} with
+    """The shared runs: one rank, tp 2 (swap off; swap on + sequence parallel + recompute), {dp: 2, tp: 2} with
     swap and a checkpoint at step 4, its resume at {dp: 4, tp: 1}, and a user's model auto vs hand
     (hand with swap)."""
     if shutil.which("mpirun") is None:
@@ -91,7 +91,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
         "one": lmsrun(root / "one", 1, 4, *GPT),
         "tp2": lmsrun(root / "tp2", 2, 4, *GPT, "comm.mesh={tp: 2}"),
         "tp2-swap-sp": lmsrun(root / "tp2-swap-sp", 2, 4, *GPT, *SWAP, "comm.mesh={tp: 2}",
-                              "comm.sequence_parallel=true"),
+                              "comm.sequence_parallel=true", "swap.recompute=[gelu, layernorm, dropout]"),
         "dp2tp2-swap": lmsrun(root / "dp2tp2-swap", 4, 2, *GPT, *SWAP, "comm.mesh={dp: 2, tp: 2}",
                               "train.checkpoint_every=4"),
         "user-auto": lmsrun(root / "user-auto", 2, 4, *USER, "comm.mesh={tp: 2}"),
@@ -119,6 +119,8 @@ def test_tensor_parallel_trains_the_one_rank_losses(runs, run):
     assert one[0] != one[-1]  # it trains
     if "swap" in run:
         assert all(r["swap_out_bytes"] > 0 for r in metrics(runs[run]))
+    if run == "tp2-swap-sp":  # recompute composes with the split: the norms and GELUs run again in backward
+        assert metrics(runs[run])[0]["recomputed_modules"] > 0
 
 
 @pytest.mark.integration
