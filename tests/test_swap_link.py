@@ -198,6 +198,50 @@ def test_planner_predicts_a_transfer_bound_paced_step(name: str) -> None:
     assert abs(measured / predicted - 1) <= 0.15, (measured, predicted)
 
 
+class FusedQKV(nn.Module):
+    """Attention with one fused q/k/v projection (GPT-2's c_attn): q, k and v are views of one output,
+    each saved by its matmul, so a swap copies the whole fused storage span (3x the view's bytes)."""
+
+    def __init__(self, width: int = 128, layers: int = 4) -> None:
+        super().__init__()
+        self.qkv = nn.ModuleList(nn.Linear(width, 3 * width) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for proj in self.qkv:
+            q, k, v = proj(x).chunk(3, dim=-1)
+            x = torch.softmax(q @ k.transpose(-1, -2) / 11, dim=-1) @ v
+        return x
+
+
+def test_planner_prices_storage_spans_of_fused_qkv_views() -> None:
+    """The time model moves what the engine copies: the views' storage spans, not their bytes (priced
+    by bytes, a transfer-bound step of this model ran 2.3x the prediction)."""
+    from lmsdp.swapping.step_record import Workload
+
+    w = Workload(build_model=FusedQKV, make_batch=lambda n: (torch.randn(n, 64, 128), torch.zeros(n, 64, 128)),
+                 loss=lambda out, target: ((out - target) ** 2).mean(),
+                 build_optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.01))
+    batch = 8
+    profile = profile_workload(w, batch)
+    settings = Settings(4096, 2, keep_last=1, budget=0)
+    swapped = predict(profile, settings, 1e18)
+    cand = profile.candidates(4096)
+    spans = sum(profile.tensors[cand[s]].copy_bytes for s in swapped.swapped)
+    assert spans == swapped.swap_bytes > 1.2 * sum(profile.tensors[cand[s]].nbytes for s in swapped.swapped)
+    link = swapped.swap_bytes / (4 * (profile.forward_s + profile.backward_s))
+    predicted = predict(profile, settings, link).step_s
+    e = SwapEngine(SwapConfig(enabled=True, transport="loopback", threshold=4096, keep_last=1, prefetch=2,
+                              link_gbps=link / 1e9, swap_out_window=1 << 40, prefetch_window=1 << 40),
+                   "cpu", policy=policy_for(settings, profile))
+    try:
+        steps = run_steps(w, batch, e, 4)[1:]
+    finally:
+        e.close()
+    assert steps[-1]["swap_out_bytes"] == swapped.swap_bytes
+    measured = statistics.median(s["step_s"] for s in steps)
+    assert abs(measured / predicted - 1) <= 0.15, (measured, predicted)
+
+
 def test_autocast_parameter_casts_are_not_swapped() -> None:
     """Under autocast, linear saves the bf16 copy of its weight: rebuilt each step, so it stays put."""
     torch.manual_seed(0)
