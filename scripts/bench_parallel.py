@@ -17,12 +17,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from typing import Any, Dict, List, Tuple
 
-BIN = os.path.dirname(sys.executable)
+from bench_jobs import run_job
+
 MODEL = "{vocab: 256, seq_len: 128, layers: 2, width: 256, heads: 4}"
 MEASURE = ["swap.enabled=true", "swap.threshold=0", "swap.budget=1TiB", "swap.transport=loopback"]
 LAYOUTS: List[Tuple[int, int, str]] = [(4, 1, "replicate"), (4, 1, "shard"), (2, 2, "replicate"), (2, 2, "shard"),
@@ -42,19 +42,8 @@ def layout_sets(dp: int, tp: int, strategy: str) -> List[str]:
 
 def one_run(layout: Tuple[int, int, str], np: int, steps: int, batch: int, work: str) -> List[dict]:
     dp, tp, strategy = layout
-    out = os.path.join(work, f"dp{dp}-tp{tp}-{strategy}")
-    job = os.path.join(work, "job.yaml")
-    with open(job, "w", encoding="utf-8") as handle:
-        handle.write("name: bench_parallel\n")
-    argv = [os.path.join(BIN, "lmsrun"), job, "-np", str(np), "--output-dir", out]
-    for item in base_sets(batch, steps) + layout_sets(dp, tp, strategy):
-        argv += ["--set", item]
-    env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
-    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        raise SystemExit(f"bench_parallel: {layout} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    with open(os.path.join(out, "metrics.rank0.jsonl"), encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle]
+    return run_job("bench_parallel", str(layout), os.path.join(work, f"dp{dp}-tp{tp}-{strategy}"), np,
+                   base_sets(batch, steps) + layout_sets(dp, tp, strategy))
 
 
 def measured(records: List[List[dict]], warmup: int) -> Dict[str, float]:

@@ -17,12 +17,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from typing import Dict, List
 
-BIN = os.path.dirname(sys.executable)
+from bench_jobs import run_job
+
 MODEL = "{vocab: 1024, seq_len: 128, layers: 4, width: 256, heads: 4}"
 MEASURE = ["swap.enabled=true", "swap.threshold=0", "swap.budget=1TiB", "swap.transport=loopback"]
 SWAP = ["swap.enabled=true", "swap.threshold=64KiB", "swap.budget=0", "swap.keep_last=1", "swap.prefetch=2"]
@@ -39,22 +39,10 @@ KEYS = ("param_bytes", "grad_bytes", "optim_bytes", "peak_saved_bytes")
 
 
 def one_run(name: str, overrides: List[str], np: int, steps: int, batch: int, work: str) -> List[dict]:
-    out = os.path.join(work, name.replace(" + ", "-"))
-    job = os.path.join(work, "job.yaml")
-    with open(job, "w", encoding="utf-8") as handle:
-        handle.write("name: bench_shard\n")
     sets = ["model.name=gpt", f"model.kwargs={MODEL}", "optimizer.name=adam", "optimizer.lr=0.001",
             f"train.steps={steps}", f"train.batch_size={batch}", "train.progress=false", "comm.backend=torch",
             *overrides]
-    argv = [os.path.join(BIN, "lmsrun"), job, "-np", str(np), "--output-dir", out]
-    for item in sets:
-        argv += ["--set", item]
-    env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
-    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        raise SystemExit(f"bench_shard: {name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    with open(os.path.join(out, "metrics.rank0.jsonl"), encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle]
+    return run_job("bench_shard", name, os.path.join(work, name.replace(" + ", "-")), np, sets)
 
 
 def summarize(records: List[List[dict]], warmup: int) -> Dict[str, float]:
